@@ -1,0 +1,61 @@
+"""Environment adapters behind one protocol (``base.Env`` / ``base.BatchEnv``).
+
+``make_env`` is the single dispatch point from an ``EnvSpec`` to an adapter; heavy engines are
+imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
+
+ENV_NAMES = ("twx", "textworld", "scienceworld")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Which environment to build."""
+
+    env: str = "twx"
+    """Adapter: twx (TextWorldExpress) | textworld (tw-make challenges) | scienceworld."""
+    game: str = "twc"
+    """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...) or ScienceWorld task name."""
+    params: str = ""
+    """TWX: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
+    step_limit: int = 100
+    cache_dir: str = "data/cache"
+    """Where generated games (TextWorld) are cached."""
+
+    def __post_init__(self) -> None:
+        if self.env not in ENV_NAMES:
+            raise ValueError(f"EnvSpec.env must be one of {ENV_NAMES}, got {self.env!r}")
+        if self.env != "twx" and self.params:
+            try:
+                if not isinstance(json.loads(self.params), dict):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"EnvSpec.params for {self.env} must be a JSON object, got {self.params!r}") from None
+
+
+def make_env(spec: EnvSpec) -> Env:
+    match spec.env:
+        case "twx":
+            from dreamgym_core.envs.twx import TWXEnv
+
+            return TWXEnv(spec.game, spec.params or None, step_limit=spec.step_limit)
+        case "textworld":
+            from dreamgym_core.envs.textworld_env import TextWorldEnv
+
+            return TextWorldEnv(spec.game, json.loads(spec.params or "{}"), cache_dir=spec.cache_dir,
+                                step_limit=spec.step_limit)
+        case "scienceworld":
+            from dreamgym_core.envs.scienceworld_env import ScienceWorldEnv
+
+            return ScienceWorldEnv(spec.game, json.loads(spec.params or "{}"), step_limit=spec.step_limit)
+    raise AssertionError(spec.env)  # unreachable: validated in EnvSpec
+
+
+__all__ = ["BatchEnv", "Env", "EnvCrash", "EnvSpec", "Observation", "SerialBatchEnv", "StepResult",
+           "make_env", "safe_step", "ENV_NAMES"]

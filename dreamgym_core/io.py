@@ -1,0 +1,49 @@
+"""Atomic Parquet I/O on local paths or URIs (pyarrow filesystems: file, s3, gcs...).
+
+Writers put the whole file under a temporary name in the destination folder and move it into
+place, so a crash or a validation error never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def _fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def write_parquet_atomic(table: pa.Table, uri: str) -> str:
+    """Write ``table`` to ``uri`` atomically (temp file + move). Returns the final path."""
+    fs, path = _fs_path(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+    return path
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = _fs_path(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs_path(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -1,0 +1,29 @@
+"""Dagster Definitions: every DreamGym stage as an asset (served by `dagster dev -w workspace.yaml`)."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
+from pipelines.io_managers import ParquetIOManager
+from pipelines.resources import Experiment, data_root
+
+ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories]
+
+bootstrap_job = dg.define_asset_job("bootstrap", selection=dg.AssetSelection.groups("bootstrap"),
+                                    description="Tasks and offline real trajectories (iteration 0).")
+
+
+def build_defs(data_dir: str | None = None) -> dg.Definitions:
+    root = data_dir or data_root()
+    return dg.Definitions(
+        assets=ALL_ASSETS,
+        jobs=[bootstrap_job],
+        resources={"io_manager": ParquetIOManager(base_dir=os.path.join(root, "parquet")),
+                   "experiment": Experiment()},
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from dreamgym_core.collect import CollectConfig, collect
+from dreamgym_core.io import write_parquet_atomic
+from dreamgym_core.schema import tasks_to_arrow, trajectories_to_arrow
+from dreamgym_core.sql import run_query
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, twx_env):
+    root = tmp_path_factory.mktemp("data")
+    tasks = twx_env.tasks("train", 3)
+    trajs, _ = collect(twx_env, tasks, CollectConfig(seed=1))
+    write_parquet_atomic(tasks_to_arrow(tasks), str(root / "parquet" / "seed_tasks.parquet"))
+    table = trajectories_to_arrow(trajs)
+    # a partitioned asset: two partitions of the same data
+    write_parquet_atomic(table, str(root / "parquet" / "rollouts" / "001.parquet"))
+    write_parquet_atomic(table.slice(0, 10), str(root / "parquet" / "rollouts" / "002.parquet"))
+    return root, table.num_rows, len(trajs)
+
+
+def test_views_span_assets_and_partitions(data_dir):
+    root, rows, n_traj = data_dir
+    out = json.loads(run_query(root, "select _partition, count(*) n from rollouts group by 1 order by 1", fmt="json"))
+    assert out == [{"_partition": "001", "n": rows}, {"_partition": "002", "n": 10}]
+    total = json.loads(run_query(root, "select count(*) n from transitions", fmt="json"))[0]["n"]
+    assert total == rows + 10
+    trajs = json.loads(run_query(root, "select count(*) n, sum(success::int) s from trajectories "
+                                       "where asset = 'rollouts'", fmt="json"))[0]
+    assert trajs["n"] >= n_traj and trajs["s"] >= 3  # 3 expert episodes at least
+    assert json.loads(run_query(root, "select count(*) n from tasks", fmt="json"))[0]["n"] == 3
+
+
+def test_formats(data_dir):
+    root = data_dir[0]
+    csv = run_query(root, "select task_id from tasks order by 1", fmt="csv").splitlines()
+    assert csv[0] == '"task_id"' and len(csv) == 4
+    table = run_query(root, "select task_id from tasks order by 1")
+    assert "twx/twc/train/0" in table and "(3 rows)" in table
+
+
+@pytest.mark.parametrize("sql,msg", [("delete from tasks", "only SELECT"),
+                                     ("copy (select 1) to 'x.csv'", "only SELECT"),
+                                     ("create table t(a int)", "only SELECT"),
+                                     ("select nope from tasks", "nope"),
+                                     ("selec 1", "does not parse")])
+def test_rejects_writes_and_reports_errors(data_dir, sql, msg):
+    with pytest.raises(ValueError, match=msg):
+        run_query(data_dir[0], sql)
+
+
+def test_empty_data_dir_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="make demo"):
+        run_query(tmp_path, "select 1")
