@@ -56,15 +56,26 @@ def _quote_list(files: list[str]) -> str:
     return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
-def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike) -> list[str]:
-    """Create one view per asset plus transitions / trajectories / tasks. Returns view names."""
+def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike,
+                 ddl: list[str] | None = None) -> list[str]:
+    """Create one view per asset plus transitions / trajectories / tasks. Returns view names.
+
+    Every statement executed is appended to ``ddl`` when given (``dreamgym views --ddl`` prints
+    them for the duckdb CLI).
+    """
     views = []
+    ddl = [] if ddl is None else ddl
+
+    def execute(sql: str) -> None:
+        con.execute(sql)
+        ddl.append(" ".join(sql.split()))
+
     transition_assets, trajectory_assets, task_assets = [], [], []
     for name, (files, partitioned) in discover_assets(data_dir).items():
         part = ", parse_filename(filename, true) AS _partition" if partitioned else ""
         src = f"read_parquet({_quote_list(files)}, union_by_name=true{', filename=true' if partitioned else ''})"
         select = f"SELECT * EXCLUDE (filename){part} FROM {src}" if partitioned else f"SELECT * FROM {src}"
-        con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {select}')
+        execute(f'CREATE OR REPLACE VIEW "{name}" AS {select}')
         views.append(name)
         cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
         if set(_TRANSITION_COLS) <= cols:
@@ -79,11 +90,11 @@ def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike) ->
         return " UNION ALL ".join(f"SELECT '{n}' AS asset, {col_sql} FROM \"{n}\"" for n in names)
 
     if transition_assets:
-        con.execute(f"CREATE OR REPLACE VIEW transitions AS {union(transition_assets, _TRANSITION_COLS)}")
+        execute(f"CREATE OR REPLACE VIEW transitions AS {union(transition_assets, _TRANSITION_COLS)}")
         views.append("transitions")
     if trajectory_assets:
         cols = _TRANSITION_COLS + ["game", "split", "num_steps", "success", "crashed", "truncated"]
-        con.execute(f"""CREATE OR REPLACE VIEW trajectories AS
+        execute(f"""CREATE OR REPLACE VIEW trajectories AS
             SELECT asset, traj_id, any_value(task_id) AS task_id, any_value(env) AS env,
                    any_value(game) AS game, any_value(split) AS split, any_value(policy) AS policy,
                    any_value(source) AS source, any_value(iteration) AS iteration,
@@ -93,7 +104,7 @@ def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike) ->
             FROM ({union(trajectory_assets, cols)}) GROUP BY asset, traj_id""")
         views.append("trajectories")
     if task_assets:
-        con.execute(f"CREATE OR REPLACE VIEW tasks AS {union(task_assets, _TASK_COLS)}")
+        execute(f"CREATE OR REPLACE VIEW tasks AS {union(task_assets, _TASK_COLS)}")
         views.append("tasks")
     return views
 

@@ -2,7 +2,7 @@
 
     dreamgym demo    [--data DIR]                     materialize the pipeline on the embedded default
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
-    dreamgym views                                    list the SQL views and their columns
+    dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
 
 It lives in pipelines/ (not the core) because `demo` drives Dagster.
@@ -38,10 +38,14 @@ def cmd_views(args) -> int:
     from dreamgym_core.sql import create_views
 
     con = duckdb.connect()
-    views = create_views(con, _data_dir(args))
+    ddl: list[str] = []
+    views = create_views(con, _data_dir(args), ddl)
     if not views:
         print(f"dreamgym views: no Parquet assets under {_data_dir(args)}/parquet", file=sys.stderr)
         return 2
+    if args.ddl:
+        print(";\n".join(ddl) + ";")
+        return 0
     for v in views:
         cols = ", ".join(r[0] for r in con.execute(f'DESCRIBE "{v}"').fetchall())
         n = con.execute(f'SELECT count(*) FROM "{v}"').fetchone()[0]
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_sql)
 
     s = add("views", help="list the SQL views with their columns and row counts")
+    s.add_argument("--ddl", action="store_true", help="print the CREATE VIEW statements (for the duckdb CLI)")
     s.set_defaults(func=cmd_views)
 
     s = add("import", help="import external trajectories (JSONL or Parquet, one row per step)")
