@@ -106,6 +106,8 @@ class Transition:
     source: str = "offline"
     policy: str = ""
     iteration: int = 0
+    logprob: float | None = None
+    """Log-probability of the action under the acting policy (None for offline/imported data)."""
 
     def __post_init__(self) -> None:
         if self.action_kind not in ACTION_KINDS:
@@ -165,6 +167,7 @@ TRANSITION_SCHEMA = pa.schema([
     ("action_kind", pa.string()), ("candidates", pa.list_(pa.string())),
     ("obs", RAW_OBS_TYPE), ("next_obs", RAW_OBS_TYPE),
     ("source", pa.string()), ("policy", pa.string()), ("iteration", pa.int64()),
+    ("logprob", pa.float64()),
 ])
 
 # Trajectory-level columns stored on every transition row of TRAJECTORY_ROWS_SCHEMA.

@@ -1,0 +1,183 @@
+"""Multi-turn rollouts of a policy in any ``BatchEnv``: the real env or the experience model.
+
+Paper §4.4: the policy interacts with the synthetic environment exactly as with a real one, so
+this one function serves synthetic training rollouts, real-env RL, sim-to-real fine-tuning and
+evaluation. GRPO needs ``group_size`` rollouts of each task (the group), PPO can use 1.
+
+Real-env budget (paper §4.5, sim-to-real): ``budget`` caps the number of transitions taken; the
+cap is exact. Episodes are started only while budget remains and an episode cut by the budget is
+closed as truncated, so callers can report exactly how many real transitions a policy consumed.
+
+Randomness: the policy receives a seed derived from (seed, task, sample index, step), so a
+rollout is reproducible whatever the batch composition.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
+
+from dreamgym_core.envs.base import BatchEnv, Observation
+from dreamgym_core.schema import Task, Trajectory, Transition
+from dreamgym_core.state import AbstractState
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the policy sees at one decision."""
+
+    instruction: str
+    state: str
+    candidates: tuple[str, ...]
+    history: tuple[tuple[str, str], ...] = ()
+    """(action, feedback) of earlier steps, oldest first."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ActionChoice:
+    action: str
+    logprob: float
+    """Log-probability of ``action`` under the policy (sum over its tokens for an LM policy)."""
+
+
+class Policy(Protocol):
+    name: str
+
+    def act(self, contexts: Sequence[PolicyContext]) -> list[ActionChoice]: ...
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = 1
+    """Rollouts per task (the GRPO group)."""
+    max_steps: int = 20
+    batch_size: int = 8
+    """Episodes stepped together (model batch; bounded by the env's engine count for real envs)."""
+    history_window: int = 4
+    budget: int | None = None
+    """Maximum transitions in total (real-env budget); None = unlimited."""
+    source: str = "real"
+    iteration: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("RolloutConfig: group_size, max_steps and batch_size must be >= 1")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError("RolloutConfig.budget must be >= 0 or None")
+
+
+@dataclass
+class RolloutStats:
+    episodes: int = 0
+    transitions: int = 0
+    successes: int = 0
+    invalid_actions: int = 0
+    crashes: int = 0
+    truncated: int = 0
+    budget_exhausted: bool = False
+    per_task: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_metadata(self) -> dict[str, float | int | bool]:
+        return {"rollout/episodes": self.episodes, "rollout/transitions": self.transitions,
+                "rollout/success_rate": self.successes / max(self.episodes, 1),
+                "rollout/invalid_action_rate": self.invalid_actions / max(self.transitions, 1),
+                "rollout/crashes": self.crashes, "rollout/truncated": self.truncated,
+                "rollout/budget_exhausted": self.budget_exhausted}
+
+
+def _seed(seed: int, task_id: str, sample: int, step: int) -> int:
+    return zlib.crc32(f"{seed}|{task_id}|{sample}|{step}".encode())
+
+
+def _feedback(state: str) -> str:
+    try:
+        return AbstractState.parse(state).feedback
+    except ValueError:
+        return ""
+
+
+def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutConfig) -> tuple[list[Trajectory], RolloutStats]:
+    """Run ``cfg.group_size`` episodes of ``policy`` on every task; returns trajectories in task order."""
+    jobs = [(task, g) for task in tasks for g in range(cfg.group_size)]
+    stats = RolloutStats()
+    trajs: list[Trajectory] = []
+    remaining = cfg.budget
+    for start in range(0, len(jobs), cfg.batch_size):
+        if remaining is not None and remaining <= 0:
+            stats.budget_exhausted = True
+            break
+        chunk = jobs[start:start + cfg.batch_size]
+        observations: list[Observation | None] = list(env.reset_batch([t for t, _ in chunk]))
+        steps: list[list[Transition]] = [[] for _ in chunk]
+        history: list[list[tuple[str, str]]] = [[] for _ in chunk]
+        crashed = [False] * len(chunk)
+        for t in range(cfg.max_steps):
+            live = [i for i, o in enumerate(observations) if o is not None]
+            if remaining is not None:
+                live = live[:max(remaining, 0)]  # exact budget: step only as many as remain
+                if not live:
+                    stats.budget_exhausted = True
+                    break
+            if not live:
+                break
+            contexts = [PolicyContext(chunk[i][0].instruction, observations[i].state, observations[i].candidates,
+                                      tuple(history[i][-cfg.history_window:]) if cfg.history_window else (),
+                                      _seed(cfg.seed, chunk[i][0].task_id, chunk[i][1], t)) for i in live]
+            choices = policy.act(contexts)
+            actions: list[str | None] = [None] * len(chunk)
+            for i, c in zip(live, choices):
+                actions[i] = c.action
+            results = env.step_batch(actions)
+            for i, c in zip(live, choices):
+                res, obs, (task, g) = results[i], observations[i], chunk[i]
+                if res is None:  # the env says this episode already ended
+                    observations[i] = None
+                    continue
+                steps[i].append(Transition(
+                    traj_id=f"{task.task_id}#{policy.name}#{g}", task_id=task.task_id, env=task.env, step_idx=t,
+                    state=obs.state, action=c.action, next_state=res.obs.state, reward=res.reward, score=res.score,
+                    done=res.done, won=res.won, lost=res.lost, valid=res.valid, action_kind="policy",
+                    candidates=obs.candidates, obs=obs.raw, next_obs=res.obs.raw, source=cfg.source,
+                    policy=policy.name, iteration=cfg.iteration, logprob=float(c.logprob)))
+                history[i].append((c.action, _feedback(res.obs.state)))
+                crashed[i] = crashed[i] or res.crashed
+                observations[i] = None if res.done else res.obs
+                if remaining is not None:
+                    remaining -= 1
+        for i, (task, g) in enumerate(chunk):
+            if not steps[i]:
+                continue
+            truncated = not steps[i][-1].done
+            if truncated:  # step cap or budget: close the episode as failed
+                steps[i][-1] = replace(steps[i][-1], done=True)
+            traj = Trajectory(traj_id=f"{task.task_id}#{policy.name}#{g}", task=task, policy=policy.name,
+                              steps=tuple(steps[i]), crashed=crashed[i], truncated=truncated)
+            trajs.append(traj)
+            stats.episodes += 1
+            stats.transitions += len(traj.steps)
+            stats.successes += int(traj.won)
+            stats.invalid_actions += sum(not s.valid for s in traj.steps)
+            stats.crashes += int(crashed[i])
+            stats.truncated += int(truncated)
+            stats.per_task.setdefault(task.task_id, []).append(traj.ret)
+    return trajs, stats
+
+
+class RandomPolicy:
+    """Uniform over the candidate actions: the floor every learned policy must beat."""
+
+    def __init__(self, name: str = "random"):
+        self.name = name
+
+    def act(self, contexts: Sequence[PolicyContext]) -> list[ActionChoice]:
+        import math
+        import random
+
+        out = []
+        for c in contexts:
+            cands = c.candidates or ("look around",)
+            out.append(ActionChoice(random.Random(c.seed).choice(cands), -math.log(len(cands))))
+        return out

@@ -1,0 +1,106 @@
+import pytest
+
+from dreamgym_core.envs import EnvSpec, Observation, SerialBatchEnv, StepResult, make_env
+from dreamgym_core.evaluation import summarize, wilson_interval
+from dreamgym_core.rollout import ActionChoice, RandomPolicy, RolloutConfig, rollout
+from dreamgym_core.schema import Task
+from dreamgym_core.state import AbstractState
+
+
+def _state(n):
+    return AbstractState.make(f"step {n}", "room", [f"counter: {n}"]).render()
+
+
+class CountdownEnv:
+    """Scripted BatchEnv: an episode is won after `need` steps of 'go', 'stop' ends it lost."""
+
+    name = "countdown"
+
+    def __init__(self, need=3):
+        self.need = need
+
+    def reset_batch(self, tasks):
+        self.t = [0] * len(tasks)
+        self.live = [True] * len(tasks)
+        return [Observation(_state(0), ("go", "stop")) for _ in tasks]
+
+    def step_batch(self, actions):
+        out = []
+        for i, a in enumerate(actions):
+            if a is None or not self.live[i]:
+                out.append(None)
+                continue
+            self.t[i] += 1
+            won = a == "go" and self.t[i] >= self.need
+            lost = a == "stop"
+            done = won or lost
+            self.live[i] = not done
+            out.append(StepResult(Observation(_state(self.t[i]), ("go", "stop")), float(won), 0.0, done, won, lost, True))
+        return out
+
+    def close(self):
+        pass
+
+
+class Always:
+    def __init__(self, action):
+        self.name, self.action = f"always-{action}", action
+
+    def act(self, contexts):
+        return [ActionChoice(self.action, -0.5) for _ in contexts]
+
+
+TASKS = [Task(f"t/{i}", "countdown", "g", "train", i, "count") for i in range(3)]
+
+
+def test_groups_rewards_and_history():
+    trajs, stats = rollout(CountdownEnv(), Always("go"), TASKS, RolloutConfig(group_size=2, batch_size=4, max_steps=10))
+    assert len(trajs) == 6 and len({t.traj_id for t in trajs}) == 6
+    assert all(t.won and len(t) == 3 and t.ret == 1.0 for t in trajs)
+    assert [s.reward for s in trajs[0].steps] == [0.0, 0.0, 1.0]
+    assert all(s.logprob == -0.5 and s.policy == "always-go" and s.action_kind == "policy" for t in trajs for s in t.steps)
+    assert stats.per_task == {f"t/{i}": [1.0, 1.0] for i in range(3)}
+
+
+def test_step_cap_closes_episodes_as_truncated_failures():
+    trajs, stats = rollout(CountdownEnv(need=99), Always("go"), TASKS[:1], RolloutConfig(max_steps=4))
+    assert len(trajs[0]) == 4 and trajs[0].truncated and trajs[0].steps[-1].done and not trajs[0].won
+    assert stats.truncated == 1
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5, 7, 17])
+def test_budget_is_exact(budget):
+    trajs, stats = rollout(CountdownEnv(need=4), Always("go"), TASKS, RolloutConfig(group_size=3, batch_size=2, budget=budget))
+    assert stats.transitions == sum(len(t) for t in trajs) == min(budget, 3 * 3 * 4)
+    assert stats.budget_exhausted == (budget < 36)
+
+
+def test_random_policy_in_real_twx_is_reproducible_across_batch_sizes():
+    env = SerialBatchEnv(lambda: make_env(EnvSpec()), max_engines=4)
+    try:
+        tasks = make_env(EnvSpec()).tasks("train", 3)
+        a, sa = rollout(env, RandomPolicy(), tasks, RolloutConfig(group_size=2, batch_size=4, max_steps=8, seed=3))
+        b, _ = rollout(env, RandomPolicy(), tasks, RolloutConfig(group_size=2, batch_size=2, max_steps=8, seed=3))
+        assert [t.steps for t in a] == [t.steps for t in b]
+        assert sa.episodes == 6 and all(s.source == "real" for t in a for s in t.steps)
+        for t in a:  # states chain and history feedback is real
+            for x, y in zip(t.steps, t.steps[1:]):
+                assert x.next_state == y.state
+    finally:
+        env.close()
+
+
+def test_wilson_interval_matches_published_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_summarize():
+    trajs, _ = rollout(CountdownEnv(need=2), Always("go"), TASKS, RolloutConfig(max_steps=5))
+    lost, _ = rollout(CountdownEnv(need=2), Always("stop"), TASKS[:1], RolloutConfig(max_steps=5))
+    s = summarize(trajs + lost)
+    assert s.episodes == 4 and s.success_rate == 0.75 and s.mean_steps == (2 * 3 + 1) / 4
+    assert s.ci_low < 0.75 < s.ci_high
