@@ -1,0 +1,514 @@
+"""CoT annotation of offline transitions (paper §4.1, "CoT annotation"; the R* of Eq. 5).
+
+Every offline transition (s, a, s', r) gets a reasoning trace R* that explains why the action
+leads to the next state and reward; M_exp's SFT learns to write R* before its prediction. The
+annotator is an argument (one protocol, three implementations):
+
+    RuleAnnotator         default: offline, deterministic, derived from the state difference and
+                          the reward (``exp_format.diff``), grounded only in the state text.
+    TransformersAnnotator a local causal LM (path or hub id), greedy ``generate`` in batches.
+    OpenAIAnnotator       any OpenAI-compatible server (vLLM, ...): retries with backoff on
+                          429/5xx/timeouts, a token-bucket rate limit, a one-line error at the end.
+
+Departure from the paper: the paper annotates with a strong LLM. The rule annotator is the
+offline default here; its traces are short, template-like and always consistent with the data,
+which is what a small from-scratch M_exp can learn. The LLM annotators fall back to the rule trace
+(and count it in ``fallbacks``) when a model returns nothing usable.
+
+``annotate_table`` adds three columns to a transition table: ``reasoning`` (R*), ``annotator``
+(who wrote it: ``rule-v1``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
+M_exp training text ``exp_format.render_target(reasoning, diff(s, s'))``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import pyarrow as pa
+
+from dreamgym_core.exp_format import StateDelta, diff, render_delta, render_target
+from dreamgym_core.state import AbstractState
+
+MAX_WORDS = 80
+"""LLM traces are cut to this many words (the rule annotator stays near 60)."""
+
+
+@dataclass(frozen=True)
+class AnnotationInput:
+    """One transition to explain."""
+
+    instruction: str
+    state: str
+    action: str
+    next_state: str
+    reward: float
+    valid: bool
+    done: bool
+
+
+class Annotator(Protocol):
+    name: str
+    """Recorded in the ``annotator`` column: which annotator (and version / model) wrote a trace."""
+
+    def annotate(self, items: list[AnnotationInput]) -> list[str]:
+        """One reasoning trace per item, in order."""
+
+
+class AnnotationError(RuntimeError):
+    """An annotator could not produce traces (after its retries); the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Rule annotator
+
+_STATUS = re.compile(r" \((?:open|closed)\)$")
+
+
+def _head(fact: str) -> str:
+    return fact.partition(": ")[0]
+
+
+def _name(fact: str) -> str:
+    return _STATUS.sub("", _head(fact))
+
+
+def _contents(fact: str) -> list[str]:
+    _, sep, rest = fact.partition(": ")
+    return [c for c in rest.split(", ") if c and c != "empty"] if sep else []
+
+
+def _describe(fact: str) -> str:
+    """'wardrobe (open): shirt' -> 'the wardrobe is open and holds shirt'."""
+    head, sep, rest = fact.partition(": ")
+    name = _name(fact)
+    status = "open" if head.endswith("(open)") else "closed" if head.endswith("(closed)") else ""
+    holds = "" if not sep else "empty" if rest == "empty" else f"holds {rest}"
+    if status and holds:
+        return f"the {name} is {status} and {holds}"
+    if holds.startswith("holds"):
+        return f"the {name} {holds}"
+    if status or holds:
+        return f"the {name} is {status or holds}"
+    return f"the {name} is here"
+
+
+def _holder(item: str, facts: Sequence[str]) -> str | None:
+    """The receptacle fact whose contents list ``item``."""
+    return next((f for f in facts if item in _contents(f)), None)
+
+
+def _place(fact: str, into: bool = False) -> str:
+    """'wardrobe (open): shirt' -> 'in the wardrobe'; 'desk: shirt' -> 'on the desk' ('onto' with into)."""
+    prep = "in" if _head(fact).endswith("(open)") else "on"
+    return f"{prep}{'to' if into else ''} the {_name(fact)}"
+
+
+def _split_action(action: str) -> tuple[str, str, str]:
+    """'put apple in fridge' -> ('put', 'apple', 'fridge'); 'take apple' -> ('take', 'apple', '')."""
+    verb, _, rest = action.strip().partition(" ")
+    verb = verb.lower()
+    if verb == "put":
+        for prep in (" in ", " on "):
+            if prep in rest:
+                x, _, y = rest.partition(prep)
+                return verb, x.strip(), y.strip()
+    return verb, rest.strip(), ""
+
+
+def _why_valid(s: AbstractState, verb: str, x: str, y: str) -> str:
+    names = {_name(f): f for f in s.objects}
+    if verb == "take":
+        if x in names:
+            return f"the {x} lies in the room"
+        if holder := _holder(x, s.objects):
+            return f"the {x} is {_place(holder)}"
+    if verb == "put" and x in s.inventory:
+        return f"you carry the {x} and the {y} is here"
+    if verb in ("open", "close") and x in names:
+        return f"the {x} is {'closed' if verb == 'open' else 'open'}"
+    if verb == "move" and any(e.startswith(f"{x}: ") for e in s.exits):
+        return f"there is an exit to the {x}"
+    return ""
+
+
+def _why_invalid(s: AbstractState, verb: str, x: str, y: str) -> str:
+    names = {_name(f): f for f in s.objects}
+    present = set(s.entities())
+    if verb == "move" and x and not any(e.startswith(f"{x}: ") for e in s.exits):
+        return f"there is no exit to the {x}"
+    missing = [n for n in (x, y) if n and n not in present]
+    if missing:
+        return f"there is no {missing[0]} here"
+    if verb == "take" and x in s.inventory:
+        return f"you already carry the {x}"
+    if verb == "put" and x not in s.inventory:
+        return f"you do not carry the {x}"
+    if verb == "open" and x in names and not _head(names[x]).endswith("(closed)"):
+        return f"the {x} is not closed"
+    if verb == "close" and x in names and not _head(names[x]).endswith("(open)"):
+        return f"the {x} is not open"
+    return "the game does not support it"
+
+
+def _changes(s: AbstractState, d: StateDelta) -> list[str]:
+    """One sentence per change; fact edits that an item move already explains are not repeated."""
+    if d.location is not None:
+        return [f"You go from the {s.location or 'start'} to the {d.location or 'unknown place'} "
+                "and now see what is there."]
+    out, moved = [], set()
+    for item in d.inventory_add:
+        holder = None if item in d.objects_remove else _holder(item, s.objects)
+        out.append(f"The {item} moves from {f'the {_name(holder)}' if holder else 'the room'} to your inventory.")
+        moved.add(item)
+    for item in d.inventory_remove:
+        holder = _holder(item, d.objects_add)
+        out.append(f"The {item} moves from your inventory {_place(holder, into=True)}." if holder
+                   else f"The {item} leaves your inventory.")
+        moved.add(item)
+    removed = {_name(f): f for f in d.objects_remove}
+    for fact in d.objects_add:
+        old = removed.get(_name(fact))
+        if old is not None and _head(old) == _head(fact) and set(_contents(fact)) ^ set(_contents(old)) <= moved:
+            continue  # only an item move already described changed this receptacle's contents
+        out.append(f"Now {_describe(fact)}.")
+    added = {_name(f) for f in d.objects_add}
+    out += [f"The {_name(f)} is no longer here." for f in d.objects_remove
+            if _name(f) not in added and _name(f) not in moved]
+    if d.exits_add or d.exits_remove:
+        out.append("The exits change.")
+    return out or ["Nothing in the room or your inventory changes."]
+
+
+def _reward_sentence(reward: float, done: bool) -> str:
+    if reward > 0:
+        return "This completes the task, so the reward is 1 and the episode ends."
+    if done:
+        return "The episode ends without completing the task, so the reward is 0."
+    return "The task is not complete yet, so the reward is 0."
+
+
+def rule_trace(item: AnnotationInput, max_words: int = 60) -> str:
+    """The deterministic trace of ``RuleAnnotator``; also the LLM annotators' fallback."""
+    try:
+        s, s2 = AbstractState.parse(item.state), AbstractState.parse(item.next_state)
+    except ValueError:
+        verdict = "is accepted" if item.valid else "is rejected"
+        return f"The action '{item.action}' {verdict}. {_reward_sentence(item.reward, item.done)}"
+    d = diff(s, s2, valid=item.valid, reward=item.reward, done=item.done)
+    verb, x, y = _split_action(item.action)
+    if not item.valid and not d.changes_state:
+        why = _why_invalid(s, verb, x, y)
+        end = " The episode ends." if item.done else ""
+        return (f"'{item.action}' is not possible here: {why}, so the environment rejects it, "
+                f"nothing changes and the reward is 0.{end}")
+    why = _why_valid(s, verb, x, y) if item.valid else ""
+    head = (f"'{item.action}' is valid" + (f": {why}." if why else ".")) if item.valid \
+        else f"'{item.action}' is not among the game's listed actions, yet it changes the state."
+    tail = _reward_sentence(item.reward, item.done)
+    budget = max_words - len(head.split()) - len(tail.split()) - 4  # room for "Other facts change too."
+    kept: list[str] = []
+    for sentence in _changes(s, d):
+        if kept and sum(len(k.split()) for k in kept) + len(sentence.split()) > budget:
+            kept.append("Other facts change too.")
+            break
+        kept.append(sentence)
+    return " ".join([head, *kept, tail])
+
+
+class RuleAnnotator:
+    """Deterministic traces from the state difference and the reward (the offline default)."""
+
+    name = "rule-v1"
+
+    def annotate(self, items: list[AnnotationInput]) -> list[str]:
+        return [rule_trace(it) for it in items]
+
+
+# --------------------------------------------------------------------------------------------
+# LLM annotators: one prompt, one cleaner
+
+
+SYSTEM_PROMPT = ("You annotate transitions of a text game to train a world model. "
+                 "Explain causes briefly and only with facts shown.")
+
+
+def annotation_prompt(item: AnnotationInput) -> str:
+    """The question put to an LLM annotator about one transition."""
+    try:
+        change = render_delta(diff(AbstractState.parse(item.state), AbstractState.parse(item.next_state),
+                                   valid=item.valid, reward=item.reward, done=item.done))
+    except ValueError:
+        change = "(not derivable)"
+    return (f"Task: {item.instruction}\n\nState:\n{item.state}\n\nAction: {item.action}\n\n"
+            f"Next state:\n{item.next_state}\n\nChange:\n{change}\n\n"
+            f"The action is {'valid' if item.valid else 'rejected by the game'}, the reward is "
+            f"{item.reward:g} and the episode {'ends' if item.done else 'continues'}.\n"
+            "In at most three sentences, explain why this action leads to this next state and this "
+            "reward. Use only facts shown above. Reply with the explanation only.")
+
+
+def clean_trace(text: str, max_words: int = MAX_WORDS) -> str:
+    """Model output -> one paragraph: think tags handled, first paragraph, whitespace collapsed."""
+    text = text or ""
+    if "</think>" in text:
+        inside, _, after = text.partition("</think>")
+        text = after if after.strip() else inside
+    text = text.replace("<think>", " ").strip()
+    text = re.split(r"\n\s*\n", text, maxsplit=1)[0]
+    text = re.sub(r"^(?:explanation|answer|reasoning)\s*:\s*", "", text.strip(), flags=re.I)
+    words = text.split()
+    return " ".join(words[:max_words])
+
+
+class TransformersAnnotator:
+    """Greedy traces from a local causal LM (``transformers`` generate, left-padded batches)."""
+
+    def __init__(self, model_path: str, max_new_tokens: int = 96, batch_size: int = 8,
+                 device: str = "cpu", trust_remote_code: bool = False):
+        self.model_path = model_path
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.device = device
+        self.trust_remote_code = trust_remote_code
+        self.name = f"transformers:{model_path}"
+        self.fallbacks = 0
+        """Items whose model output was empty after cleaning and got the rule trace instead."""
+        self._model = self._tok = None
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        tok.padding_side, tok.truncation_side = "left", "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        # fp32: bf16 matmuls on this class of CPU are two orders of magnitude slower (DESIGN.md).
+        dtype = torch.float32 if self.device == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
+                                                     trust_remote_code=self.trust_remote_code)
+        self._model, self._tok = model.to(self.device).eval(), tok
+
+    def _prompt(self, item: AnnotationInput) -> str:
+        text = annotation_prompt(item)
+        if getattr(self._tok, "chat_template", None):
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{text}\nExplanation:"
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        limit = getattr(self._model.config, "max_position_embeddings", None)
+        max_len = max(8, limit - self.max_new_tokens) if limit else None
+        enc = self._tok(prompts, return_tensors="pt", padding=True, truncation=max_len is not None,
+                        max_length=max_len).to(self.device)
+        with torch.no_grad():
+            out = self._model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                       pad_token_id=self._tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return self._tok.batch_decode(new, skip_special_tokens=True)
+
+    def annotate(self, items: list[AnnotationInput]) -> list[str]:
+        self._load()
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i:i + self.batch_size]
+            for item, raw in zip(chunk, self._generate([self._prompt(it) for it in chunk]), strict=True):
+                trace = clean_trace(raw)
+                if not trace:
+                    self.fallbacks += 1
+                    trace = rule_trace(item)
+                out.append(trace)
+        return out
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second on average, bursts up to ``burst``; thread-safe.
+
+    Each caller reserves a token (the count may go negative) and sleeps outside the lock for the
+    time the reservation needs, so waiting callers queue in arrival order.
+    """
+
+    def __init__(self, rate: float, burst: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"TokenBucket: rate must be > 0 and burst >= 1, got rate={rate}, burst={burst}")
+        self.rate, self.burst, self._clock, self._sleep = rate, burst, clock, sleep
+        self._tokens, self._last = burst, clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping as needed; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - 1
+            self._last = now
+            wait = max(0.0, -self._tokens / self.rate)
+        if wait:
+            self._sleep(wait)
+        return wait
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class OpenAIAnnotator:
+    """Traces from any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI, llama.cpp...)."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_retries: int = 3,
+                 requests_per_second: float | None = None, timeout: float = 30.0, max_tokens: int = 160,
+                 concurrency: int = 1, backoff: float = 0.5, max_backoff: float = 8.0):
+        import httpx
+
+        if max_retries < 0 or concurrency < 1:
+            raise ValueError("OpenAIAnnotator: max_retries must be >= 0 and concurrency >= 1")
+        root = base_url.rstrip("/")
+        root = root[:-3] if root.endswith("/v1") else root
+        self.url = f"{root}/v1/chat/completions"
+        self.model = model
+        self.name = f"openai:{model}"
+        self.max_retries, self.timeout, self.max_tokens = max_retries, timeout, max_tokens
+        self.concurrency, self.backoff, self.max_backoff = concurrency, backoff, max_backoff
+        key = os.environ.get(api_key_env, "")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._bucket = TokenBucket(requests_per_second, burst=max(1.0, requests_per_second)) \
+            if requests_per_second else None
+        self._client = httpx.Client(timeout=timeout)
+        self._count_lock = threading.Lock()
+        self.requests = 0
+        """HTTP attempts made (including retried ones)."""
+        self.retries = 0
+        self.fallbacks = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "OpenAIAnnotator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def _complete(self, prompt: str) -> str:
+        import httpx
+
+        payload = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                   "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]}
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if self._bucket is not None:
+                self._bucket.acquire()
+            self._count("requests")
+            delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+            try:
+                r = self._client.post(self.url, json=payload, headers=self._headers)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last = f"{type(exc).__name__}: {_one_line(exc) or 'no detail'}"
+            else:
+                if r.status_code == 200:
+                    try:
+                        return r.json()["choices"][0]["message"]["content"] or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        raise AnnotationError(f"OpenAIAnnotator: POST {self.url}: malformed response "
+                                              f"({type(exc).__name__}): {_one_line(r.text)}") from None
+                if r.status_code != 429 and r.status_code < 500:
+                    raise AnnotationError(f"OpenAIAnnotator: POST {self.url}: HTTP {r.status_code} "
+                                          f"(not retried): {_one_line(r.text)}")
+                last = f"HTTP {r.status_code}: {_one_line(r.text, 120)}"
+                retry_after = r.headers.get("retry-after", "")
+                if retry_after.replace(".", "", 1).isdigit():
+                    delay = min(self.max_backoff, float(retry_after))
+            if attempt < self.max_retries:
+                self._count("retries")
+                time.sleep(delay)
+        raise AnnotationError(f"OpenAIAnnotator: POST {self.url} failed after {self.max_retries + 1} "
+                              f"attempts; last error: {last}")
+
+    def _annotate_one(self, item: AnnotationInput) -> str:
+        trace = clean_trace(self._complete(annotation_prompt(item)))
+        if not trace:
+            self._count("fallbacks")
+            trace = rule_trace(item)
+        return trace
+
+    def annotate(self, items: list[AnnotationInput]) -> list[str]:
+        if self.concurrency == 1:
+            return [self._annotate_one(it) for it in items]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._annotate_one, items))
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+ANNOTATION_COLUMNS = ("reasoning", "annotator", "target")
+_NEEDED = ("state", "action", "next_state", "reward", "valid", "done")
+
+
+def _target_for(row: dict, reasoning: str) -> str:
+    delta = diff(AbstractState.parse(row["state"]), AbstractState.parse(row["next_state"]),
+                 valid=row["valid"], reward=row["reward"], done=row["done"])
+    return render_target(reasoning, delta)[0]
+
+
+def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
+                   progress: Callable[[int, int], None] | None = None) -> pa.Table:
+    """Add ``reasoning``, ``annotator`` and ``target`` columns to a table of transitions.
+
+    ``table`` needs the columns state, action, next_state, reward, valid, done (TRANSITION_SCHEMA
+    or TRAJECTORY_ROWS_SCHEMA); ``instruction`` is used when present. States must be abstract
+    states (``AbstractState.render``): a row that is not raises ValueError naming the row, before
+    any annotator call. Identical transitions are annotated once. Existing annotation columns are
+    replaced. ``progress(done, total)`` is called after each batch of unique transitions.
+    """
+    missing = [c for c in _NEEDED if c not in table.column_names]
+    if missing:
+        raise ValueError(f"annotate_table: missing column(s) {', '.join(missing)}; expected TRANSITION_SCHEMA rows")
+    if batch_size < 1:
+        raise ValueError("annotate_table: batch_size must be >= 1")
+    rows = table.select([c for c in (*_NEEDED, "instruction") if c in table.column_names]).to_pylist()
+    for i, row in enumerate(rows):
+        try:
+            _target_for(row, "")
+        except ValueError as exc:
+            raise ValueError(f"annotate_table: row {i} (action {row['action']!r}): {exc}") from None
+    inputs = [AnnotationInput(instruction=r.get("instruction") or "", state=r["state"], action=r["action"],
+                              next_state=r["next_state"], reward=float(r["reward"]), valid=bool(r["valid"]),
+                              done=bool(r["done"])) for r in rows]
+    unique = list(dict.fromkeys(inputs))
+    traces: dict[AnnotationInput, str] = {}
+    for i in range(0, len(unique), batch_size):
+        chunk = unique[i:i + batch_size]
+        out = annotator.annotate(chunk)
+        if len(out) != len(chunk):
+            raise AnnotationError(f"annotate_table: annotator {annotator.name!r} returned {len(out)} traces "
+                                  f"for {len(chunk)} transitions")
+        traces.update(zip(chunk, out))
+        if progress:
+            progress(min(i + batch_size, len(unique)), len(unique))
+    reasoning = [traces[x] for x in inputs]
+    targets = [_target_for(r, t) for r, t in zip(rows, reasoning)]
+    keep = [c for c in table.column_names if c not in ANNOTATION_COLUMNS]
+    out_table = table.select(keep)
+    out_table = out_table.append_column("reasoning", pa.array(reasoning, pa.string()))
+    out_table = out_table.append_column("annotator", pa.array([annotator.name] * len(rows), pa.string()))
+    return out_table.append_column("target", pa.array(targets, pa.string()))
+
+
+__all__ = ["AnnotationError", "AnnotationInput", "Annotator", "OpenAIAnnotator", "RuleAnnotator",
+           "TokenBucket", "TransformersAnnotator", "annotate_table", "annotation_prompt", "clean_trace",
+           "rule_trace"]

@@ -1,0 +1,244 @@
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from dreamgym_core.collect import CollectConfig, collect
+from dreamgym_core.envs import EnvSpec, make_env
+from dreamgym_core.exp_format import (FIELDS, Prediction, StateDelta, apply, build_prompt, conflicts, diff,
+                                      failure_delta, parse_output, render_delta, render_target)
+from dreamgym_core.state import AbstractState
+
+# Facts from a small pool so generated state pairs overlap (the interesting diffs), plus arbitrary text.
+_POOL = ["counter: apple", "counter: empty", "fridge (closed)", "fridge (open): milk", "apple", "knife",
+         "east: kitchen", "west: closed wood door", "+odd", "-odd", "a: b, c", "="]
+_free = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=15)
+_fact = st.one_of(st.sampled_from(_POOL), _free)
+_loc = st.one_of(st.sampled_from(["kitchen", "pantry", "", "=", "\\x", "\\"]), _free)
+_facts = st.lists(_fact, max_size=6)
+_state = st.builds(AbstractState.make, feedback=st.text(max_size=30), location=_loc, objects=_facts,
+                   exits=st.lists(_fact, max_size=3), inventory=st.lists(_fact, max_size=4))
+_outcome = st.fixed_dictionaries({"valid": st.booleans(), "reward": st.sampled_from([0.0, 1.0]), "done": st.booleans()})
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(s=_state, s2=_state, out=_outcome, reasoning=st.text(max_size=60))
+def test_apply_diff_law_and_text_round_trip(s, s2, out, reasoning):
+    d = diff(s, s2, **out)
+    assert apply(s, d) == s2
+    assert conflicts(s, d) == [c for c in conflicts(s, d) if c in ("invalid-with-changes", "reward-not-done")]
+    text, (r0, r1), (p0, p1) = render_target(reasoning, d)
+    assert (r0, r1, p1) == (0, p0, len(text))                       # the two Eq. 5 spans partition the text
+    assert text[r0:r1].startswith("<think>") and text[r0:r1].endswith("</think>\n")
+    pred = parse_output(text)
+    assert pred.ok and pred.error == "" and pred.delta == d, pred.error
+    assert pred.reasoning == " ".join(reasoning.replace("<think>", " ").replace("</think>", " ").split())
+    assert render_target(pred.reasoning, pred.delta)[0] == text     # canonical text is a fixed point
+
+
+@pytest.fixture(scope="module")
+def twx_transitions(twx_env):
+    tasks = twx_env.tasks("train", 6)
+    trajs, _ = collect(twx_env, tasks, CollectConfig(seed=3))
+    return [t for tr in trajs for t in tr.steps]
+
+
+def _law_on(transitions):
+    kinds = set()
+    for t in transitions:
+        s, s2 = AbstractState.parse(t.state), AbstractState.parse(t.next_state)
+        d = diff(s, s2, valid=t.valid, reward=t.reward, done=t.done)
+        assert apply(s, d).render() == t.next_state
+        assert conflicts(s, d) == []
+        text, _, _ = render_target("why", d)
+        assert parse_output(text).delta == d
+        if not t.valid:
+            assert not d.changes_state and d.reward == 0.0        # TWX rejects without side effects
+        kinds.add((d.location is not None, bool(d.objects_add), bool(d.inventory_add), bool(d.exits_add), d.reward))
+    return kinds
+
+
+def test_law_on_real_twx_transitions(twx_transitions):
+    kinds = _law_on(twx_transitions)
+    assert len(twx_transitions) > 100
+    assert (False, False, False, False, 0.0) in kinds               # look / inventory / invalid
+    assert (False, False, True, False, 0.0) in kinds                # take a loose object
+    assert any(k[-1] == 1.0 for k in kinds)                         # a winning step
+
+
+def test_law_on_real_multi_room_twx_with_doors():
+    env = make_env(EnvSpec(params="numLocations=3,numItemsToPutAway=2,includeDoors=1,limitInventorySize=0"))
+    try:
+        trajs, _ = collect(env, env.tasks("train", 3), CollectConfig(seed=1, episodes={"expert": 1, "random": 1}))
+    finally:
+        env.close()
+    kinds = _law_on([t for tr in trajs for t in tr.steps])
+    assert any(k[0] for k in kinds)                                  # moves between rooms
+    assert any(k[3] and not k[0] for k in kinds)                     # a door opens in place
+
+
+def test_example_target_is_exact():
+    s = AbstractState.make("You are in the kitchen.", "kitchen", ["counter: apple", "fridge (closed)"])
+    s2 = AbstractState.make("You take the apple.", "kitchen", ["counter: empty", "fridge (closed)"], [], ["apple"])
+    text, rspan, pspan = render_target("The apple is on the counter.", diff(s, s2, valid=True, reward=0.0, done=False))
+    assert text == ("<think>The apple is on the counter.</think>\n"
+                    "valid: yes\nfeedback: You take the apple.\nlocation: =\n"
+                    "objects: -counter: apple | +counter: empty\nexits:\ninventory: +apple\nreward: 0\ndone: no")
+    assert text[slice(*rspan)] == "<think>The apple is on the counter.</think>\n"
+    assert text[slice(*pspan)].startswith("valid: yes") and text[slice(*pspan)].endswith("done: no")
+
+
+def test_move_lists_the_new_room_in_full():
+    s = AbstractState.make("", "kitchen", ["stove", "counter: empty"], ["west: corridor"], ["apple"])
+    s2 = AbstractState.make("You are in the corridor.", "corridor", ["hat rack: empty"], ["east: kitchen"], ["apple"])
+    d = diff(s, s2, valid=True, reward=0.0, done=False)
+    assert d.objects_remove == () and d.objects_add == ("hat rack: empty",) and d.exits_add == ("east: kitchen",)
+    assert "location: corridor\nobjects: +hat rack: empty\nexits: +east: kitchen\ninventory:\n" in render_delta(d)
+    assert apply(s, d) == s2
+
+
+_VALID = render_target("r", StateDelta(valid=True, feedback="You take the apple.", objects_remove=["apple"],
+                                       inventory_add=["apple"]))[0]
+
+
+@pytest.mark.parametrize("mutate,error", [
+    (lambda t: "", "empty"),
+    (lambda t: "   \n ", "empty"),
+    (lambda t: t.replace("<think>r</think>\n", ""), "missing:think"),
+    (lambda t: t.replace("</think>", ""), "unclosed:think"),
+    (lambda t: t.replace("\nreward: 0", ""), "missing:reward"),
+    (lambda t: t[:t.index("\ndone:")], "missing:done"),
+    (lambda t: t.replace("objects: -apple", "objects: -apple\nobjects: -apple"), "duplicate:objects"),
+    (lambda t: t.replace("valid: yes", "valid: true"), "bad:valid"),
+    (lambda t: t.replace("done: no", "done: maybe"), "bad:done"),
+    (lambda t: t.replace("reward: 0", "reward: 0.5"), "bad:reward"),
+    (lambda t: t.replace("reward: 0", "reward: 0.0"), "bad:reward"),
+    (lambda t: t.replace("objects: -apple", "objects: apple"), "bad:objects"),
+    (lambda t: t.replace("inventory: +apple", "inventory: +apple |"), "bad:inventory"),
+    (lambda t: t.replace("inventory: +apple", "inventory: +  apple"), "bad:inventory"),
+    (lambda t: t.replace("feedback: You", "feedback: You  "), "bad:feedback"),
+    (lambda t: t.replace("location: =", "colour: red"), "unknown_line:3"),
+    (lambda t: t.replace("valid: yes\nfeedback: You take the apple.", "feedback: You take the apple.\nvalid: yes"),
+     "missing:valid"),
+])
+def test_parse_errors_are_short_codes(mutate, error):
+    pred = parse_output(mutate(_VALID))
+    assert (pred.ok, pred.delta, pred.error) == (False, None, error)
+
+
+def test_parse_tolerates_whitespace_and_trailing_text():
+    base = parse_output(_VALID)
+    assert base.ok and base.ignored_tail == 0
+    for variant in ["  \n" + _VALID, _VALID.replace("\n", "  \r\n"), _VALID + "\n\n<think>next example",
+                    _VALID.replace("</think>\n", "</think>")]:
+        pred = parse_output(variant)
+        assert pred.ok and pred.delta == base.delta, (variant, pred.error)
+    assert parse_output(_VALID + "\nmore text").ignored_tail == len("more text")
+
+
+def test_unusable_prediction_ends_the_episode_as_failure():
+    pred = parse_output("I think the apple goes in the fridge")
+    assert not pred.ok
+    d = pred.effective_delta()
+    assert (d.valid, d.reward, d.done) == (False, 0.0, True) and not d.changes_state
+    assert "missing:think" in d.feedback
+    ok = parse_output(_VALID)
+    assert ok.effective_delta() is ok.delta
+
+
+def test_apply_is_lenient_and_conflicts_report_it():
+    s = AbstractState.make("", "kitchen", ["counter: empty"], [], ["apple"])
+    d = StateDelta(valid=False, feedback="x", objects_remove=["zebra"], objects_add=["counter: empty"],
+                   inventory_add=["apple"], inventory_remove=["apple"], reward=1.0, done=False)
+    assert apply(s, d) == AbstractState.make("x", "kitchen", ["counter: empty"], [], ["apple"])
+    assert conflicts(s, d) == ["objects:remove-missing:zebra", "objects:add-present:counter: empty",
+                               "inventory:add-and-remove:apple", "invalid-with-changes", "reward-not-done"]
+    same = StateDelta(valid=True, feedback="", location="kitchen", objects_add=["stove"])
+    assert "location:same" in conflicts(s, same) and apply(s, same).objects == ("stove",)
+
+
+def test_state_delta_canonicalizes_and_checks_reward():
+    d = StateDelta(valid=1, feedback=" You\ntake  it ", objects_add=["b", "a", "b", " "], inventory_remove=["x|y"])
+    assert (d.valid, d.feedback, d.objects_add, d.inventory_remove) == (True, "You take it", ("a", "b"), ("x/y",))
+    with pytest.raises(ValueError, match="reward must be the outcome reward 0 or 1"):
+        StateDelta(valid=True, feedback="", reward=0.5)
+    assert failure_delta("bad:valid").done
+
+
+@settings(max_examples=1200, deadline=None)
+@given(text=st.text(max_size=300))
+def test_parser_never_raises_on_arbitrary_strings(text):
+    pred = parse_output(text)
+    assert isinstance(pred, Prediction) and (pred.delta is not None) == pred.ok
+    assert pred.ok or pred.error
+
+
+@st.composite
+def _mutated(draw):
+    out = draw(_outcome)
+    d = diff(draw(_state), draw(_state), **out)
+    text = render_target(draw(st.text(max_size=20)), d)[0]
+    kind = draw(st.sampled_from(["truncate", "swap", "insert", "delete"]))
+    lines = text.split("\n")
+    if kind == "truncate":
+        cut = draw(st.integers(0, len(text) - 1))
+        return kind, text[:cut], text
+    if kind == "swap":
+        i, j = draw(st.lists(st.integers(1, len(lines) - 1), min_size=2, max_size=2, unique=True))
+        lines[i], lines[j] = lines[j], lines[i]
+        return kind, "\n".join(lines), text
+    if kind == "delete":
+        del lines[draw(st.integers(1, len(lines) - 1))]
+        return kind, "\n".join(lines), text
+    pos = draw(st.integers(0, len(text)))
+    return kind, text[:pos] + draw(st.text(min_size=1, max_size=10)) + text[pos:], text
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_mutated())
+def test_parser_never_raises_on_mutated_outputs(case):
+    kind, text, original = case
+    pred = parse_output(text)
+    assert isinstance(pred, Prediction) and (pred.delta is not None) == pred.ok
+    if kind in ("swap", "delete"):
+        assert not pred.ok                     # every field is required, in order, once
+    if kind == "truncate" and not original[:len(text)].rstrip().endswith(("done: yes", "done: no")):
+        assert not pred.ok
+
+
+# --------------------------------------------------------------------------------------------
+# prompt
+
+_S = AbstractState.make("You are in the kitchen.", "kitchen", ["counter: apple"]).render()
+_S2 = AbstractState.make("You take the apple.", "kitchen", ["counter: empty"], [], ["apple"]).render()
+
+
+def _demos(n):
+    return [{"state": _S, "action": f"take thing{i}", "next_state": _S2, "reward": 0.0} for i in range(n)]
+
+
+def test_prompt_sections_order_and_windows():
+    hist = [(f"act{i}", f"fb{i}") for i in range(6)]
+    p = build_prompt("Tidy   up.", hist, _S, "take apple", _demos(6))
+    assert p == build_prompt("Tidy   up.", hist, _S, "take apple", _demos(6))
+    heads = [ln for ln in p.split("\n") if ln.startswith("## ")]
+    assert heads == ["## task", "## examples", "## history", "## state", "## action", "## outcome"]
+    assert p.endswith("## action\ntake apple\n## outcome\n") and "\nTidy up.\n" in p
+    assert "> act1\n" not in p and "> act2\nfb2\n" in p and "> act5\nfb5\n" in p      # last 4 steps
+    assert p.count("> take thing") == 4 and "> take thing3" in p and "take thing4" not in p
+    assert "objects: -counter: apple | +counter: empty" in p and "location: kitchen" not in p.split("## state")[0]
+
+
+def test_prompt_ablations_and_demo_sources():
+    d = _demos(1)
+    no_hist = build_prompt("t", [("a", "b")], _S, "x", d, use_history=False)
+    assert "## history" not in no_hist and no_hist == build_prompt("t", [("a", "b")], _S, "x", d, history_window=0)
+    no_demo = build_prompt("t", [("a", "b")], _S, "x", d, use_demos=False)
+    assert "## examples" not in no_demo and no_demo == build_prompt("t", [("a", "b")], _S, "x", d, max_demos=0)
+    delta = diff(AbstractState.parse(_S), AbstractState.parse(_S2), valid=True, reward=0.0, done=False)
+    as_text = [{"state": _S, "action": "take thing0", "delta": render_delta(delta)}]
+    as_obj = [{"state": _S, "action": "take thing0", "delta": delta}]
+    assert build_prompt("t", [], _S, "x", d) == build_prompt("t", [], _S, "x", as_text) \
+        == build_prompt("t", [], _S, "x", as_obj)
+    assert build_prompt("t", [], _S, "x", d, demo_states=True).count("location: kitchen") == 2
+    assert FIELDS[0] == "valid" and FIELDS[-1] == "done"
