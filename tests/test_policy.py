@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dreamgym_core.policy import (
+    BCExample, LMPolicy, ValueHead, _ids, build_policy_prompt, score_candidates, train_bc,
+)
+from dreamgym_core.rollout import PolicyContext
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tok")
+    lines = [f"Task: tidy\nobjects: counter: apple{i} | fridge (closed)\nAction: take apple{i}\nopen fridge" for i in range(200)]
+    (d / "c.txt").write_text("\n".join(lines))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train(files=[str(d / "c.txt")], vocab_size=400, min_frequency=1, special_tokens=["<|pad|>", "<|eos|>"])
+    bpe.save(str(d / "tok.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tok.json"), pad_token="<|pad|>", eos_token="<|eos|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=True))
+    return model, tok
+
+
+def _naive(model, tok, prompt, cand):
+    p, c = _ids(tok, prompt), _ids(tok, " " + cand + "\n")
+    with torch.no_grad():
+        lp = F.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+    return sum(lp[len(p) - 1 + k, c[k]].item() for k in range(len(c)))
+
+
+def test_cached_scoring_equals_naive_scoring(tiny):
+    model, tok = tiny
+    prompts = ["Task: tidy\nobjects: counter: apple3\nAction:", "Action:"]
+    cands = [["take apple3", "open fridge", "look around"], ["inventory", "put apple1 in fridge"]]
+    scores = score_candidates(model, tok, prompts, cands)
+    for b in range(2):
+        for j, c in enumerate(cands[b]):
+            assert scores[b][j].item() == pytest.approx(_naive(model, tok, prompts[b], c), abs=1e-4)
+
+
+def test_scores_are_differentiable_and_value_head_reads_hidden(tiny):
+    model, tok = tiny
+    scores, hidden = score_candidates(model, tok, ["Action:"], [["take apple1", "open fridge"]], grad=True,
+                                      return_hidden=True)
+    head = ValueHead(hidden.shape[-1])
+    (scores[0].sum() + head(hidden).sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert head(hidden).shape == (1,)
+    model.zero_grad(set_to_none=True)
+
+
+def test_act_returns_normalized_choice_logprobs_and_is_seeded(tiny):
+    model, tok = tiny
+    ctx = [PolicyContext("tidy", "objects: counter: apple1", ("take apple1", "open fridge", "look around"), seed=s)
+           for s in range(6)]
+    pol = LMPolicy(model, tok, "p")
+    a, b = pol.act(ctx), pol.act(ctx)
+    assert a == b
+    assert all(c.action in ctx[0].candidates and c.logprob <= 0 for c in a)
+    greedy = LMPolicy(model, tok, "g", greedy=True).act(ctx[:1])[0]
+    scores = score_candidates(model, tok, [build_policy_prompt(ctx[0])], [list(ctx[0].candidates)])[0]
+    assert greedy.action == ctx[0].candidates[int(scores.argmax())]
+    assert math.isclose(math.exp(greedy.logprob), F.softmax(scores, 0).max().item(), rel_tol=1e-5)
+
+
+def test_bc_raises_the_expert_choice_probability(tiny):
+    model, tok = tiny
+    ex = [BCExample(f"Task: tidy\nobjects: counter: apple{i}\nAction:", f"take apple{i}",
+                    (f"take apple{i}", "open fridge", "look around")) for i in range(8)]
+
+    def p_expert():
+        s = score_candidates(model, tok, [e.prompt for e in ex], [list(e.candidates) for e in ex])
+        return sum(F.softmax(x, 0)[0].item() for x in s) / len(ex)
+
+    before = p_expert()
+    losses = train_bc(model, tok, ex, steps=30, batch_size=8, lr=5e-3)
+    assert p_expert() > before + 0.2 and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="no examples"):
+        train_bc(model, tok, [], steps=1)
