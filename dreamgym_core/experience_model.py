@@ -1,0 +1,471 @@
+"""The reasoning experience model M_exp: SFT (paper Eq. 5), batched simulator (Eq. 4), fidelity.
+
+Eq. 4: (R_t, s_{t+1}, r_{t+1}) ~ M_exp(. | s_t, a_t, H_t, D_k): given the task, a history window,
+the current abstract state, the action and k retrieved demonstrations, M_exp writes a reasoning
+trace and then the next state and reward.
+
+Eq. 5 (SFT): L = -log P(R* | s, a, H, D_k) - log P(s' | s, a, R*, H, D_k). Targets are
+``exp_format.render_target(R*, delta)``: the reasoning tokens form the first term, the prediction
+tokens (and the end-of-sequence token) the second; both are logged separately as
+``loss/reasoning`` and ``loss/state`` (per-token means) and the optimised loss is their token-
+weighted sum divided by the number of target tokens.
+
+Departures from the paper (and why):
+* The model predicts a structured change to the abstract state (``exp_format``), which code
+  applies; tiny CPU models cannot regenerate whole states (shared/notes/feasibility-...).
+* ``done`` targets are the env's own end (won or lost), never the collector's step cap.
+* An invalid action leaves the state unchanged with feedback, as the real env does; the paper's
+  "invalid action leads to a failure state" is available as ``SimConfig.invalid_ends_episode``.
+  An output that does not parse always ends the synthetic episode as a failure (and is counted).
+* Retrieval is a function argument (``retrieve(state, action, k) -> demos``), so M_exp works with
+  or without the replay buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dreamgym_core.envs.base import Observation, StepResult
+from dreamgym_core.exp_format import Prediction, apply, build_prompt, diff, parse_output, render_target
+from dreamgym_core.schema import RawObs, Task
+from dreamgym_core.state import AbstractState
+
+Retrieve = Callable[[str, str, int], Sequence[Mapping]]
+
+
+# --------------------------------------------------------------------------------------------
+# SFT data
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    reasoning: str
+    """The target's reasoning part ("<think>...</think>\\n"); empty in the no-CoT ablation."""
+    prediction: str
+    """The target's structured next-state part."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    history_window: int = 4
+    num_demos: int = 0
+    """Retrieved demonstrations per prompt (0 = no retrieval)."""
+    use_cot: bool = True
+    """Train and generate the reasoning trace (ablation: False)."""
+    use_history: bool = True
+
+    def __post_init__(self) -> None:
+        if self.history_window < 0 or self.num_demos < 0:
+            raise ValueError("PromptConfig: history_window and num_demos must be >= 0")
+
+
+def _feedback(state: str) -> str:
+    try:
+        return AbstractState.parse(state).feedback
+    except ValueError:
+        return ""
+
+
+def make_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
+                demos: Sequence[Mapping], cfg: PromptConfig) -> str:
+    return build_prompt(instruction, history, state, action, demos, history_window=cfg.history_window,
+                        max_demos=cfg.num_demos, use_history=cfg.use_history and cfg.history_window > 0,
+                        use_demos=cfg.num_demos > 0)
+
+
+def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve | None = None) -> list[SFTExample]:
+    """Examples from annotated transition rows (``cot_annotations``: TRAJECTORY rows + reasoning).
+
+    Rows of one trajectory must be consecutive and ordered by step_idx (as stored); the history of
+    a step is the (action, feedback) of the steps before it in the same trajectory.
+    """
+    out: list[SFTExample] = []
+    history: list[tuple[str, str]] = []
+    prev_traj = None
+    for r in rows:
+        if r["traj_id"] != prev_traj:
+            history, prev_traj = [], r["traj_id"]
+        delta = diff(AbstractState.parse(r["state"]), AbstractState.parse(r["next_state"]), valid=bool(r["valid"]),
+                     reward=float(r["reward"]), done=bool(r["won"] or r["lost"]))
+        text, rs, ps = render_target(r["reasoning"] if cfg.use_cot else "", delta)
+        demos = [d for d in retrieve(r["state"], r["action"], cfg.num_demos + 1)
+                 if not (d.get("state") == r["state"] and d.get("action") == r["action"])][:cfg.num_demos] \
+            if (retrieve and cfg.num_demos) else []
+        prompt = make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg)
+        out.append(SFTExample(prompt, text[rs[0]:rs[1]], text[ps[0]:ps[1]]))
+        history.append((r["action"], _feedback(r["next_state"])))
+    return out
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_example(tokenizer, ex: SFTExample, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and a parallel ``kind`` list: 0 prompt (no loss), 1 reasoning, 2 next state.
+
+    The prompt is left-truncated so that the whole target always fits.
+    """
+    r, p = _ids(tokenizer, ex.reasoning), _ids(tokenizer, ex.prediction) + [tokenizer.eos_token_id]
+    room = max_len - len(r) - len(p)
+    if room < 8:
+        raise ValueError(f"max_len={max_len} leaves no room for the prompt (target is {len(r) + len(p)} tokens)")
+    q = _ids(tokenizer, ex.prompt + "\n")[-room:]
+    return q + r + p, [0] * len(q) + [1] * len(r) + [2] * len(p)
+
+
+def eq5_loss(model, batch_ids: torch.Tensor, kinds: torch.Tensor, attn: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Eq. 5 on a right-padded batch. ids, kinds, attn: (B, T). Returns loss, reasoning and state NLLs.
+
+    ``loss`` = (sum reasoning NLL + sum state NLL) / target tokens; the two terms are per-token means.
+    """
+    logits = model(input_ids=batch_ids, attention_mask=attn).logits[:, :-1].float()
+    target, k = batch_ids[:, 1:], kinds[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none").view_as(target)
+    r_mask, s_mask = (k == 1).float(), (k == 2).float()
+    r_sum, s_sum = (nll * r_mask).sum(), (nll * s_mask).sum()
+    n_r, n_s = r_mask.sum(), s_mask.sum()
+    return {"loss": (r_sum + s_sum) / (n_r + n_s).clamp(min=1),
+            "loss/reasoning": r_sum.detach() / n_r.clamp(min=1), "loss/state": s_sum.detach() / n_s.clamp(min=1),
+            "tokens": (n_r + n_s).detach()}
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    T = max(len(i) for i, _ in encoded)
+    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    kinds = torch.zeros((len(encoded), T), dtype=torch.long)
+    attn = torch.zeros((len(encoded), T), dtype=torch.long)
+    for b, (i, k) in enumerate(encoded):
+        ids[b, :len(i)] = torch.tensor(i)
+        kinds[b, :len(k)] = torch.tensor(k)
+        attn[b, :len(i)] = 1
+    return ids, kinds, attn
+
+
+# --------------------------------------------------------------------------------------------
+# SFT training (through accelerate: CPU here, DDP/FSDP on GPUs unchanged)
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 600
+    """Optimizer steps (the wall budget below may stop earlier)."""
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 30
+    max_len: int = 512
+    seed: int = 0
+    time_budget_s: float | None = None
+    """Stop after this many seconds of training (the schedule still assumes ``steps``)."""
+    checkpoint_every: int = 100
+    length_bucketing: bool = True
+    """Draw each batch from examples of similar length (less padding, same distribution)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("SFTConfig: steps and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _save_checkpoint(model, tokenizer, opt, out_dir: str, state: dict) -> None:
+    """Atomic checkpoint: weights (safetensors), tokenizer, optimizer tensors, trainer state."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f)
+    old = out_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, checkpoint_dir: str | None = None,
+              progress: Callable[[int, dict], None] | None = None) -> SFTResult:
+    """Train M_exp with Eq. 5; resumes from ``checkpoint_dir`` if a checkpoint is there."""
+    from accelerate import Accelerator
+
+    if not examples:
+        raise ValueError("train_sft: no examples")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    encoded = [encode_example(tokenizer, e, cfg.max_len) for e in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start, history = 0, []
+    if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
+        from safetensors.torch import load_file
+
+        state = json.load(open(os.path.join(checkpoint_dir, "trainer_state.json")))
+        weights = os.path.join(checkpoint_dir, "model.safetensors")
+        model.load_state_dict(load_file(weights), strict=False)
+        opt.load_state_dict(torch.load(os.path.join(checkpoint_dir, "optimizer.pt"), weights_only=True))
+        start, history = int(state["step"]), list(state["history"])
+
+    def lr_at(s: int) -> float:
+        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1 if start else -1)
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0, tokens = time.perf_counter(), 0
+    step = start
+    for step in range(start, cfg.steps):
+        rng = random.Random(hash((cfg.seed, step, acc.process_index)) & 0xFFFFFFFF)
+        if cfg.length_bucketing:
+            j = rng.randrange(max(1, len(order) - cfg.batch_size + 1))
+            idx = [order[min(j + rng.randrange(cfg.batch_size * 2), len(order) - 1)] for _ in range(cfg.batch_size)]
+        else:
+            idx = [rng.randrange(len(encoded)) for _ in range(cfg.batch_size)]
+        ids, kinds, attn = (t.to(acc.device) for t in collate([encoded[i] for i in idx], pad))
+        out = eq5_loss(model, ids, kinds, attn)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(out["loss"])
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        tokens += int(attn.sum())
+        rec = {"step": step + 1, "loss": out["loss"].item(), "loss/reasoning": out["loss/reasoning"].item(),
+               "loss/state": out["loss/state"].item(), "lr": sched.get_last_lr()[0],
+               "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(rec)
+        if progress and acc.is_main_process:
+            progress(step + 1, rec)
+        done = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
+        if checkpoint_dir and acc.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or done or step + 1 == cfg.steps):
+            _save_checkpoint(acc.unwrap_model(model), tokenizer, opt, checkpoint_dir, {"step": step + 1, "history": history})
+        if done:
+            break
+    model.eval()
+    return SFTResult(steps=len(history), resumed_from=start, history=history,
+                     seconds=time.perf_counter() - t0, tokens=tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# The simulator
+
+@dataclass(frozen=True)
+class SimConfig:
+    max_new_tokens: int = 160
+    greedy: bool = True
+    temperature: float = 1.0
+    prompt: PromptConfig = PromptConfig()
+    max_prompt_tokens: int = 448
+    invalid_ends_episode: bool = False
+    """Paper's variant: an action predicted invalid ends the episode as a failure."""
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class SimStats:
+    steps: int = 0
+    parse_failures: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+class ExperienceModel:
+    """M_exp as a ``BatchEnv``: policies roll out in it exactly as in a real environment.
+
+    initial_state(task) gives the abstract start state (Task.initial_state for synthetic tasks, a
+    real reset or offline data for env tasks); propose_candidates(state) gives candidate actions for
+    synthetic states (the adapter's state-only rule).
+    """
+
+    name = "m_exp"
+
+    def __init__(self, model, tokenizer, *, initial_state: Callable[[Task], str],
+                 propose_candidates: Callable[[str], list[str]], retrieve: Retrieve | None = None,
+                 cfg: SimConfig = SimConfig()):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.initial_state, self.propose, self.retrieve = initial_state, propose_candidates, retrieve
+        self.stats = SimStats()
+        self._calls = 0
+
+    # -- one batched generation: prompts -> parsed predictions --------------------------------
+    def predict(self, prompts: Sequence[str]) -> list[Prediction]:
+        out: list[Prediction] = []
+        for i in range(0, len(prompts), self.cfg.batch_size):
+            out.extend(self._predict_chunk(prompts[i:i + self.cfg.batch_size]))
+        return out
+
+    def _predict_chunk(self, prompts: Sequence[str]) -> list[Prediction]:
+        tok, model = self.tokenizer, self.model
+        t0 = time.perf_counter()
+        ids = [_ids(tok, p + "\n")[-self.cfg.max_prompt_tokens:] for p in prompts]
+        if not self.cfg.prompt.use_cot:  # no-CoT models were trained on an empty think block
+            think = _ids(tok, "<think></think>\n")
+            ids = [x + think for x in ids]
+        P = max(len(x) for x in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        inp = torch.full((len(ids), P), pad, dtype=torch.long)
+        attn = torch.zeros((len(ids), P), dtype=torch.long)
+        for b, x in enumerate(ids):
+            inp[b, P - len(x):] = torch.tensor(x)
+            attn[b, P - len(x):] = 1
+        device = next(model.parameters()).device
+        self._calls += 1
+        torch.manual_seed(hash((self.cfg.seed, self._calls)) & 0x7FFFFFFF)
+        with torch.no_grad():
+            gen = model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=self.cfg.max_new_tokens, do_sample=not self.cfg.greedy,
+                                 temperature=self.cfg.temperature if not self.cfg.greedy else None,
+                                 top_p=None, top_k=None,
+                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        new = gen[:, P:]
+        texts = []
+        for row in new.tolist():
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            self.stats.generated_tokens += len(row)
+            texts.append(tok.decode(row, skip_special_tokens=True))
+        if not self.cfg.prompt.use_cot:
+            texts = ["<think></think>\n" + t for t in texts]
+        self.stats.seconds += time.perf_counter() - t0
+        preds = [parse_output(t) for t in texts]
+        self.stats.parse_failures += sum(not p.ok for p in preds)
+        return preds
+
+    # -- BatchEnv -----------------------------------------------------------------------------
+    def reset_batch(self, tasks: Sequence[Task]) -> list[Observation]:
+        self._tasks = list(tasks)
+        self._states = [self.initial_state(t) for t in tasks]
+        self._history: list[list[tuple[str, str]]] = [[] for _ in tasks]
+        self._live = [True] * len(tasks)
+        return [self._obs(s) for s in self._states]
+
+    def _obs(self, state: str) -> Observation:
+        cands = tuple(self.propose(state))
+        return Observation(state=state, candidates=cands, raw=RawObs(feedback=_feedback(state), candidates=cands))
+
+    def step_batch(self, actions: Sequence[str | None]) -> list[StepResult | None]:
+        live = [i for i, a in enumerate(actions) if a is not None and self._live[i]]
+        prompts = []
+        for i in live:
+            demos = self.retrieve(self._states[i], actions[i], self.cfg.prompt.num_demos) \
+                if (self.retrieve and self.cfg.prompt.num_demos) else []
+            prompts.append(make_prompt(self._tasks[i].instruction, self._history[i], self._states[i], actions[i],
+                                       demos, self.cfg.prompt))
+        preds = self.predict(prompts) if prompts else []
+        out: list[StepResult | None] = [None] * len(actions)
+        for i, pred in zip(live, preds):
+            delta = pred.effective_delta()
+            state = AbstractState.parse(self._states[i])
+            nxt = apply(state, delta).render()
+            ended_invalid = not delta.valid and self.cfg.invalid_ends_episode
+            done = bool(delta.done or not pred.ok or ended_invalid)
+            won = bool(pred.ok and delta.done and delta.reward > 0)
+            reward = 1.0 if won else 0.0
+            self._states[i] = nxt
+            self._history[i].append((actions[i], _feedback(nxt)))
+            self._live[i] = not done
+            self.stats.steps += 1
+            out[i] = StepResult(obs=self._obs(nxt), reward=reward, score=reward, done=done, won=won,
+                                lost=done and not won, valid=bool(delta.valid and pred.ok), crashed=False)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Fidelity on held-out real transitions (teacher-forced: real state, real history)
+
+def _token_f1(a: str, b: str) -> float:
+    ta, tb = a.split(), b.split()
+    if not ta and not tb:
+        return 1.0
+    common = sum(min(ta.count(w), tb.count(w)) for w in set(ta))
+    if common == 0:
+        return 0.0
+    p, r = common / len(ta), common / len(tb)
+    return 2 * p * r / (p + r)
+
+
+def _content(state: str) -> str:
+    """The state without its feedback line (what the identity baseline can get right)."""
+    return "\n".join(state.split("\n")[1:])
+
+
+def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None) -> dict[str, float]:
+    """Single-step fidelity of M_exp on real transitions, beside the "nothing changes" baseline.
+
+    rows: real transitions in trajectory order (TRAJECTORY rows). Metrics (all in [0, 1]):
+    state_exact_match (whole next state incl. feedback), content_exact_match (without feedback),
+    state_token_f1, reward_accuracy, valid_rate (parseable outputs), win_recall, win_precision,
+    invalid_action_accuracy (real-invalid actions predicted invalid), valid_action_accuracy, and
+    ``baseline_*`` for the prediction "next state = current state, reward 0, valid, not done".
+    """
+    cfg = sim.cfg.prompt
+    prompts, history, prev = [], [], None
+    for r in rows:
+        if r["traj_id"] != prev:
+            history, prev = [], r["traj_id"]
+        demos = retrieve(r["state"], r["action"], cfg.num_demos) if (retrieve and cfg.num_demos) else []
+        prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg))
+        history.append((r["action"], _feedback(r["next_state"])))
+    preds = sim.predict(prompts)
+    n = len(rows)
+    m = {k: 0.0 for k in ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
+                          "baseline_state_exact_match", "baseline_content_exact_match", "baseline_state_token_f1",
+                          "baseline_reward_accuracy")}
+    wins = pred_wins = true_pos = 0
+    invalid_total = invalid_hit = valid_total = valid_hit = 0
+    for r, p in zip(rows, preds):
+        d = p.effective_delta()
+        nxt = apply(AbstractState.parse(r["state"]), d).render()
+        real_win = bool(r["won"]) and float(r["reward"]) > 0
+        pred_win = bool(p.ok and d.done and d.reward > 0)
+        m["state_exact_match"] += nxt == r["next_state"]
+        m["content_exact_match"] += _content(nxt) == _content(r["next_state"])
+        m["state_token_f1"] += _token_f1(nxt, r["next_state"])
+        m["reward_accuracy"] += (1.0 if pred_win else 0.0) == float(r["reward"])
+        m["valid_rate"] += p.ok
+        m["baseline_state_exact_match"] += r["state"] == r["next_state"]
+        m["baseline_content_exact_match"] += _content(r["state"]) == _content(r["next_state"])
+        m["baseline_state_token_f1"] += _token_f1(r["state"], r["next_state"])
+        m["baseline_reward_accuracy"] += float(r["reward"]) == 0.0
+        wins += real_win
+        pred_wins += pred_win
+        true_pos += real_win and pred_win
+        if not r["valid"]:
+            invalid_total += 1
+            invalid_hit += p.ok and not d.valid
+        else:
+            valid_total += 1
+            valid_hit += p.ok and d.valid
+    out = {k: v / max(n, 1) for k, v in m.items()}
+    out.update({"win_recall": true_pos / wins if wins else float("nan"),
+                "win_precision": true_pos / pred_wins if pred_wins else float("nan"),
+                "baseline_win_recall": 0.0,
+                "invalid_action_accuracy": invalid_hit / invalid_total if invalid_total else float("nan"),
+                "baseline_invalid_action_accuracy": 0.0,
+                "valid_action_accuracy": valid_hit / valid_total if valid_total else float("nan"),
+                "transitions": float(n), "wins": float(wins), "invalid_actions": float(invalid_total)})
+    return out
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,164 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dreamgym_core.exp_format import diff, parse_output, render_target
+from dreamgym_core.experience_model import (
+    ExperienceModel, PromptConfig, SFTConfig, SFTExample, SimConfig, collate, encode_example, eq5_loss, fidelity,
+    sft_examples, train_sft,
+)
+from dreamgym_core.schema import Task
+from dreamgym_core.state import AbstractState
+
+
+def S(fb, objs, inv=()):
+    return AbstractState.make(fb, "kitchen", objs, [], inv).render()
+
+
+S0 = S("", ["counter: apple", "fridge (closed)"])
+S1 = S("You take the apple.", ["counter: empty", "fridge (closed)"], ["apple"])
+S2 = S("You put the apple in the fridge.", ["counter: empty", "fridge (open): apple"])
+
+
+def row(traj, i, s, a, s2, reward=0.0, won=False, valid=True, reasoning="because"):
+    return {"traj_id": traj, "step_idx": i, "state": s, "action": a, "next_state": s2, "reward": reward, "won": won,
+            "lost": False, "valid": valid, "done": won, "instruction": "tidy up", "reasoning": reasoning}
+
+
+ROWS = [row("A", 0, S0, "take apple", S1), row("A", 1, S1, "put apple in fridge", S2, 1.0, True),
+        row("B", 0, S0, "take zebra", S0.replace("feedback: ", "feedback: Unknown action."), valid=False)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tok")
+    ex = sft_examples(ROWS, PromptConfig())
+    (d / "c.txt").write_text("\n".join(e.prompt + e.reasoning + e.prediction for e in ex) * 20)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train(files=[str(d / "c.txt")], vocab_size=500, min_frequency=1, special_tokens=["<|pad|>", "<|eos|>"])
+    bpe.save(str(d / "tok.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tok.json"), pad_token="<|pad|>", eos_token="<|eos|>")
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=512, tie_word_embeddings=True))
+    return build, tok
+
+
+def test_examples_carry_history_and_split_the_target():
+    ex = sft_examples(ROWS, PromptConfig())
+    assert "take apple" in ex[1].prompt.split("## state")[0]      # history of step 1 holds step 0
+    assert "take apple" not in ex[2].prompt.split("## state")[0]  # a new trajectory starts empty
+    assert ex[0].reasoning.startswith("<think>because") and ex[0].prediction.startswith("valid: yes")
+    assert "reward: 1" in ex[1].prediction and "done: yes" in ex[1].prediction
+    assert "valid: no" in ex[2].prediction
+    nocot = sft_examples(ROWS, PromptConfig(use_cot=False))
+    assert nocot[0].reasoning == "<think></think>\n" and nocot[0].prediction == ex[0].prediction
+
+
+def test_encode_marks_prompt_reasoning_and_state_and_truncates_the_prompt_only(tiny):
+    _, tok = tiny
+    e = SFTExample("word " * 300, "<think>r</think>\n", "valid: yes")
+    ids, kinds = encode_example(tok, e, 64)
+    assert len(ids) == 64 and kinds[0] == 0 and kinds[-1] == 2 and ids[-1] == tok.eos_token_id
+    assert 1 in kinds and kinds == sorted(kinds)                   # prompt, then reasoning, then state
+    with pytest.raises(ValueError, match="no room"):
+        encode_example(tok, e, 8)
+
+
+def test_eq5_terms_match_a_plain_loop(tiny):
+    build, tok = tiny
+    model = build()
+    enc = [encode_example(tok, e, 256) for e in sft_examples(ROWS, PromptConfig())]
+    ids, kinds, attn = collate(enc, tok.pad_token_id)
+    out = eq5_loss(model, ids, kinds, attn)
+    with torch.no_grad():
+        r, s = [], []
+        for b, (i, k) in enumerate(enc):
+            lp = F.log_softmax(model(torch.tensor([i])).logits[0].float(), -1)
+            for t in range(1, len(i)):
+                (r if k[t] == 1 else s if k[t] == 2 else []).append(-lp[t - 1, i[t]].item())
+    assert out["loss/reasoning"].item() == pytest.approx(sum(r) / len(r), rel=1e-4)
+    assert out["loss/state"].item() == pytest.approx(sum(s) / len(s), rel=1e-4)
+    assert out["loss"].item() == pytest.approx((sum(r) + sum(s)) / (len(r) + len(s)), rel=1e-4)
+
+
+def test_training_lowers_both_terms_and_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    build, tok = tiny
+    ex = sft_examples(ROWS, PromptConfig())
+    cfg = SFTConfig(steps=8, batch_size=3, lr=5e-3, warmup=1, checkpoint_every=4, max_len=256)
+    full = build()
+    res = train_sft(full, tok, ex, cfg, checkpoint_dir=str(tmp_path / "full"))
+    h = res.history
+    assert h[-1]["loss/state"] < h[0]["loss/state"] and h[-1]["loss/reasoning"] < h[0]["loss/reasoning"]
+    # an interrupted run: a zero time budget stops it after one step (checkpointed); a fresh model
+    # then resumes from that checkpoint to step 8 and must land on the same weights
+    part = build()
+    train_sft(part, tok, ex, SFTConfig(steps=8, batch_size=3, lr=5e-3, warmup=1, checkpoint_every=4, max_len=256,
+                                       time_budget_s=0.0), checkpoint_dir=str(tmp_path / "part"))
+    resumed = build()
+    r2 = train_sft(resumed, tok, ex, cfg, checkpoint_dir=str(tmp_path / "part"))
+    assert r2.resumed_from == 1 and r2.history[-1]["step"] == 8
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+class Scripted(ExperienceModel):
+    """The simulator with its generator replaced by fixed texts (tests the env logic only)."""
+
+    def __init__(self, texts, **kw):
+        super().__init__(None, None, initial_state=lambda t: S0, propose_candidates=lambda s: ["look around"], **kw)
+        self.texts = list(texts)
+
+    def _predict_chunk(self, prompts):
+        preds = [parse_output(self.texts.pop(0)) for _ in prompts]
+        self.stats.parse_failures += sum(not p.ok for p in preds)
+        return preds
+
+
+def _target(s, s2, **kw):
+    return render_target("r", diff(AbstractState.parse(s), AbstractState.parse(s2), **kw))[0]
+
+
+TASK = Task("t/0", "twx", "twc", "train", 0, "tidy up")
+
+
+def test_simulator_applies_deltas_and_ends_episodes():
+    sim = Scripted([_target(S0, S1, valid=True, reward=0.0, done=False), "garbage",
+                    _target(S1, S2, valid=True, reward=1.0, done=True)])
+    obs = sim.reset_batch([TASK, TASK])
+    assert obs[0].state == S0 and obs[0].candidates == ("look around",)
+    r = sim.step_batch(["take apple", "dance"])
+    assert r[0].obs.state == S1 and not r[0].done and r[0].valid and r[0].reward == 0.0
+    assert r[1].done and r[1].lost and not r[1].valid and sim.stats.parse_failures == 1  # unparseable -> failure
+    r = sim.step_batch(["put apple in fridge", "look around"])
+    assert r[1] is None and r[0].won and r[0].reward == 1.0 and r[0].done and r[0].obs.state == S2
+
+
+def test_invalid_action_keeps_state_unless_configured_to_end():
+    bad = _target(S0, S0.replace("feedback: ", "feedback: Unknown action."), valid=False, reward=0.0, done=False)
+    sim = Scripted([bad])
+    sim.reset_batch([TASK])
+    r = sim.step_batch(["take zebra"])[0]
+    assert not r.valid and not r.done and AbstractState.parse(r.obs.state).objects == AbstractState.parse(S0).objects
+    strict = Scripted([bad], cfg=SimConfig(invalid_ends_episode=True))
+    strict.reset_batch([TASK])
+    assert strict.step_batch(["take zebra"])[0].done
+
+
+def test_fidelity_of_a_perfect_predictor_and_the_identity_baseline():
+    truth = [_target(r["state"], r["next_state"], valid=r["valid"], reward=r["reward"], done=r["won"]) for r in ROWS]
+    m = fidelity(Scripted(truth), ROWS)
+    for k in ("state_exact_match", "reward_accuracy", "valid_rate", "win_recall", "win_precision", "invalid_action_accuracy"):
+        assert m[k] == 1.0, k
+    assert m["baseline_win_recall"] == 0.0 and m["baseline_reward_accuracy"] == pytest.approx(2 / 3)
+    assert m["baseline_state_exact_match"] == 0.0 and m["wins"] == 1 and m["invalid_actions"] == 1
+    wrong = fidelity(Scripted(["nonsense"] * 3), ROWS)
+    assert wrong["valid_rate"] == 0.0 and wrong["win_recall"] == 0.0 and math.isclose(wrong["state_exact_match"], 0.0)
