@@ -409,23 +409,29 @@ def _content(state: str) -> str:
     return "\n".join(state.split("\n")[1:])
 
 
-def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None) -> dict[str, float]:
+def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None,
+             select: Sequence[bool] | None = None) -> dict[str, float]:
     """Single-step fidelity of M_exp on real transitions, beside the "nothing changes" baseline.
 
-    rows: real transitions in trajectory order (TRAJECTORY rows). Metrics (all in [0, 1]):
+    rows: real transitions in trajectory order (TRAJECTORY rows); every row feeds the histories,
+    only rows with ``select`` True (default all) are predicted and scored. Metrics (all in [0, 1]):
     state_exact_match (whole next state incl. feedback), content_exact_match (without feedback),
     state_token_f1, reward_accuracy, valid_rate (parseable outputs), win_recall, win_precision,
     invalid_action_accuracy (real-invalid actions predicted invalid), valid_action_accuracy, and
     ``baseline_*`` for the prediction "next state = current state, reward 0, valid, not done".
     """
     cfg = sim.cfg.prompt
-    prompts, history, prev = [], [], None
-    for r in rows:
+    select = [True] * len(rows) if select is None else list(select)
+    prompts, history, prev, chosen = [], [], None, []
+    for r, keep in zip(rows, select):
         if r["traj_id"] != prev:
             history, prev = [], r["traj_id"]
-        demos = retrieve(r["state"], r["action"], cfg.num_demos) if (retrieve and cfg.num_demos) else []
-        prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg))
+        if keep:
+            demos = retrieve(r["state"], r["action"], cfg.num_demos) if (retrieve and cfg.num_demos) else []
+            prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg))
+            chosen.append(r)
         history.append((r["action"], _feedback(r["next_state"])))
+    rows = chosen
     preds = sim.predict(prompts)
     n = len(rows)
     m = {k: 0.0 for k in ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",

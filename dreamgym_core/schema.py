@@ -266,3 +266,20 @@ def trajectories_from_arrow(table: pa.Table) -> list[Trajectory]:
                               steps=tuple(transition_from_row(r) for r in rows),
                               crashed=r0["crashed"], truncated=r0["truncated"]))
     return out
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A model checkpoint on disk (save_pretrained/safetensors), passed between stages by reference.
+
+    Assets exchange this small record, never the weights: training writes the directory, the
+    reference says where it is, what it came from and how it scored.
+    """
+
+    path: str
+    kind: str
+    """experience_model | policy | tokenizer."""
+    parent: str | None = None
+    """The checkpoint this one was trained from (None for a fresh model)."""
+    iteration: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)

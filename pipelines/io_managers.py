@@ -9,11 +9,16 @@ has no 000) loads as ``None``.
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
+
 import dagster as dg
 import polars as pl
 import pyarrow as pa
 
 from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
+from dreamgym_core.schema import CheckpointRef
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -52,3 +57,49 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
         want = context.dagster_type.typing_type if context.dagster_type else None
         return table if want is pa.Table else pl.from_arrow(table)
+
+
+class CheckpointIOManager(dg.ConfigurableIOManager):
+    """Stores a ``CheckpointRef`` as ``<base>/<asset>[/<partition>]/manifest.json``.
+
+    The weights stay where training wrote them; the manifest is written atomically, and a missing
+    parent partition (iteration 001 has no 000) loads as ``None``.
+    """
+
+    base_dir: str
+
+    def _manifest(self, key: dg.AssetKey, partition: str | None) -> str:
+        parts = [self.base_dir, *key.path] + ([partition] if partition else [])
+        return os.path.join(*parts, "manifest.json")
+
+    def handle_output(self, context: dg.OutputContext, obj: CheckpointRef) -> None:
+        if not isinstance(obj, CheckpointRef):
+            raise TypeError(f"{context.asset_key.to_user_string()}: CheckpointIOManager stores CheckpointRef, "
+                            f"got {type(obj).__name__}")
+        part = context.asset_partition_key if context.has_asset_partitions else None
+        path = self._manifest(context.asset_key, part)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(obj), f, indent=2)
+        os.replace(tmp, path)
+        context.add_output_metadata({"checkpoint_path": dg.MetadataValue.path(obj.path),
+                                     "manifest": dg.MetadataValue.path(path),
+                                     "parent_checkpoint": obj.parent or "<fresh>",
+                                     **{k: float(v) for k, v in obj.metrics.items()}})
+
+    def load_input(self, context: dg.InputContext) -> CheckpointRef | None:
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if not keys:
+                return None
+            part = keys[0]
+        else:
+            part = None
+        path = self._manifest(context.asset_key, part)
+        if not os.path.exists(path):
+            if part is not None:
+                return None
+            raise FileNotFoundError(f"{context.asset_key.to_user_string()}: {path} not found; materialize it first")
+        with open(path) as f:
+            return CheckpointRef(**json.load(f))

@@ -160,5 +160,7 @@ def test_fidelity_of_a_perfect_predictor_and_the_identity_baseline():
         assert m[k] == 1.0, k
     assert m["baseline_win_recall"] == 0.0 and m["baseline_reward_accuracy"] == pytest.approx(2 / 3)
     assert m["baseline_state_exact_match"] == 0.0 and m["wins"] == 1 and m["invalid_actions"] == 1
+    only_win = fidelity(Scripted(truth[1:2]), ROWS, select=[False, True, False])
+    assert only_win["transitions"] == 1 and only_win["win_recall"] == 1.0
     wrong = fidelity(Scripted(["nonsense"] * 3), ROWS)
     assert wrong["valid_rate"] == 0.0 and wrong["win_recall"] == 0.0 and math.isclose(wrong["state_exact_match"], 0.0)
