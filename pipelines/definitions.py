@@ -7,10 +7,11 @@ import os
 import dagster as dg
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
+from assets.experience import cot_annotations
 from pipelines.io_managers import ParquetIOManager
 from pipelines.resources import Experiment, data_root
 
-ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories]
+ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations]
 
 bootstrap_job = dg.define_asset_job("bootstrap", selection=dg.AssetSelection.groups("bootstrap"),
                                     description="Tasks and offline real trajectories (iteration 0).")

@@ -41,6 +41,9 @@ def test_bootstrap_materializes_in_a_temp_folder(tmp_path):
     assert meta["rows"].value > 20 and 0 < meta["success_rate"].value < 1
     assert meta["path"].value.endswith("offline_trajectories.parquet")
     assert res.asset_materializations_for_node("eval_tasks")[0].metadata["rows"].value == 5
+    cot = res.asset_materializations_for_node("cot_annotations")[0].metadata
+    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v1"
+    assert "<think>" in cot["example"].value
     # nothing half-written: no temp files remain next to the outputs
     assert not [p for p in (tmp_path / "parquet").rglob(".tmp-*")]
 
