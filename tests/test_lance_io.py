@@ -1,0 +1,96 @@
+import dagster as dg
+import lancedb
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from dreamgym_core.buffer import BufferConfig, ReplayBuffer, encode_rows
+from dreamgym_core.embed import HashingEmbedder
+from pipelines.lance_io import LanceDBIOManager, LanceTableRef
+
+EMB = HashingEmbedder(32)
+PARTS = dg.StaticPartitionsDefinition(["001", "002"])
+
+
+def transitions(key: str, n: int = 6) -> pa.Table:
+    return pa.Table.from_pylist([
+        dict(traj_id=f"{key}-{i // 3}", task_id=f"task/{i % 2}", env="twx", step_idx=i % 3,
+             state=f"room {key} item {i}", action=f"take item {i}", next_state=f"holding {i}",
+             reward=0.0, done=False, won=False, valid=True) for i in range(n)])
+
+
+@dg.asset(partitions_def=PARTS, io_manager_key="lance_io_manager")
+def replay_buffer(context: dg.AssetExecutionContext) -> pa.Table:
+    key = context.partition_key
+    return encode_rows(EMB, transitions(key), "synthetic", iteration=int(key))
+
+
+@dg.asset(partitions_def=PARTS, ins={"replay_buffer": dg.AssetIn(input_manager_key="lance_io_manager")})
+def retrieved(context: dg.AssetExecutionContext, replay_buffer: LanceTableRef) -> None:
+    buf = ReplayBuffer(replay_buffer.uri, EMB, BufferConfig(table=replay_buffer.table))
+    hits = buf.search("room 002 item 1", "take item 1", k=20, as_of_version=replay_buffer.version)
+    context.add_output_metadata({"iterations": sorted({h.iteration for h in hits})})
+
+
+@dg.asset(partitions_def=PARTS, ins={"replay_buffer": dg.AssetIn(input_manager_key="lance_io_manager")})
+def as_frame(replay_buffer: pl.DataFrame) -> None:
+    assert replay_buffer["iteration"].unique().to_list() in ([1], [2])
+
+
+def _run(uri, key, selection=None):
+    res = dg.materialize([replay_buffer, retrieved, as_frame], partition_key=key,
+                         selection=selection or [replay_buffer],
+                         resources={"lance_io_manager": LanceDBIOManager(uri=uri)})
+    assert res.success
+    return res
+
+
+def _meta(res, asset="replay_buffer"):
+    mats = [e for e in res.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    return {k: v.value for k, v in mats[0].materialization.metadata.items()}
+
+
+def _sorted_rows(uri):
+    t = lancedb.connect(uri).open_table("replay_buffer").to_arrow().drop_columns(["vector"])
+    return sorted(t.to_pylist(), key=lambda r: (r["iteration"], r["traj_id"], r["step_idx"]))
+
+
+def test_rematerializing_a_partition_is_idempotent(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    m1 = _meta(_run(uri, "001"))
+    assert (m1["rows_written"], m1["table_rows"], m1["rows_by_source"], m1["tag"]) == \
+        (6, 6, {"synthetic": 6}, "partition-001")
+    assert m1["path"].endswith("replay_buffer.lance")
+    m2 = _meta(_run(uri, "002"))
+    assert m2["table_rows"] == 12 and m2["lance_version"] > m1["lance_version"]
+    rows_before = _sorted_rows(uri)
+    buf = ReplayBuffer(uri, EMB)
+    hits_before = buf.search("room 001 item 2", "take item 2", k=5)
+
+    m3 = _meta(_run(uri, "001"))                       # again: delete partition 001's rows, then add
+    assert (m3["rows_written"], m3["table_rows"], m3["rows_by_source"]) == (6, 12, {"synthetic": 12})
+    assert _sorted_rows(uri) == rows_before
+    buf.refresh()
+    assert buf.search("room 001 item 2", "take item 2", k=5) == hits_before
+    tags = lancedb.connect(uri).open_table("replay_buffer").tags.list()
+    assert tags["partition-001"]["version"] == m3["lance_version"]
+    assert tags["partition-002"]["version"] == m2["lance_version"]
+
+
+def test_downstream_reads_the_version_its_partition_left(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    _run(uri, "001")
+    _run(uri, "002")
+    # partition 001's ref is the table before 002 was written: 002's rows are invisible to it
+    assert _meta(_run(uri, "001", [retrieved, as_frame]), "retrieved")["iterations"] == [1]
+    assert _meta(_run(uri, "002", [retrieved, as_frame]), "retrieved")["iterations"] == [1, 2]
+
+
+def test_rows_labelled_with_another_partition_are_refused(tmp_path):
+    @dg.asset(name="replay_buffer", partitions_def=PARTS, io_manager_key="lance_io_manager")
+    def mislabelled(context: dg.AssetExecutionContext) -> pa.Table:
+        return encode_rows(EMB, transitions("x"), "synthetic", iteration=7)
+
+    with pytest.raises(ValueError, match="must have iteration = 1"):
+        dg.materialize([mislabelled], partition_key="001",
+                       resources={"lance_io_manager": LanceDBIOManager(uri=str(tmp_path / "db"))})
