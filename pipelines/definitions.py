@@ -8,7 +8,8 @@ import dagster as dg
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
 from assets.experience import cot_annotations
-from pipelines.io_managers import ParquetIOManager
+from pipelines.io_managers import CheckpointIOManager, ParquetIOManager
+from pipelines.lance_io import LanceDBIOManager
 from pipelines.resources import Experiment, data_root
 
 ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations]
@@ -23,6 +24,8 @@ def build_defs(data_dir: str | None = None) -> dg.Definitions:
         assets=ALL_ASSETS,
         jobs=[bootstrap_job],
         resources={"io_manager": ParquetIOManager(base_dir=os.path.join(root, "parquet")),
+                   "checkpoint_io_manager": CheckpointIOManager(base_dir=os.path.join(root, "checkpoints")),
+                   "lance_io_manager": LanceDBIOManager(uri=os.path.join(root, "lancedb")),
                    "experiment": Experiment()},
     )
 
