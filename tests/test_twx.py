@@ -130,3 +130,15 @@ def test_unknown_game_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown TextWorldExpress game 'zork'"):
         TWXEnv("zork")
+
+
+def test_a_hung_step_times_out_into_an_env_crash(twx_env, monkeypatch):
+    import time as _time
+
+    twx_env.reset(twx_env.tasks("train", 1)[0])
+    monkeypatch.setattr(twx_env._env, "step", lambda a: _time.sleep(5))
+    monkeypatch.setattr(twx_env, "step_timeout_s", 0.2)
+    with pytest.raises(EnvCrash, match="timed out after 0.2 s"):
+        twx_env.step("look around")
+    res = safe_step(twx_env, "look around")
+    assert res.crashed and res.done and not res.won

@@ -16,7 +16,9 @@ Validity: an action is valid iff the env listed it among ``validActions`` at tha
 from __future__ import annotations
 
 import re
+import time
 
+from dreamgym_core.envs._deadline import deadline, failure
 from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState, clean_text
@@ -174,12 +176,14 @@ class TWXEnv:
 
     name = "twx"
 
-    def __init__(self, game: str = "twc", params: str | None = None, step_limit: int = 100):
+    def __init__(self, game: str = "twc", params: str | None = None, step_limit: int = 100,
+                 step_timeout_s: float | None = 10.0):
         if game not in GAMES:
             raise ValueError(f"unknown TextWorldExpress game {game!r}; choose one of {', '.join(GAMES)}")
         from textworld_express import TextWorldExpressEnv
 
         self.game = game
+        self.step_timeout_s = step_timeout_s
         self.params = DEFAULT_PARAMS.get(game, "") if params is None else params
         self._env = TextWorldExpressEnv(envStepLimit=step_limit)
         self._loaded: tuple[str, str] | None = None
@@ -226,10 +230,12 @@ class TWXEnv:
 
     def step(self, action: str) -> StepResult:
         valid = action in self._valid
+        started = time.monotonic()
         try:
-            obs, _, done, infos = self._env.step(action)
-        except Exception as exc:
-            raise EnvCrash(f"TWX step {action!r} failed: {exc}") from exc
+            with deadline(self.step_timeout_s):
+                obs, _, done, infos = self._env.step(action)
+        except Exception as exc:  # py4j errors, a dead JVM, or our StepTimeout
+            raise EnvCrash(f"TWX step {action!r} failed: {failure(exc, started, self.step_timeout_s)}") from exc
         won = bool(infos["tasksuccess"])
         reward = 1.0 if won and not self._won else 0.0
         self._won = self._won or won
