@@ -202,12 +202,20 @@ def _save_checkpoint(model, tokenizer, opt, out_dir: str, state: dict) -> None:
 
 
 def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, checkpoint_dir: str | None = None,
-              progress: Callable[[int, dict], None] | None = None) -> SFTResult:
-    """Train M_exp with Eq. 5; resumes from ``checkpoint_dir`` if a checkpoint is there."""
+              progress: Callable[[int, dict], None] | None = None,
+              sample_weights: Sequence[float] | None = None) -> SFTResult:
+    """Train M_exp with Eq. 5; resumes from ``checkpoint_dir`` if a checkpoint is there.
+
+    ``sample_weights`` (one per example) draws batches in proportion to them, e.g. to show rare
+    outcomes (wins are about 2% of twc transitions) often enough; it replaces length bucketing.
+    """
     from accelerate import Accelerator
 
     if not examples:
         raise ValueError("train_sft: no examples")
+    if sample_weights is not None and (len(sample_weights) != len(examples) or min(sample_weights) < 0
+                                       or sum(sample_weights) <= 0):
+        raise ValueError("train_sft: sample_weights needs one non-negative weight per example, not all zero")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     encoded = [encode_example(tokenizer, e, cfg.max_len) for e in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -233,7 +241,9 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
     step = start
     for step in range(start, cfg.steps):
         rng = random.Random(hash((cfg.seed, step, acc.process_index)) & 0xFFFFFFFF)
-        if cfg.length_bucketing:
+        if sample_weights is not None:
+            idx = rng.choices(range(len(encoded)), weights=sample_weights, k=cfg.batch_size)
+        elif cfg.length_bucketing:
             j = rng.randrange(max(1, len(order) - cfg.batch_size + 1))
             idx = [order[min(j + rng.randrange(cfg.batch_size * 2), len(order) - 1)] for _ in range(cfg.batch_size)]
         else:

@@ -164,3 +164,22 @@ def test_fidelity_of_a_perfect_predictor_and_the_identity_baseline():
     assert only_win["transitions"] == 1 and only_win["win_recall"] == 1.0
     wrong = fidelity(Scripted(["nonsense"] * 3), ROWS)
     assert wrong["valid_rate"] == 0.0 and wrong["win_recall"] == 0.0 and math.isclose(wrong["state_exact_match"], 0.0)
+
+
+def test_sample_weights_are_validated_and_drive_sampling(tiny):
+    build, tok = tiny
+    ex = sft_examples(ROWS, PromptConfig())
+    cfg = SFTConfig(steps=12, batch_size=2, lr=1e-2, warmup=1, max_len=256)
+    for bad in ([1.0], [0.0, 0.0, 0.0], [1.0, -1.0, 1.0]):
+        with pytest.raises(ValueError, match="sample_weights"):
+            train_sft(build(), tok, ex, cfg, sample_weights=bad)
+    # two models, each trained only on one example: each must fit its own example better
+    enc = [encode_example(tok, e, 256) for e in ex]
+
+    def loss(model, i):
+        return eq5_loss(model, *collate([enc[i]], tok.pad_token_id))["loss"].item()
+
+    on_win, on_invalid = build(), build()
+    train_sft(on_win, tok, ex, cfg, sample_weights=[0.0, 1.0, 0.0])
+    train_sft(on_invalid, tok, ex, cfg, sample_weights=[0.0, 0.0, 1.0])
+    assert loss(on_win, 1) < loss(on_invalid, 1) and loss(on_invalid, 2) < loss(on_win, 2)
