@@ -4,7 +4,9 @@ Each asset lives at ``<data>/parquet/<asset>/<partition>.parquet`` (partitioned)
 ``<data>/parquet/<asset>.parquet``; each becomes a view named after the asset, across all its
 partitions (a ``_partition`` column holds the partition key). Three views are derived:
 
-    transitions   every transition-level asset (offline, imported, rollouts...), with ``asset``
+    transitions   every transition-level asset (offline, imported, rollouts...), with ``asset``;
+                  derived tables (e.g. cot_annotations, which has ``reasoning``) stay out so no
+                  step is counted twice
     trajectories  one row per episode of those assets (success, return, length, policy...)
     tasks         every task-level asset (seed, eval, synthesized...), with ``asset``
 
@@ -28,6 +30,8 @@ from dreamgym_core.schema import TASK_SCHEMA, TRAJECTORY_ROWS_SCHEMA, TRANSITION
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRANSITION_COLS = TRANSITION_SCHEMA.names
 _TASK_COLS = TASK_SCHEMA.names
+# Columns that mark a table as derived from another transition asset (cot_annotations).
+_DERIVED_MARKERS = {"reasoning", "target"}
 
 
 def parquet_root(data_dir: str | os.PathLike) -> Path:
@@ -78,6 +82,8 @@ def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike,
         execute(f'CREATE OR REPLACE VIEW "{name}" AS {select}')
         views.append(name)
         cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
+        if _DERIVED_MARKERS & cols:
+            continue  # annotations of another asset's transitions: counting them would double every step
         if set(_TRANSITION_COLS) <= cols:
             transition_assets.append(name)
             if set(TRAJECTORY_ROWS_SCHEMA.names) <= cols:

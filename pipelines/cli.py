@@ -74,6 +74,10 @@ def cmd_demo(args) -> int:
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
     os.environ.setdefault("DAGSTER_HOME", home)
+    cfg = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
+    if not os.path.exists(cfg):  # an offline machine: no telemetry attempts, no banner
+        with open(cfg, "w") as f:
+            f.write("telemetry:\n  enabled: false\n")
 
     import dagster as dg
 

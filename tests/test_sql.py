@@ -1,5 +1,6 @@
 import json
 
+import pyarrow as pa
 import pytest
 
 from dreamgym_core.collect import CollectConfig, collect
@@ -18,6 +19,9 @@ def data_dir(tmp_path_factory, twx_env):
     # a partitioned asset: two partitions of the same data
     write_parquet_atomic(table, str(root / "parquet" / "rollouts" / "001.parquet"))
     write_parquet_atomic(table.slice(0, 10), str(root / "parquet" / "rollouts" / "002.parquet"))
+    # an annotation table derived from those rows (as cot_annotations is): must not be counted again
+    annotated = table.append_column("reasoning", pa.array(["why"] * table.num_rows))
+    write_parquet_atomic(annotated, str(root / "parquet" / "cot_annotations.parquet"))
     return root, table.num_rows, len(trajs)
 
 
@@ -31,6 +35,9 @@ def test_views_span_assets_and_partitions(data_dir):
                                        "where asset = 'rollouts'", fmt="json"))[0]
     assert trajs["n"] >= n_traj and trajs["s"] >= 3  # 3 expert episodes at least
     assert json.loads(run_query(root, "select count(*) n from tasks", fmt="json"))[0]["n"] == 3
+    assert json.loads(run_query(root, "select count(*) n from cot_annotations", fmt="json"))[0]["n"] == rows
+    assets = json.loads(run_query(root, "select distinct asset from transitions", fmt="json"))
+    assert assets == [{"asset": "rollouts"}]
 
 
 def test_formats(data_dir):
