@@ -1,0 +1,137 @@
+"""Model backbones for M_exp and the policy: a local tokenizer, a tiny Llama, any causal LM.
+
+The paper fine-tunes Llama-3.x / Qwen-2.5 (3B-8B) on GPUs. The embedded CPU default is a
+from-scratch Llama-architecture model of a few million parameters with a byte-level BPE trained
+locally on the offline corpus (fp32: bf16 on this CPU class is about 400x slower). Any transformers
+causal LM loads by local path, or by hub id where the machine has network.
+
+Departure: M_exp's format field names ("valid:", "objects:", "<think>", ...) are added tokens of
+the local tokenizer, which shortens every target by about 20 tokens (byte-level BPE never merges
+across ':' and newlines) so a tiny model spends its capacity on the entities.
+Checkpoints are save_pretrained/safetensors only; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+FORMAT_TOKENS = ["<think>", "</think>", "valid:", "feedback:", "location:", "objects:", "exits:", "inventory:",
+                 "reward:", "done:", "## task", "## examples", "## history", "## state", "## action", "## outcome"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 3000, min_frequency: int = 2,
+                    extra_tokens: Iterable[str] = FORMAT_TOKENS):
+    """A byte-level BPE trained locally on ``texts`` (deterministic), saved with save_pretrained."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("train_tokenizer: no texts to train on")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+    bpe.add_tokens(list(extra_tokens))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokenizer.json")
+        bpe.save(path)
+        tok = PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<|bos|>", eos_token="<|eos|>",
+                                      pad_token="<|pad|>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+@dataclass(frozen=True)
+class TinyLlamaConfig:
+    """A from-scratch Llama (the embedded CPU default: about 3.4M parameters with a 3k vocab)."""
+
+    hidden: int = 256
+    """Model width; must be divisible by ``heads``."""
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    """Grouped-query attention; must divide ``heads``."""
+    intermediate: int = 768
+    max_positions: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"TinyLlamaConfig: hidden={self.hidden} must be divisible by heads={self.heads}; "
+                             "change one of them")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"TinyLlamaConfig: kv_heads={self.kv_heads} must divide heads={self.heads}")
+        if min(self.layers, self.intermediate, self.max_positions) < 1:
+            raise ValueError("TinyLlamaConfig: layers, intermediate and max_positions must be >= 1")
+
+
+def build_tiny_llama(tokenizer, cfg: TinyLlamaConfig = TinyLlamaConfig(), seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_positions,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
+                   trust_remote_code: bool = False, allow_slow_cpu_dtype: bool = False):
+    """(model, tokenizer) for any transformers causal LM by local path or hub id (safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if device == "cpu" and dtype != "float32" and not allow_slow_cpu_dtype:
+        raise ValueError(f"dtype={dtype} on CPU is hundreds of times slower than float32 here; use float32 "
+                         "(or pass allow_slow_cpu_dtype=True)")
+    local = os.path.isdir(path_or_id)
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"{path_or_id!r} is not a local directory and HF_HUB_OFFLINE=1: pass a local model path")
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=_DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code).to(device)
+    except (OSError, ValueError) as exc:  # missing files, no tokenizer, wrong format: one line, not a trace
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load causal LM {path_or_id!r}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok
+
+
+def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
+    """Weights (safetensors), tokenizer and ``dreamgym.json`` metadata, written atomically."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "dreamgym.json"), "w") as f:
+        json.dump(metadata, f, indent=2, default=str)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_checkpoint(path: str):
+    """(model, tokenizer, metadata) from a ``save_checkpoint`` directory."""
+    model, tok = load_causal_lm(path)
+    meta_path = os.path.join(path, "dreamgym.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    return model, tok, meta
