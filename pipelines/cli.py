@@ -91,16 +91,25 @@ def cmd_demo(args) -> int:
         for asset in ALL_ASSETS:
             key = asset.key.to_user_string()
             t0 = time.perf_counter()
-            print(f"[dreamgym] materializing {key} ...", flush=True)
+            run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+            if key == "experience_model":
+                print(f"[dreamgym] materializing {key} (Eq. 5 SFT, {args.mexp_budget:.0f}s budget; "
+                      "a finished model with the same config is reused) ...", flush=True)
+                run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}},
+                              "ops": {key: {"config": {"time_budget_s": args.mexp_budget}}}}
+            else:
+                print(f"[dreamgym] materializing {key} ...", flush=True)
             result = dg.materialize(ALL_ASSETS, selection=[key], resources=resources, instance=instance,
-                                    run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+                                    run_config=run_config)
             if not result.success:
                 print(f"[dreamgym] {key} failed", file=sys.stderr)
                 return 1
             mats = result.asset_materializations_for_node(asset.op.name)
             meta = mats[0].metadata if mats else {}
-            shown = {k: v.value for k, v in meta.items() if k in ("rows", "tasks", "success_rate", "mean_length",
-                                                                  "invalid_step_share", "env_steps_per_s")}
+            shown = {k: round(v.value, 3) if isinstance(v.value, float) else v.value for k, v in meta.items()
+                     if k in ("rows", "tasks", "success_rate", "mean_length", "invalid_step_share", "env_steps_per_s",
+                              "loss", "steps", "tokens_per_s", "state_exact_match", "baseline_state_exact_match",
+                              "reward_accuracy", "win_recall", "invalid_action_accuracy")}
             print(f"[dreamgym]   done in {time.perf_counter() - t0:.1f}s  {shown}", flush=True)
     from dreamgym_core.sql import run_query
 
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
+    s.add_argument("--mexp-budget", type=float, default=600.0, help="M_exp training budget in seconds (default 600)")
     s.set_defaults(func=cmd_demo)
 
     s = add("sql", help="read-only SQL over every Parquet asset (views: transitions, trajectories, tasks, <asset>)")

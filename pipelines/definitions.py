@@ -7,12 +7,13 @@ import os
 import dagster as dg
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
-from assets.experience import cot_annotations
+from assets.experience import cot_annotations, experience_model, experience_model_eval
 from pipelines.io_managers import CheckpointIOManager, ParquetIOManager
 from pipelines.lance_io import LanceDBIOManager
 from pipelines.resources import Experiment, data_root
 
-ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations]
+ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, experience_model,
+              experience_model_eval]
 
 bootstrap_job = dg.define_asset_job("bootstrap", selection=dg.AssetSelection.groups("bootstrap"),
                                     description="Tasks and offline real trajectories (iteration 0).")

@@ -30,12 +30,17 @@ def test_asset_graph_matches_snapshot(tmp_path, snapshot):
     assert _graph(build_defs(str(tmp_path))) == snapshot
 
 
-def test_bootstrap_materializes_in_a_temp_folder(tmp_path):
-    resources = {"io_manager": ParquetIOManager(base_dir=str(tmp_path / "parquet")),
+def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMGYM_DATA", str(tmp_path))  # checkpoints go under the data root
+    resources = {**build_defs(str(tmp_path)).resources,
                  "experiment": Experiment(n_train_tasks=4, n_dev_tasks=2, n_test_tasks=3,
                                           cache_dir=str(tmp_path / "cache"))}
+    run_config = {"ops": {
+        "experience_model": {"config": {"steps": 3, "time_budget_s": 60, "batch_size": 4, "hidden": 32,
+                                        "layers": 1, "vocab_size": 600, "max_len": 768}},
+        "experience_model_eval": {"config": {"max_transitions": 9}}}}
     with dg.instance_for_test() as instance:
-        res = dg.materialize(ALL_ASSETS, resources=resources, instance=instance)
+        res = dg.materialize(ALL_ASSETS, resources=resources, instance=instance, run_config=run_config)
     assert res.success
     meta = res.asset_materializations_for_node("offline_trajectories")[0].metadata
     assert meta["rows"].value > 20 and 0 < meta["success_rate"].value < 1
@@ -44,6 +49,11 @@ def test_bootstrap_materializes_in_a_temp_folder(tmp_path):
     cot = res.asset_materializations_for_node("cot_annotations")[0].metadata
     assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v1"
     assert "<think>" in cot["example"].value
+    mexp = res.asset_materializations_for_node("experience_model")[0].metadata
+    assert mexp["steps"].value == 3 and mexp["parent_checkpoint"].value == "<fresh>"
+    fid = res.output_for_node("experience_model_eval")
+    assert fid.num_rows == 1 and 0 < fid["transitions"][0].as_py() <= 9
+    assert 0.0 <= fid["state_exact_match"][0].as_py() <= 1.0 and "baseline_state_exact_match" in fid.column_names
     # nothing half-written: no temp files remain next to the outputs
     assert not [p for p in (tmp_path / "parquet").rglob(".tmp-*")]
 
