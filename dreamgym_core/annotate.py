@@ -16,7 +16,7 @@ which is what a small from-scratch M_exp can learn. The LLM annotators fall back
 (and count it in ``fallbacks``) when a model returns nothing usable.
 
 ``annotate_table`` adds three columns to a transition table: ``reasoning`` (R*), ``annotator``
-(who wrote it: ``rule-v1``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
+(who wrote it: ``rule-v2``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
 M_exp training text ``exp_format.render_target(reasoning, diff(s, s'))``).
 """
 
@@ -36,7 +36,7 @@ from dreamgym_core.exp_format import StateDelta, diff, render_delta, render_targ
 from dreamgym_core.state import AbstractState
 
 MAX_WORDS = 80
-"""LLM traces are cut to this many words (the rule annotator stays near 60)."""
+"""LLM traces are cut to this many words (the rule annotator stays under 50)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def _why_valid(s: AbstractState, verb: str, x: str, y: str) -> str:
         if holder := _holder(x, s.objects):
             return f"the {x} is {_place(holder)}"
     if verb == "put" and x in s.inventory:
-        return f"you carry the {x} and the {y} is here"
+        where = "is open" if y in names and _head(names[y]).endswith("(open)") else "is here"
+        return f"you carry the {x} and the {y} {where}"
     if verb in ("open", "close") and x in names:
         return f"the {x} is {'closed' if verb == 'open' else 'open'}"
     if verb == "move" and any(e.startswith(f"{x}: ") for e in s.exits):
@@ -142,13 +143,14 @@ def _why_invalid(s: AbstractState, verb: str, x: str, y: str) -> str:
     present = set(s.entities())
     if verb == "move" and x and not any(e.startswith(f"{x}: ") for e in s.exits):
         return f"there is no exit to the {x}"
-    missing = [n for n in (x, y) if n and n not in present]
-    if missing:
-        return f"there is no {missing[0]} here"
+    if any(n and n not in present for n in (x, y)):
+        return "something it names is not here"  # naming the absent thing would mean copying it
     if verb == "take" and x in s.inventory:
         return f"you already carry the {x}"
     if verb == "put" and x not in s.inventory:
         return f"you do not carry the {x}"
+    if verb == "put" and y in names and _head(names[y]).endswith("(closed)"):
+        return f"the {y} is closed"
     if verb == "open" and x in names and not _head(names[x]).endswith("(closed)"):
         return f"the {x} is not closed"
     if verb == "close" and x in names and not _head(names[x]).endswith("(open)"):
@@ -187,14 +189,28 @@ def _changes(s: AbstractState, d: StateDelta) -> list[str]:
 
 def _reward_sentence(reward: float, done: bool) -> str:
     if reward > 0:
-        return "This completes the task, so the reward is 1 and the episode ends."
+        return "Every item is now in place: reward 1, the episode ends."
     if done:
-        return "The episode ends without completing the task, so the reward is 0."
-    return "The task is not complete yet, so the reward is 0."
+        return "The episode ends without success: reward 0."
+    return "The task is not complete: reward 0."
 
 
-def rule_trace(item: AnnotationInput, max_words: int = 60) -> str:
-    """The deterministic trace of ``RuleAnnotator``; also the LLM annotators' fallback."""
+def _progress(s: AbstractState) -> str:
+    """What is left to put away after the action: the decision behind the reward (twc wins when the
+    last carried or loose item reaches its place). Loose = a fact that is neither a receptacle nor
+    openable; fixtures (a toilet) count too, the model learns which ones never move."""
+    loose = sum(1 for f in s.objects if ": " not in f and not _STATUS.search(f))
+    return f"You carry {len(s.inventory)} and {loose} lie loose."
+
+
+def rule_trace(item: AnnotationInput, max_words: int = 50) -> str:
+    """The deterministic trace of ``RuleAnnotator``; also the LLM annotators' fallback.
+
+    Short and decision-first: why the action is valid or rejected (whether its objects are here,
+    carried, open), what moves where, what is left to put away, then the reward. Names come from
+    the action and the state only, so the pointer form (``exp_format.delex``) turns them into
+    ``@1``/``@2`` and a model never has to copy a name it has not seen.
+    """
     try:
         s, s2 = AbstractState.parse(item.state), AbstractState.parse(item.next_state)
     except ValueError:
@@ -203,14 +219,12 @@ def rule_trace(item: AnnotationInput, max_words: int = 60) -> str:
     d = diff(s, s2, valid=item.valid, reward=item.reward, done=item.done)
     verb, x, y = _split_action(item.action)
     if not item.valid and not d.changes_state:
-        why = _why_invalid(s, verb, x, y)
         end = " The episode ends." if item.done else ""
-        return (f"'{item.action}' is not possible here: {why}, so the environment rejects it, "
-                f"nothing changes and the reward is 0.{end}")
+        return f"Rejected: {_why_invalid(s, verb, x, y)}. Nothing changes: reward 0.{end}"
     why = _why_valid(s, verb, x, y) if item.valid else ""
-    head = (f"'{item.action}' is valid" + (f": {why}." if why else ".")) if item.valid \
-        else f"'{item.action}' is not among the game's listed actions, yet it changes the state."
-    tail = _reward_sentence(item.reward, item.done)
+    head = (f"Valid: {why}." if why else "Valid.") if item.valid \
+        else "Not a listed action, yet it changes the state."
+    tail = (_progress(s2) + " " if d.changes_state else "") + _reward_sentence(item.reward, item.done)
     budget = max_words - len(head.split()) - len(tail.split()) - 4  # room for "Other facts change too."
     kept: list[str] = []
     for sentence in _changes(s, d):
@@ -224,7 +238,7 @@ def rule_trace(item: AnnotationInput, max_words: int = 60) -> str:
 class RuleAnnotator:
     """Deterministic traces from the state difference and the reward (the offline default)."""
 
-    name = "rule-v1"
+    name = "rule-v2"
 
     def annotate(self, items: list[AnnotationInput]) -> list[str]:
         return [rule_trace(it) for it in items]

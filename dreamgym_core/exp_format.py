@@ -41,10 +41,27 @@ whitespace around values, leading whitespace, and of any text after the ``done``
 that has not learned to stop still yields its prediction; the ignored length is reported). Item
 order inside a field is not enforced: parsed deltas are canonical, so ``render(parse(t)) == t``
 holds for canonical text and ``parse(render(d)) == d`` for every delta.
+
+Pointer form (copy-free targets; ``PromptConfig.pointers``). A from-scratch model trained for
+minutes cannot copy multi-token names it has never seen (held-out games use unseen items), so it
+wrote memorised names instead. In the pointer form the action's arguments, resolved against the
+names in the state (``action_refs``, longest match first), become ``@1``, ``@2`` in the prompt and
+the target (``delex``; a literal ``@`` is written ``@@``), and the objects field is written as
+item-level edits that code resolves against the current state (``render_pointer_delta``)::
+
+    objects: -@1                take @1: its loose fact, or @1 out of whatever holds it
+    objects: @2 += @1           put @1 into @2 (contents re-sorted, "empty" replaced)
+    objects: -@1 | +@1 (closed) close @1 without restating its contents
+
+``+fact`` / ``-fact`` stay available, so any delta has a pointer form: the encoder checks that
+the edits reproduce the delta exactly and falls back to literal facts otherwise
+(``PointerTarget.literal``). ``parse_pointer_output(render_pointer_target(R, d, s, refs), s,
+refs).delta == d`` for every transition (tested over collected data).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -326,6 +343,200 @@ def _parse_output(text: str) -> Prediction:
 
 
 # --------------------------------------------------------------------------------------------
+# pointers: copy-free targets (module docstring, "Pointer form")
+
+MAX_REFS = 9
+"""Pointers are ``@1`` .. ``@9`` (one character after ``@`` keeps ``relex`` unambiguous)."""
+_STATUS = re.compile(r" \((?:open|closed)\)$")
+_EDIT = " += "
+
+
+def _fact_name(fact: str) -> str:
+    return _STATUS.sub("", fact.partition(": ")[0])
+
+
+def _contents(fact: str) -> list[str]:
+    _, sep, rest = fact.partition(": ")
+    return [c for c in rest.split(", ") if c and c != "empty"] if sep else []
+
+
+def _with_contents(fact: str, items: Sequence[str]) -> str:
+    return f"{fact.partition(': ')[0]}: {', '.join(sorted(items)) if items else 'empty'}"
+
+
+def action_refs(state: AbstractState, action: str) -> tuple[str, ...]:
+    """The names in ``action`` that the state mentions, in the order the action names them.
+
+    Names are matched whole-word, longest first and without overlap ("put dirty jeans in laundry
+    basket" -> ("dirty jeans", "laundry basket")); a name the state does not mention (an action on
+    an absent object) gets no pointer and stays literal, which is itself evidence of an invalid action.
+    """
+    text = clean_text(action)
+    taken: list[tuple[int, int, str]] = []
+    for name in sorted(set(state.entities()), key=lambda n: (-len(n), n)):
+        if not name or "@" in name:
+            continue
+        for m in re.finditer(rf"(?<![\w@]){re.escape(name)}(?![\w])", text):
+            if all(m.end() <= a or m.start() >= b for a, b, _ in taken):
+                taken.append((m.start(), m.end(), name))
+    ordered = [n for _, _, n in sorted(taken)]
+    return tuple(dict.fromkeys(ordered))[:MAX_REFS]
+
+
+def delex(text: str, refs: Sequence[str]) -> str:
+    """Names in ``refs`` -> ``@1``.., ``@`` -> ``@@``; ``relex(delex(t, refs), refs) == t`` always."""
+    names = sorted((n for n in refs if n), key=len, reverse=True)
+    index = {n: i + 1 for i, n in enumerate(refs)}
+    alts = [rf"(?<![\w@]){re.escape(n)}(?![\w])" for n in names] + ["@"]
+    return re.sub("|".join(f"({a})" for a in alts),
+                  lambda m: "@@" if m.group(0) == "@" else f"@{index[m.group(0)]}", text)
+
+
+def relex(text: str, refs: Sequence[str]) -> str | None:
+    """Inverse of ``delex``; None when the text uses a pointer ``refs`` does not define."""
+    out, i = [], 0
+    while True:
+        j = text.find("@", i)
+        if j < 0:
+            return "".join(out) + text[i:]
+        out.append(text[i:j])
+        nxt = text[j + 1:j + 2]
+        if nxt == "@":
+            out.append("@")
+        elif nxt.isdigit() and 1 <= int(nxt) <= len(refs):
+            out.append(refs[int(nxt) - 1])
+        else:
+            return None
+        i = j + 2
+
+
+def apply_object_edits(objects: Sequence[str], edits: Sequence[str]) -> set[str] | None:
+    """Apply pointer-form object edits (already relexicalized) in order; None if one is malformed.
+
+    ``-X``: remove the fact X, else the fact named X, else X from every receptacle listing it.
+    ``C += X``: add X to the contents of the fact named C. ``+F``: add the fact F. An edit that
+    finds nothing to act on is a no-op (as in ``apply``): a model's output always yields a state.
+    """
+    facts = set(objects)
+    for edit in edits:
+        sign, body = edit[:1], edit[1:]
+        if sign in ("+", "-"):
+            if not body or clean_text(body) != body:
+                return None
+            if sign == "+":
+                facts.add(body)
+                continue
+            named = [f for f in facts if f == body] or [f for f in facts if _fact_name(f) == body]
+            if named:
+                facts -= set(named)
+                continue
+            for f in [f for f in facts if body in _contents(f)]:
+                facts.discard(f)
+                facts.add(_with_contents(f, [c for c in _contents(f) if c != body]))
+            continue
+        holder, sep, item = edit.partition(_EDIT)
+        if not sep or not holder or not item or clean_text(holder) != holder or clean_text(item) != item:
+            return None
+        for f in [f for f in facts if _fact_name(f) == holder and ": " in f]:
+            facts.discard(f)
+            facts.add(_with_contents(f, set(_contents(f)) | {item}))
+    return facts
+
+
+def _object_edits(before: set[str], delta: StateDelta) -> list[str]:
+    """Item-level edits for the objects change of ``delta`` (see ``apply_object_edits``)."""
+    removed = {_fact_name(f): f for f in delta.objects_remove}
+    added = {_fact_name(f): f for f in delta.objects_add}
+    minus, into, plus = [], [], []
+    for name, old in removed.items():
+        new = added.get(name)
+        if new is not None and old.partition(": ")[0] == new.partition(": ")[0] and ": " in old and ": " in new:
+            gone, come = set(_contents(old)) - set(_contents(new)), set(_contents(new)) - set(_contents(old))
+            minus += [f"-{x}" for x in sorted(gone)]
+            into += [f"{name}{_EDIT}{x}" for x in sorted(come)]
+            continue
+        minus.append(f"-{name}")
+        if new is not None:
+            plus.append(f"+{new}")
+    plus += [f"+{f}" for n, f in added.items() if n not in removed]
+    return minus + into + plus
+
+
+@dataclass(frozen=True)
+class PointerTarget:
+    text: str
+    reasoning_span: tuple[int, int]
+    prediction_span: tuple[int, int]
+    literal: bool
+    """The objects field fell back to literal facts (the item-level edits did not reproduce it)."""
+
+
+def render_pointer_delta(state: AbstractState, delta: StateDelta, refs: Sequence[str]) -> tuple[str, bool]:
+    """The prediction lines in pointer form, and whether the objects field had to stay literal."""
+    literal = _render_list(delta.objects_add, delta.objects_remove)
+    objects, fell_back = literal, True
+    if delta.location is None and len(set(map(_fact_name, delta.objects_remove))) == len(delta.objects_remove) \
+            and len(set(map(_fact_name, delta.objects_add))) == len(delta.objects_add):
+        edits = _object_edits(set(state.objects), delta)
+        expected = (set(state.objects) - set(delta.objects_remove)) | set(delta.objects_add)
+        if apply_object_edits(state.objects, edits) == expected and not any(SEP.strip() in e for e in edits):
+            objects, fell_back = SEP.join(edits), False
+    lines = render_delta(delta).split("\n")
+    lines[FIELDS.index("objects")] = _line("objects", objects)
+    return delex("\n".join(lines), refs), fell_back
+
+
+def render_pointer_target(reasoning: str, delta: StateDelta, state: AbstractState,
+                          refs: Sequence[str]) -> PointerTarget:
+    """``render_target`` in pointer form: reasoning and prediction delexicalized with ``refs``."""
+    head = f"{THINK_OPEN}{delex(normalize_reasoning(reasoning), refs)}{THINK_CLOSE}\n"
+    body, literal = render_pointer_delta(state, delta, refs)
+    return PointerTarget(head + body, (0, len(head)), (len(head), len(head) + len(body)), literal)
+
+
+def parse_pointer_output(text: str, state: AbstractState, refs: Sequence[str]) -> Prediction:
+    """Pointer-form text -> Prediction with a real (relexicalized) delta for ``state``. Never raises."""
+    try:
+        return _parse_pointer_output(text, state, refs)
+    except Exception as exc:  # as parse_output: a bug costs one failed step
+        return Prediction(reasoning="", delta=None, ok=False, error=f"internal:{type(exc).__name__}")
+
+
+def _parse_pointer_output(text: str, state: AbstractState, refs: Sequence[str]) -> Prediction:
+    if not isinstance(text, str):
+        return Prediction("", None, False, "not_text")
+    head, sep, rest = text.partition(THINK_CLOSE)
+    if not sep:
+        return _parse_output(text)
+    head = relex(head, refs) or head  # the reasoning is not applied: keep it even with a stray pointer
+    body = relex(rest, refs)
+    if body is None:
+        return Prediction(normalize_reasoning(head.lstrip()[len(THINK_OPEN):]), None, False, "bad:pointer")
+    lines = body.lstrip().split("\n")
+    i = FIELDS.index("objects")
+    edits = None
+    if len(lines) > i and lines[i].partition(":")[0].strip() == "objects":
+        value = lines[i].partition(":")[2].strip()
+        edits = value.split(SEP) if value else []
+        lines[i] = "objects:"  # parsed as "no literal change"; the edits' result replaces it below
+    pred = _parse_output(head + THINK_CLOSE + "\n" + "\n".join(lines))
+    if not pred.ok or pred.delta is None:
+        return pred
+    if edits is None:
+        return Prediction(pred.reasoning, None, False, "missing:objects")
+    before = set() if pred.delta.location is not None else set(state.objects)
+    after = apply_object_edits(before, edits)
+    if after is None:
+        return Prediction(pred.reasoning, None, False, "bad:objects")
+    d = pred.delta
+    delta = StateDelta(valid=d.valid, feedback=d.feedback, location=d.location, objects_add=after - before,
+                       objects_remove=before - after, exits_add=d.exits_add, exits_remove=d.exits_remove,
+                       inventory_add=d.inventory_add, inventory_remove=d.inventory_remove, reward=d.reward,
+                       done=d.done)
+    return Prediction(pred.reasoning, delta, True, "", pred.ignored_tail)
+
+
+# --------------------------------------------------------------------------------------------
 # prompt
 
 
@@ -343,8 +554,14 @@ def _demo_text(demo: Mapping) -> str:
 
 def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
                  demos: Sequence[Mapping], *, history_window: int = 4, max_demos: int = 4,
-                 use_history: bool = True, use_demos: bool = True, demo_states: bool = False) -> str:
+                 use_history: bool = True, use_demos: bool = True, demo_states: bool = False,
+                 refs: Sequence[str] | None = None) -> str:
     """The M_exp prompt of Eq. 4: task, retrieved demos, history window, state, action.
+
+    ``refs`` (pointer form, see the module docstring): the history, state and action are
+    delexicalized with them and a ``## refs`` section binds each pointer to its name, so the
+    model still reads the names (an item's kind hints where it belongs) but never has to copy one.
+    Demos stay literal (their own states bind other names).
 
     Pure and deterministic. Demos keep the caller's order (retrieval rank) and are shown compactly
     as their action and delta text; ``demo_states=True`` also shows each demo's state (longer).
@@ -361,12 +578,20 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
             blocks.append(f"{head}> {clean_text(d['action'])}\n{_demo_text(d)}")
         parts.append("## examples\n" + "\n\n".join(blocks))
     recent = list(history)[-history_window:] if use_history and history_window > 0 else []
+
+    def lex(text: str) -> str:
+        return text if refs is None else delex(text, refs)
+
     if recent:
-        parts.append("## history\n" + "\n".join(f"> {clean_text(a)}\n{clean_text(fb)}" for a, fb in recent))
-    parts.append(f"## state\n{state.strip()}")
-    parts.append(f"## action\n{clean_text(action)}")
+        parts.append("## history\n" + "\n".join(f"> {lex(clean_text(a))}\n{lex(clean_text(fb))}" for a, fb in recent))
+    parts.append(f"## state\n{lex(state.strip())}")
+    parts.append(f"## action\n{lex(clean_text(action))}")
+    if refs:
+        parts.append("## refs\n" + SEP.join(f"@{i} {n}" for i, n in enumerate(refs, 1)))
     return "\n".join(parts) + "\n## outcome\n"
 
 
-__all__ = ["FIELDS", "Prediction", "StateDelta", "apply", "build_prompt", "conflicts", "diff",
-           "failure_delta", "normalize_reasoning", "parse_output", "render_delta", "render_target"]
+__all__ = ["FIELDS", "PointerTarget", "Prediction", "StateDelta", "action_refs", "apply", "apply_object_edits",
+           "build_prompt", "conflicts", "delex", "diff", "failure_delta", "normalize_reasoning", "parse_output",
+           "parse_pointer_output", "relex", "render_delta", "render_pointer_delta", "render_pointer_target",
+           "render_target"]

@@ -17,6 +17,11 @@ Departures from the paper (and why):
 * An invalid action leaves the state unchanged with feedback, as the real env does; the paper's
   "invalid action leads to a failure state" is available as ``SimConfig.invalid_ends_episode``.
   An output that does not parse always ends the synthetic episode as a failure (and is counted).
+* Pointer form (``PromptConfig.pointers``, default on): the action's objects are ``@1``/``@2`` in
+  the prompt and the target, and object changes are item-level edits resolved by code
+  (``exp_format`` "Pointer form"). Held-out games use items never seen in training and a tiny
+  model cannot copy unseen multi-token names; with pointers it never has to. Predictions are
+  relexicalized before they are applied, so callers always see real abstract states.
 * Retrieval is a function argument (``retrieve(state, action, k) -> demos``), so M_exp works with
   or without the replay buffer.
 """
@@ -36,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamgym_core.envs.base import Observation, StepResult
-from dreamgym_core.exp_format import Prediction, apply, build_prompt, diff, parse_output, render_target
+from dreamgym_core.exp_format import (Prediction, action_refs, apply, build_prompt, diff, parse_output,
+                                      parse_pointer_output, render_pointer_target, render_target)
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
 
@@ -63,6 +69,8 @@ class PromptConfig:
     use_cot: bool = True
     """Train and generate the reasoning trace (ablation: False)."""
     use_history: bool = True
+    pointers: bool = True
+    """Copy-free prompts and targets (``exp_format`` pointer form); False = literal names (ablation)."""
 
     def __post_init__(self) -> None:
         if self.history_window < 0 or self.num_demos < 0:
@@ -76,18 +84,41 @@ def _feedback(state: str) -> str:
         return ""
 
 
+def refs_for(state: str, action: str, cfg: PromptConfig) -> tuple[str, ...] | None:
+    """The pointer bindings of one step (None in the literal form or for an unparseable state)."""
+    if not cfg.pointers:
+        return None
+    try:
+        return action_refs(AbstractState.parse(state), action)
+    except ValueError:
+        return None
+
+
 def make_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
-                demos: Sequence[Mapping], cfg: PromptConfig) -> str:
+                demos: Sequence[Mapping], cfg: PromptConfig, refs: Sequence[str] | None = None) -> str:
     return build_prompt(instruction, history, state, action, demos, history_window=cfg.history_window,
                         max_demos=cfg.num_demos, use_history=cfg.use_history and cfg.history_window > 0,
-                        use_demos=cfg.num_demos > 0)
+                        use_demos=cfg.num_demos > 0, refs=refs)
+
+
+def parse_for(text: str, state: str, refs: Sequence[str] | None) -> Prediction:
+    """Parse M_exp's text for one step: relexicalized against ``state`` when ``refs`` is not None."""
+    if refs is None:
+        return parse_output(text)
+    try:
+        current = AbstractState.parse(state)
+    except ValueError:
+        return Prediction("", None, False, "bad:state")
+    return parse_pointer_output(text, current, refs)
 
 
 def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve | None = None) -> list[SFTExample]:
     """Examples from annotated transition rows (``cot_annotations``: TRAJECTORY rows + reasoning).
 
     Rows of one trajectory must be consecutive and ordered by step_idx (as stored); the history of
-    a step is the (action, feedback) of the steps before it in the same trajectory.
+    a step is the (action, feedback) of the steps before it in the same trajectory. With
+    ``cfg.pointers`` the prompt and target are in pointer form (a step whose state does not parse
+    stays literal).
     """
     out: list[SFTExample] = []
     history: list[tuple[str, str]] = []
@@ -95,13 +126,20 @@ def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve 
     for r in rows:
         if r["traj_id"] != prev_traj:
             history, prev_traj = [], r["traj_id"]
-        delta = diff(AbstractState.parse(r["state"]), AbstractState.parse(r["next_state"]), valid=bool(r["valid"]),
+        state = AbstractState.parse(r["state"])
+        delta = diff(state, AbstractState.parse(r["next_state"]), valid=bool(r["valid"]),
                      reward=float(r["reward"]), done=bool(r["won"] or r["lost"]))
-        text, rs, ps = render_target(r["reasoning"] if cfg.use_cot else "", delta)
+        reasoning = r["reasoning"] if cfg.use_cot else ""
+        refs = refs_for(r["state"], r["action"], cfg)
+        if refs is None:
+            text, rs, ps = render_target(reasoning, delta)
+        else:
+            t = render_pointer_target(reasoning, delta, state, refs)
+            text, rs, ps = t.text, t.reasoning_span, t.prediction_span
         demos = [d for d in retrieve(r["state"], r["action"], cfg.num_demos + 1)
                  if not (d.get("state") == r["state"] and d.get("action") == r["action"])][:cfg.num_demos] \
             if (retrieve and cfg.num_demos) else []
-        prompt = make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg)
+        prompt = make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg, refs)
         out.append(SFTExample(prompt, text[rs[0]:rs[1]], text[ps[0]:ps[1]]))
         history.append((r["action"], _feedback(r["next_state"])))
     return out
@@ -315,13 +353,22 @@ class ExperienceModel:
         self._calls = 0
 
     # -- one batched generation: prompts -> parsed predictions --------------------------------
-    def predict(self, prompts: Sequence[str]) -> list[Prediction]:
+    def predict(self, prompts: Sequence[str],
+                contexts: Sequence[tuple[str, Sequence[str] | None]] | None = None) -> list[Prediction]:
+        """Generate and parse. ``contexts`` (one (state, refs) per prompt, from ``refs_for``) makes
+        pointer-form outputs parse into real deltas for that state; without it outputs are literal."""
+        if contexts is not None and len(contexts) != len(prompts):
+            raise ValueError("predict: contexts needs one (state, refs) per prompt")
         out: list[Prediction] = []
         for i in range(0, len(prompts), self.cfg.batch_size):
-            out.extend(self._predict_chunk(prompts[i:i + self.cfg.batch_size]))
+            texts = self._generate_chunk(prompts[i:i + self.cfg.batch_size])
+            ctx = contexts[i:i + len(texts)] if contexts is not None else [("", None)] * len(texts)
+            preds = [parse_for(t, st, refs) for t, (st, refs) in zip(texts, ctx)]
+            self.stats.parse_failures += sum(not p.ok for p in preds)
+            out.extend(preds)
         return out
 
-    def _predict_chunk(self, prompts: Sequence[str]) -> list[Prediction]:
+    def _generate_chunk(self, prompts: Sequence[str]) -> list[str]:
         tok, model = self.tokenizer, self.model
         t0 = time.perf_counter()
         ids = [_ids(tok, p + "\n")[-self.cfg.max_prompt_tokens:] for p in prompts]
@@ -354,9 +401,7 @@ class ExperienceModel:
         if not self.cfg.prompt.use_cot:
             texts = ["<think></think>\n" + t for t in texts]
         self.stats.seconds += time.perf_counter() - t0
-        preds = [parse_output(t) for t in texts]
-        self.stats.parse_failures += sum(not p.ok for p in preds)
-        return preds
+        return texts
 
     # -- BatchEnv -----------------------------------------------------------------------------
     def reset_batch(self, tasks: Sequence[Task]) -> list[Observation]:
@@ -372,13 +417,15 @@ class ExperienceModel:
 
     def step_batch(self, actions: Sequence[str | None]) -> list[StepResult | None]:
         live = [i for i, a in enumerate(actions) if a is not None and self._live[i]]
-        prompts = []
+        prompts, contexts = [], []
         for i in live:
             demos = self.retrieve(self._states[i], actions[i], self.cfg.prompt.num_demos) \
                 if (self.retrieve and self.cfg.prompt.num_demos) else []
+            refs = refs_for(self._states[i], actions[i], self.cfg.prompt)
             prompts.append(make_prompt(self._tasks[i].instruction, self._history[i], self._states[i], actions[i],
-                                       demos, self.cfg.prompt))
-        preds = self.predict(prompts) if prompts else []
+                                       demos, self.cfg.prompt, refs))
+            contexts.append((self._states[i], refs))
+        preds = self.predict(prompts, contexts) if prompts else []
         out: list[StepResult | None] = [None] * len(actions)
         for i, pred in zip(live, preds):
             delta = pred.effective_delta()
@@ -432,17 +479,19 @@ def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve |
     """
     cfg = sim.cfg.prompt
     select = [True] * len(rows) if select is None else list(select)
-    prompts, history, prev, chosen = [], [], None, []
+    prompts, contexts, history, prev, chosen = [], [], [], None, []
     for r, keep in zip(rows, select):
         if r["traj_id"] != prev:
             history, prev = [], r["traj_id"]
         if keep:
             demos = retrieve(r["state"], r["action"], cfg.num_demos) if (retrieve and cfg.num_demos) else []
-            prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg))
+            refs = refs_for(r["state"], r["action"], cfg)
+            prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg, refs))
+            contexts.append((r["state"], refs))
             chosen.append(r)
         history.append((r["action"], _feedback(r["next_state"])))
     rows = chosen
-    preds = sim.predict(prompts)
+    preds = sim.predict(prompts, contexts)
     n = len(rows)
     m = {k: 0.0 for k in ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
                           "baseline_state_exact_match", "baseline_content_exact_match", "baseline_state_token_f1",

@@ -25,34 +25,34 @@ def test_rule_traces_explain_the_change_and_reward():
     took = _item("take apple", AbstractState.make("You take the apple.", "kitchen",
                                                   ["counter: empty", "fridge (closed)", "knife", "table: empty"],
                                                   ["west: corridor"], ["apple"]))
-    assert rule_trace(took) == ("'take apple' is valid: the apple is on the counter. The apple moves from the "
-                                "counter to your inventory. The task is not complete yet, so the reward is 0.")
+    assert rule_trace(took) == ("Valid: the apple is on the counter. The apple moves from the counter to your "
+                                "inventory. You carry 1 and 1 lie loose. The task is not complete: reward 0.")
     opened = _item("open fridge", AbstractState.make(
         "You open the fridge.", "kitchen", ["counter: apple", "fridge (open): empty", "knife", "table: empty"],
         ["west: corridor"]))
     assert "the fridge is closed" in rule_trace(opened) and "Now the fridge is open and empty." in rule_trace(opened)
     zebra = _item("take zebra", KITCHEN.with_feedback("Unknown action."), valid=False)
-    assert rule_trace(zebra).startswith("'take zebra' is not possible here: there is no zebra here, so the "
-                                        "environment rejects it")
+    assert rule_trace(zebra) == "Rejected: something it names is not here. Nothing changes: reward 0."
+    assert "zebra" not in rule_trace(zebra)             # an absent name is never written (it would be copied)
     again = _item("put knife in table", KITCHEN.with_feedback("Unknown action."), valid=False)
     assert "you do not carry the knife" in rule_trace(again)
     carried = AbstractState.make("", "kitchen", ["table: empty"], [], ["knife"])
     won = _item("put knife in table", AbstractState.make("You put the knife in the table.", "kitchen",
                                                          ["table: knife"]), reward=1.0, done=True, before=carried)
     assert "moves from your inventory onto the table" in rule_trace(won) and rule_trace(won).endswith(
-        "This completes the task, so the reward is 1 and the episode ends.")
+        "You carry 0 and 0 lie loose. Every item is now in place: reward 1, the episode ends.")
     moved = _item("move west", AbstractState.make("You are in the corridor.", "corridor", ["hat rack: empty"],
                                                   ["east: kitchen"]))
-    assert "there is an exit to the west. You go from the kitchen to the corridor" in rule_trace(moved)
+    assert rule_trace(moved).startswith("Valid: there is an exit to the west. You go from the kitchen to the corridor")
     raw = AnnotationInput("", "free text", "jump", "more text", 0.0, True, False)
-    assert rule_trace(raw) == "The action 'jump' is accepted. The task is not complete yet, so the reward is 0."
+    assert rule_trace(raw) == "The action 'jump' is accepted. The task is not complete: reward 0."
 
 
 def test_rule_trace_stays_short_when_much_changes():
     big = AbstractState.make("", "kitchen", [f"shelf{i} (closed)" for i in range(30)])
     after = AbstractState.make("", "kitchen", [f"shelf{i} (open): empty" for i in range(30)])
     trace = rule_trace(_item("open all", after, before=big))
-    assert len(trace.split()) <= 60 and "Other facts change too." in trace and trace.endswith("reward is 0.")
+    assert len(trace.split()) <= 50 and "Other facts change too." in trace and trace.endswith("reward 0.")
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +64,16 @@ def table(twx_env):
 def test_rule_annotations_on_real_twx(table):
     out = annotate_table(table, RuleAnnotator(), batch_size=50)
     assert out.num_rows == table.num_rows and out.column_names[-3:] == ["reasoning", "annotator", "target"]
-    assert set(out["annotator"].to_pylist()) == {"rule-v1"}
+    assert set(out["annotator"].to_pylist()) == {"rule-v2"}
     for row in out.to_pylist():
         words = row["reasoning"].split()
-        assert 8 <= len(words) <= 60 and f"'{row['action']}'" in row["reasoning"]
+        assert 6 <= len(words) <= 50
         pred = parse_output(row["target"])
         want = diff(AbstractState.parse(row["state"]), AbstractState.parse(row["next_state"]),
                     valid=row["valid"], reward=row["reward"], done=row["done"])
         assert pred.ok and pred.delta == want and pred.reasoning == row["reasoning"]
-        assert ("rejects it" in row["reasoning"]) == (not row["valid"])
-        assert ("reward is 1" in row["reasoning"]) == (row["reward"] == 1.0)
+        assert row["reasoning"].startswith("Rejected:") == (not row["valid"])
+        assert ("reward 1," in row["reasoning"]) == (row["reward"] == 1.0)
         if row["valid"] and row["action"].startswith("take "):
             assert f"The {row['action'][5:]} moves from" in row["reasoning"]
     assert annotate_table(out, RuleAnnotator()).column_names == out.column_names     # re-annotation replaces

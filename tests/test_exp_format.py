@@ -3,8 +3,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dreamgym_core.collect import CollectConfig, collect
 from dreamgym_core.envs import EnvSpec, make_env
-from dreamgym_core.exp_format import (FIELDS, Prediction, StateDelta, apply, build_prompt, conflicts, diff,
-                                      failure_delta, parse_output, render_delta, render_target)
+from dreamgym_core.exp_format import (FIELDS, Prediction, StateDelta, action_refs, apply, apply_object_edits,
+                                      build_prompt, conflicts, delex, diff, failure_delta, parse_output,
+                                      parse_pointer_output, relex, render_delta, render_pointer_target, render_target)
 from dreamgym_core.state import AbstractState
 
 # Facts from a small pool so generated state pairs overlap (the interesting diffs), plus arbitrary text.
@@ -44,7 +45,9 @@ def twx_transitions(twx_env):
 
 
 def _law_on(transitions):
-    kinds = set()
+    """Both forms round-trip on real steps; returns the kinds of change seen and the pointer
+    targets whose objects field had to stay literal."""
+    kinds, literal = set(), 0
     for t in transitions:
         s, s2 = AbstractState.parse(t.state), AbstractState.parse(t.next_state)
         d = diff(s, s2, valid=t.valid, reward=t.reward, done=t.done)
@@ -52,18 +55,24 @@ def _law_on(transitions):
         assert conflicts(s, d) == []
         text, _, _ = render_target("why", d)
         assert parse_output(text).delta == d
+        refs = action_refs(s, t.action)
+        pt = render_pointer_target(f"why {t.action}", d, s, refs)
+        back = parse_pointer_output(pt.text, s, refs)
+        assert back.ok and back.delta == d and back.reasoning == f"why {t.action}", (pt.text, back.error)
+        literal += pt.literal
         if not t.valid:
             assert not d.changes_state and d.reward == 0.0        # TWX rejects without side effects
         kinds.add((d.location is not None, bool(d.objects_add), bool(d.inventory_add), bool(d.exits_add), d.reward))
-    return kinds
+    return kinds, literal
 
 
 def test_law_on_real_twx_transitions(twx_transitions):
-    kinds = _law_on(twx_transitions)
+    kinds, literal = _law_on(twx_transitions)
     assert len(twx_transitions) > 100
     assert (False, False, False, False, 0.0) in kinds               # look / inventory / invalid
     assert (False, False, True, False, 0.0) in kinds                # take a loose object
     assert any(k[-1] == 1.0 for k in kinds)                         # a winning step
+    assert literal == 0                                             # every twc change has item-level edits
 
 
 def test_law_on_real_multi_room_twx_with_doors():
@@ -72,7 +81,7 @@ def test_law_on_real_multi_room_twx_with_doors():
         trajs, _ = collect(env, env.tasks("train", 3), CollectConfig(seed=1, episodes={"expert": 1, "random": 1}))
     finally:
         env.close()
-    kinds = _law_on([t for tr in trajs for t in tr.steps])
+    kinds, _ = _law_on([t for tr in trajs for t in tr.steps])
     assert any(k[0] for k in kinds)                                  # moves between rooms
     assert any(k[3] and not k[0] for k in kinds)                     # a door opens in place
 
@@ -242,3 +251,98 @@ def test_prompt_ablations_and_demo_sources():
         == build_prompt("t", [], _S, "x", as_obj)
     assert build_prompt("t", [], _S, "x", d, demo_states=True).count("location: kitchen") == 2
     assert FIELDS[0] == "valid" and FIELDS[-1] == "done"
+
+
+# --------------------------------------------------------------------------------------------
+# pointer form
+
+_ROOM = AbstractState.make("", "laundry room", ["laundry basket: dirty jeans", "washing machine (open): empty",
+                                                "dirty polo shirt", "dirty jeans jacket"], [], ["dirty hoodie"])
+
+
+def test_action_refs_match_longest_names_in_action_order():
+    assert action_refs(_ROOM, "put dirty hoodie in laundry basket") == ("dirty hoodie", "laundry basket")
+    assert action_refs(_ROOM, "take dirty jeans jacket") == ("dirty jeans jacket",)     # not "dirty jeans"
+    assert action_refs(_ROOM, "take dirty jeans") == ("dirty jeans",)                   # inside a receptacle
+    assert action_refs(_ROOM, "put wet scarf in washing machine") == ("washing machine",)  # absent stays literal
+    assert action_refs(_ROOM, "look around") == ()
+
+
+def test_item_level_edits_are_short_and_exact():
+    def target(action, after):
+        refs = action_refs(_ROOM, action)
+        d = diff(_ROOM, after, valid=True, reward=0.0, done=False)
+        pt = render_pointer_target(f"r {refs[0]}", d, _ROOM, refs)
+        assert parse_pointer_output(pt.text, _ROOM, refs).delta == d and not pt.literal
+        return pt.text.split("\n")
+
+    put = target("put dirty hoodie in laundry basket", AbstractState.make(
+        "You put the dirty hoodie in the laundry basket.", "laundry room",
+        ["laundry basket: dirty hoodie, dirty jeans", "washing machine (open): empty", "dirty polo shirt",
+         "dirty jeans jacket"]))
+    assert put == ["<think>r @1</think>", "valid: yes", "feedback: You put the @1 in the @2.", "location: =",
+                   "objects: @2 += @1", "exits:", "inventory: -@1", "reward: 0", "done: no"]
+    took = target("take dirty jeans", AbstractState.make(
+        "You take the dirty jeans.", "laundry room", ["laundry basket: empty", "washing machine (open): empty",
+                                                      "dirty polo shirt", "dirty jeans jacket"], [], ["dirty hoodie", "dirty jeans"]))
+    assert took[4:7] == ["objects: -@1", "exits:", "inventory: +@1"]
+    closed = target("close washing machine", AbstractState.make(
+        "You close the washing machine.", "laundry room", ["laundry basket: dirty jeans", "washing machine (closed)",
+                                                           "dirty polo shirt", "dirty jeans jacket"], [], ["dirty hoodie"]))
+    assert closed[4] == "objects: -@1 | +@1 (closed)"
+
+
+def test_object_edits_semantics():
+    objs = ["shelf: a, b", "c", "box (open): empty", "bin (closed)"]
+    assert apply_object_edits(objs, ["-b"]) == {"shelf: a", "c", "box (open): empty", "bin (closed)"}
+    assert apply_object_edits(objs, ["-c", "box += c"]) == {"shelf: a, b", "box (open): c", "bin (closed)"}
+    assert apply_object_edits(objs, ["shelf += 0"]) == {"shelf: 0, a, b", "c", "box (open): empty", "bin (closed)"}
+    assert apply_object_edits(objs, ["-bin", "+bin (open): z"]) == {"shelf: a, b", "c", "box (open): empty",
+                                                                  "bin (open): z"}
+    assert apply_object_edits(objs, ["-zebra", "bin += c"]) == set(objs)   # nothing to act on: a no-op
+    assert apply_object_edits(objs, ["shelf"]) is None and apply_object_edits(objs, ["+ c"]) is None
+
+
+def test_pointer_parse_errors():
+    refs = ("dirty hoodie",)
+    ok = "<think>r</think>\nvalid: yes\nfeedback: x\nlocation: =\nobjects: -@1\nexits:\ninventory: +@1\nreward: 0\ndone: no"
+    assert parse_pointer_output(ok, _ROOM, ("dirty polo shirt",)).delta.inventory_add == ("dirty polo shirt",)
+    assert parse_pointer_output(ok.replace("-@1", "-@2"), _ROOM, refs).error == "bad:pointer"
+    assert parse_pointer_output(ok.replace("-@1", "@1"), _ROOM, refs).error == "bad:objects"
+    assert parse_pointer_output(ok.replace("objects: -@1\n", ""), _ROOM, refs).error == "missing:objects"
+    assert parse_pointer_output(ok.replace("<think>r @3", ""), _ROOM, refs).ok       # a stray pointer in R is kept
+    assert parse_pointer_output(ok.replace("valid: yes", "valid: ok"), _ROOM, refs).error == "bad:valid"
+
+
+@FAST
+@given(text=st.text(max_size=40), refs=st.lists(st.sampled_from(["a", "ab", "b c", "@", "x@1", "1"]), max_size=3,
+                                                unique=True))
+def test_relex_inverts_delex(text, refs):
+    assert relex(delex(text, refs), refs) == text
+
+
+@FAST
+@given(s=_state, s2=_state, out=_outcome, action=st.text(max_size=30), reasoning=st.text(max_size=30))
+def test_pointer_round_trip_on_generated_states(s, s2, out, action, reasoning):
+    d = diff(s, s2, **out)
+    refs = action_refs(s, " ".join(s.entities()[:2]) + action)
+    pt = render_pointer_target(reasoning, d, s, refs)
+    pred = parse_pointer_output(pt.text, s, refs)
+    assert pred.ok and pred.delta == d, (pt.text, pred.error)
+
+
+@settings(max_examples=1200, deadline=None)
+@given(text=st.text(max_size=300))
+def test_pointer_parser_never_raises_on_arbitrary_strings(text):
+    pred = parse_pointer_output(text, _ROOM, ("dirty hoodie", "laundry basket"))
+    assert isinstance(pred, Prediction) and (pred.delta is not None) == pred.ok
+
+
+def test_prompt_in_pointer_form_binds_names():
+    state = _ROOM.render()
+    refs = action_refs(_ROOM, "put dirty hoodie in laundry basket")
+    p = build_prompt("t", [("take dirty hoodie", "You take the dirty hoodie.")], state,
+                     "put dirty hoodie in laundry basket", [], refs=refs)
+    assert "> take @1\nYou take the @1.\n" in p and "## action\nput @1 in @2\n## refs\n@1 dirty hoodie | @2 laundry basket\n" in p
+    assert "| @2: dirty jeans | " in p and "inventory: @1" in p and "dirty hoodie" not in p.split("## refs")[0]
+    assert build_prompt("t", [], state, "look", [], refs=()) == build_prompt("t", [], state, "look", [])

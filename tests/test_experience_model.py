@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamgym_core.exp_format import diff, parse_output, render_target
+from dreamgym_core.exp_format import action_refs, diff, render_pointer_target, render_target
 from dreamgym_core.experience_model import (
     ExperienceModel, PromptConfig, SFTConfig, SFTExample, SimConfig, collate, encode_example, eq5_loss, fidelity,
     sft_examples, train_sft,
@@ -54,10 +54,17 @@ def tiny(tmp_path_factory):
 
 def test_examples_carry_history_and_split_the_target():
     ex = sft_examples(ROWS, PromptConfig())
-    assert "take apple" in ex[1].prompt.split("## state")[0]      # history of step 1 holds step 0
-    assert "take apple" not in ex[2].prompt.split("## state")[0]  # a new trajectory starts empty
+    assert "> take @1" in ex[1].prompt.split("## state")[0]       # history of step 1 holds step 0
+    assert "## history" not in ex[2].prompt                       # a new trajectory starts empty
     assert ex[0].reasoning.startswith("<think>because") and ex[0].prediction.startswith("valid: yes")
     assert "reward: 1" in ex[1].prediction and "done: yes" in ex[1].prediction
+    # pointer form (default): names are @1/@2 in prompt and target, bound once under "## refs"
+    assert ex[1].prompt.endswith("## action\nput @1 in @2\n## refs\n@1 apple | @2 fridge\n## outcome\n")
+    assert "> take @1\nYou take the @1." in ex[1].prompt and "objects: -@1 | +@1 (open): @1" not in ex[1].prediction
+    assert "objects: -@2 | +@2 (open): @1" in ex[1].prediction and "inventory: -@1" in ex[1].prediction
+    assert "## action\ntake zebra\n## outcome" in ex[2].prompt                      # absent: no pointer
+    literal = sft_examples(ROWS, PromptConfig(pointers=False))
+    assert "apple" in literal[1].prediction and "@" not in literal[1].prompt + literal[1].prediction
     assert "valid: no" in ex[2].prediction
     nocot = sft_examples(ROWS, PromptConfig(use_cot=False))
     assert nocot[0].reasoning == "<think></think>\n" and nocot[0].prediction == ex[0].prediction
@@ -117,22 +124,23 @@ class Scripted(ExperienceModel):
         super().__init__(None, None, initial_state=lambda t: S0, propose_candidates=lambda s: ["look around"], **kw)
         self.texts = list(texts)
 
-    def _predict_chunk(self, prompts):
-        preds = [parse_output(self.texts.pop(0)) for _ in prompts]
-        self.stats.parse_failures += sum(not p.ok for p in preds)
-        return preds
+    def _generate_chunk(self, prompts):
+        return [self.texts.pop(0) for _ in prompts]
 
 
-def _target(s, s2, **kw):
-    return render_target("r", diff(AbstractState.parse(s), AbstractState.parse(s2), **kw))[0]
+def _target(s, s2, action, **kw):
+    """The pointer-form target a perfect M_exp writes for ``action`` (what the simulator must relexicalize)."""
+    before = AbstractState.parse(s)
+    return render_pointer_target("r", diff(before, AbstractState.parse(s2), **kw), before,
+                                 action_refs(before, action)).text
 
 
 TASK = Task("t/0", "twx", "twc", "train", 0, "tidy up")
 
 
 def test_simulator_applies_deltas_and_ends_episodes():
-    sim = Scripted([_target(S0, S1, valid=True, reward=0.0, done=False), "garbage",
-                    _target(S1, S2, valid=True, reward=1.0, done=True)])
+    sim = Scripted([_target(S0, S1, "take apple", valid=True, reward=0.0, done=False), "garbage",
+                    _target(S1, S2, "put apple in fridge", valid=True, reward=1.0, done=True)])
     obs = sim.reset_batch([TASK, TASK])
     assert obs[0].state == S0 and obs[0].candidates == ("look around",)
     r = sim.step_batch(["take apple", "dance"])
@@ -143,7 +151,8 @@ def test_simulator_applies_deltas_and_ends_episodes():
 
 
 def test_invalid_action_keeps_state_unless_configured_to_end():
-    bad = _target(S0, S0.replace("feedback: ", "feedback: Unknown action."), valid=False, reward=0.0, done=False)
+    bad = _target(S0, S0.replace("feedback: ", "feedback: Unknown action."), "take zebra", valid=False, reward=0.0,
+                  done=False)
     sim = Scripted([bad])
     sim.reset_batch([TASK])
     r = sim.step_batch(["take zebra"])[0]
@@ -154,7 +163,8 @@ def test_invalid_action_keeps_state_unless_configured_to_end():
 
 
 def test_fidelity_of_a_perfect_predictor_and_the_identity_baseline():
-    truth = [_target(r["state"], r["next_state"], valid=r["valid"], reward=r["reward"], done=r["won"]) for r in ROWS]
+    truth = [_target(r["state"], r["next_state"], r["action"], valid=r["valid"], reward=r["reward"], done=r["won"])
+             for r in ROWS]
     m = fidelity(Scripted(truth), ROWS)
     for k in ("state_exact_match", "reward_accuracy", "valid_rate", "win_recall", "win_precision", "invalid_action_accuracy"):
         assert m[k] == 1.0, k
@@ -162,6 +172,12 @@ def test_fidelity_of_a_perfect_predictor_and_the_identity_baseline():
     assert m["baseline_state_exact_match"] == 0.0 and m["wins"] == 1 and m["invalid_actions"] == 1
     only_win = fidelity(Scripted(truth[1:2]), ROWS, select=[False, True, False])
     assert only_win["transitions"] == 1 and only_win["win_recall"] == 1.0
+    literal = [render_target("r", diff(AbstractState.parse(r["state"]), AbstractState.parse(r["next_state"]),
+                                       valid=r["valid"], reward=r["reward"], done=r["won"]))[0] for r in ROWS]
+    lit_cfg = SimConfig(prompt=PromptConfig(pointers=False))
+    assert fidelity(Scripted(literal, cfg=lit_cfg), ROWS)["state_exact_match"] == 1.0     # the literal ablation
+    assert fidelity(Scripted(literal), ROWS)["state_exact_match"] == 1.0   # literal facts are valid pointer edits
+    assert fidelity(Scripted(truth, cfg=lit_cfg), ROWS)["state_exact_match"] < 1.0  # edits are not literal facts
     wrong = fidelity(Scripted(["nonsense"] * 3), ROWS)
     assert wrong["valid_rate"] == 0.0 and wrong["win_recall"] == 0.0 and math.isclose(wrong["state_exact_match"], 0.0)
 
