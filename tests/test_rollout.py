@@ -94,6 +94,10 @@ def test_wilson_interval_matches_published_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    for n in range(1, 60):  # the interval always contains the observed rate (rounding at 0 and n)
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
 

@@ -1,0 +1,119 @@
+"""The policy's initialization: behaviour cloning on offline successful trajectories (the paper's SFT baseline).
+
+Paper §5 ("SFT" rows, and the starting point of every RL run): the policy is first fine-tuned on
+offline expert demonstrations. Here the embedded CPU default builds a small from-scratch Llama with
+a byte-level BPE trained on the policy's own prompts, then trains it with the candidate-ranking BC
+loss of ``policy.train_bc`` on every valid step of every *won* offline episode (expert and the
+noisy episodes that still won). Departure: the paper starts from a pretrained instruction model; a
+pretrained model can be passed instead (``base_model``), the from-scratch default exists because
+no weights can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+from dreamgym_core.schema import Trajectory
+
+
+@dataclass(frozen=True)
+class PolicyInitConfig:
+    base_model: str = ""
+    """'' = a from-scratch tiny Llama; else a local causal-LM directory to fine-tune."""
+    vocab_size: int = 2000
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    steps: int = 400
+    time_budget_s: float = 120.0
+    """BC stops at ``steps`` or this wall budget, whichever comes first."""
+    batch_size: int = 16
+    lr: float = 2e-3
+    history_window: int = 2
+    """Must equal the rollout's history window: the prompt is rebuilt the same way."""
+    max_prompt_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden", "layers", "heads", "steps", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PolicyInitConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.history_window < 0 or self.time_budget_s <= 0 or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError("PolicyInitConfig: history_window >= 0, time_budget_s > 0 and lr > 0 are required")
+
+
+def policy_corpus(trajs: Sequence[Trajectory], history_window: int) -> list[str]:
+    """Texts the policy tokenizer is trained on: every prompt the policy will see plus its actions."""
+    from dreamgym_core.policy import END_OF_ACTION, bc_examples, build_policy_prompt
+    from dreamgym_core.rollout import PolicyContext
+
+    texts = [e.prompt + " " + e.action + END_OF_ACTION for e in bc_examples(trajs, history_window)]
+    for t in trajs:  # states and candidates of failed episodes too: the RL policy meets them
+        for s in t.steps[:3]:
+            texts.append(build_policy_prompt(PolicyContext(t.task.instruction, s.state, s.candidates)) + " "
+                         + " | ".join(s.candidates))
+    return texts
+
+
+def init_policy(trajs: Sequence[Trajectory], out_dir: str, cfg: PolicyInitConfig = PolicyInitConfig(),
+                progress: Callable[[int, float], None] | None = None) -> dict:
+    """Train the BC policy and save it (safetensors) at ``out_dir``; returns its metrics."""
+    import torch
+
+    from dreamgym_core.models import (TinyLlamaConfig, build_tiny_llama, load_causal_lm, save_checkpoint,
+                                      train_tokenizer)
+    from dreamgym_core.policy import bc_examples, train_bc
+
+    examples = bc_examples(trajs, cfg.history_window)
+    if not examples:
+        raise ValueError("init_policy: the offline data has no won episode with valid steps to clone")
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    if cfg.base_model:
+        model, tok = load_causal_lm(cfg.base_model)
+    else:
+        tok_dir = out_dir.rstrip("/") + ".tokenizer"
+        tok = train_tokenizer(policy_corpus(trajs, cfg.history_window), tok_dir, vocab_size=cfg.vocab_size,
+                              extra_tokens=["Task:", "Did:", "Action:", "feedback:", "location:", "objects:",
+                                            "exits:", "inventory:"])
+        model = build_tiny_llama(tok, TinyLlamaConfig(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                                                      kv_heads=cfg.heads, intermediate=3 * cfg.hidden),
+                                 seed=cfg.seed)
+    deadline = started + cfg.time_budget_s
+    steps_done, last_loss = 0, float("nan")
+
+    def tick(step: int, loss: float) -> None:
+        nonlocal steps_done, last_loss
+        steps_done, last_loss = step, loss
+        if progress:
+            progress(step, loss)
+        if time.perf_counter() > deadline:
+            raise _Budget()
+
+    try:
+        train_bc(model, tok, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                 seed=cfg.seed, max_prompt_tokens=cfg.max_prompt_tokens, progress=tick)
+    except _Budget:
+        model.eval()
+    metrics = {"bc/examples": float(len(examples)), "bc/steps": float(steps_done),
+               "bc/final_loss": float(last_loss),
+               "params": float(sum(p.numel() for p in model.parameters())),
+               "timing/bc_s": round(time.perf_counter() - started, 2)}
+    save_checkpoint(model, tok, out_dir, {"metrics": metrics, "config": asdict(cfg), "kind": "policy"})
+    if not cfg.base_model:
+        import shutil
+
+        shutil.rmtree(out_dir.rstrip("/") + ".tokenizer", ignore_errors=True)
+    return metrics
+
+
+class _Budget(Exception):
+    """Raised from the progress hook to stop BC at its wall budget."""
+
+
+def policy_dir_ok(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "dreamgym.json"))

@@ -1,0 +1,594 @@
+"""The policy trainer: PPO or GRPO on multi-turn rollouts, in M_exp or in the real env (paper §4.4).
+
+What this implements
+--------------------
+One DreamGym policy-learning step (paper §4.4, Algorithm 1 line "update pi with PPO/GRPO on the
+synthetic rollouts"), as three named phases that ``train_iteration`` times one by one:
+
+  1. rollout     ``rollout()`` of the trainer's current model (sampled ``LMPolicy``) in any BatchEnv;
+  2. advantages  ``PolicyTrainer.prepare``: per-decision rows, then
+                 GRPO: A = group-normalized episode return (group = the rollouts of one task in the
+                 batch, ``core_algos.group_normalized_advantages``), the same A for every decision of
+                 the episode;
+                 PPO:  V(s) from ``ValueHead`` on the prompt's last hidden state, GAE over the
+                 decisions of each episode (``core_algos.compute_gae``), returns = A + V, then A is
+                 whitened over the batch;
+                 plus the frozen reference model's log-probs when ``kl_coef > 0``;
+  3. update      ``PolicyTrainer.optimize``: ``ppo_epochs`` passes of shuffled minibatches with
+                 gradient accumulation, loss = clipped surrogate + kl_coef * KL(pi || pi_ref)
+                 (+ vf_coef * clipped value loss for PPO), gradient-norm clipping, AdamW.
+
+The action log-probability (choose mode)
+----------------------------------------
+The policy picks among the candidate actions (``dreamgym_core.policy``). Each candidate a_j gets the
+sequence score s_j = log p(a_j | x) = sum_t log p(a_j,t | x, a_j,<t) over its tokens (" " + action +
+end-of-action), and the policy is pi(a_j | x) = softmax_j(s_j / T). The log-prob the ratio and KL use
+is ``log softmax(s / T)[chosen]``, exactly what ``LMPolicy`` recorded while acting, so re-scoring with
+unchanged weights reproduces the stored log-prob (ratio 1). Its gradient is
+
+    d log pi(a_k | x) = (1/T) [ d s_k - sum_j pi(a_j | x) d s_j ],
+
+i.e. token-level log-prob gradients on the chosen action's tokens, minus the policy-weighted
+gradients of every candidate's tokens. Only action tokens are scored: the environment's tokens
+(task, history feedback, the state) are the prompt, conditioning only, and never receive gradient.
+Each decision is one "token" of ``core_algos``'s (B, T) convention: a trajectory is a row of its
+decisions, ``mask`` marks the real ones.
+
+Where this departs from the paper and why
+-----------------------------------------
+- The paper's policies generate action text token by token; the embedded small policy chooses among
+  candidates (see ``dreamgym_core.policy``), so the ratio is per action (per decision), not per
+  token. GAE runs over decisions (turns), which is the paper's turn-level formulation exactly.
+- The loss is averaged over decisions (``token-mean`` with one decision per "token"), with the
+  minibatch's decision count as the denominator of every micro-batch, so gradient accumulation
+  gives exactly the full-minibatch gradient.
+- A constant-reward GRPO group (all won or all lost, or a single rollout) has zero advantage and is
+  counted in ``grpo/zero_adv_groups``: it carries no learning signal, only the KL term acts on it.
+- Multi-process (DDP): ``score_candidates`` calls the model twice per micro-batch (prompt, then the
+  candidates on the shared KV cache), which DDP's bucketed reducer does not support, so each rank
+  runs the unwrapped module on its share of the minibatch and gradients are averaged explicitly
+  (``accelerator.reduce``) before clipping. On one process (CPU default) that step is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dreamgym_core.policy import LMPolicy, ValueHead, _ids, build_policy_prompt, score_candidates, END_OF_ACTION
+from dreamgym_core.rl.core_algos import (
+    aggregate_loss, compute_gae, group_normalized_advantages, kl_penalty, masked_whiten, ppo_clip_loss, value_loss,
+)
+from dreamgym_core.rollout import PolicyContext, RolloutConfig, RolloutStats, _feedback, rollout
+from dreamgym_core.schema import Task, Trajectory
+
+Algorithm = Literal["ppo", "grpo"]
+
+_STATE_FILE = "trainer_state.pt"
+_VALUE_FILE = "value_head.safetensors"
+_META_FILE = "trainer.json"
+_FORMAT = 1
+_NO_CANDIDATES_FALLBACK = "look around"  # what LMPolicy acts on when a state lists no candidates
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """The PPO/GRPO update (one ``algorithm`` field, one dispatch in ``PolicyTrainer.prepare``)."""
+
+    algorithm: Algorithm = "grpo"
+    """grpo: group-normalized episode returns, no critic | ppo: GAE with a value head."""
+    lr: float = 1e-4
+    """AdamW learning rate of the policy."""
+    value_lr: float = 1e-3
+    """AdamW learning rate of the value head (PPO only)."""
+    ppo_epochs: int = 2
+    """Passes over one rollout batch."""
+    minibatch_size: int = 32
+    """Decisions per optimizer step."""
+    grad_accum_steps: int = 1
+    """Micro-batches per minibatch (memory knob: the gradient is the same for any value)."""
+    clip_ratio: float = 0.2
+    """PPO clip range epsilon of the surrogate (and of the value loss)."""
+    kl_coef: float = 0.02
+    """Weight of KL(pi || pi_ref) in the loss; 0 skips the reference model entirely."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (``core_algos.kl_penalty``)."""
+    gamma: float = 1.0
+    """Discount per decision (PPO's GAE)."""
+    gae_lambda: float = 0.95
+    """GAE lambda (PPO)."""
+    vf_coef: float = 0.5
+    """Weight of the value loss (PPO)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (policy and value head together)."""
+    temperature: float = 1.0
+    """Softmax temperature over candidate scores; must equal the acting LMPolicy's."""
+    max_prompt_tokens: int = 256
+    """Left truncation of prompts; must equal the acting LMPolicy's."""
+    history_window: int = 2
+    """(action, feedback) pairs in the prompt; must equal the rollout's ``RolloutConfig.history_window``."""
+    seed: int = 0
+    """Seeds the minibatch shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("ppo", "grpo"):
+            raise ValueError(f"RLConfig.algorithm={self.algorithm!r}: use 'ppo' or 'grpo'")
+        if self.kl_kind not in ("k1", "k2", "k3"):
+            raise ValueError(f"RLConfig.kl_kind={self.kl_kind!r}: use 'k1', 'k2' or 'k3'")
+        for name in ("ppo_epochs", "minibatch_size", "grad_accum_steps", "max_prompt_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if self.grad_accum_steps > self.minibatch_size:
+            raise ValueError(f"RLConfig.grad_accum_steps={self.grad_accum_steps} exceeds minibatch_size="
+                             f"{self.minibatch_size}; lower it or raise minibatch_size")
+        for name in ("lr", "value_lr", "clip_ratio", "temperature", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"RLConfig.{name}={v!r} must be a finite number > 0")
+        for name in ("kl_coef", "vf_coef"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"RLConfig.{name}={v!r} must be a finite number >= 0")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be within [0, 1]")
+        if not isinstance(self.history_window, int) or self.history_window < 0:
+            raise ValueError(f"RLConfig.history_window={self.history_window!r} must be an integer >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: per-decision rows and advantages (pure, no model)
+
+@dataclass(frozen=True)
+class Decision:
+    """One policy decision of a rollout, as the trainer re-scores it."""
+
+    prompt: str
+    candidates: tuple[str, ...]
+    chosen: int
+    """Index of the taken action in ``candidates``."""
+    old_logprob: float
+    """log pi_old(chosen | prompt) recorded by the acting policy."""
+    reward: float
+    done: bool
+    episode: int
+    """Index of the trajectory in the batch."""
+    group: str
+    """GRPO group = task_id."""
+    step: int
+    """Position of the decision in its episode (0-based)."""
+    traj_id: str = ""
+
+
+def decision_samples(trajectories: Sequence[Trajectory], history_window: int) -> list[Decision]:
+    """Every decision of ``trajectories``, with the prompt rebuilt exactly as ``rollout()`` +
+    ``LMPolicy`` built it (same history of (action, feedback), same window, same empty-candidates
+    fallback), so re-scoring with the acting weights reproduces ``Transition.logprob``."""
+    if history_window < 0:
+        raise ValueError(f"history_window={history_window} must be >= 0")
+    out: list[Decision] = []
+    for e, traj in enumerate(trajectories):
+        history: list[tuple[str, str]] = []
+        for k, s in enumerate(traj.steps):
+            cands = tuple(s.candidates) or (_NO_CANDIDATES_FALLBACK,)
+            if s.logprob is None:
+                raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: logprob is None; the trainer "
+                                 "needs the acting policy's log-prob (roll out an LMPolicy)")
+            if s.action not in cands:
+                raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: action {s.action!r} is not "
+                                 "one of its candidates")
+            ctx = PolicyContext(traj.task.instruction, s.state, cands,
+                                tuple(history[-history_window:]) if history_window else ())
+            out.append(Decision(build_policy_prompt(ctx), cands, cands.index(s.action), float(s.logprob),
+                                float(s.reward), bool(s.done), e, traj.task.task_id, k, traj.traj_id))
+            history.append((s.action, _feedback(s.next_state)))
+    return out
+
+
+def _episode_rows(samples: Sequence[Decision]) -> tuple[int, int, torch.Tensor]:
+    """(episodes E, max decisions T, index (E, T) of each decision in ``samples``, -1 = padding)."""
+    E = max(d.episode for d in samples) + 1
+    T = max(d.step for d in samples) + 1
+    index = torch.full((E, T), -1, dtype=torch.long)
+    for i, d in enumerate(samples):
+        index[d.episode, d.step] = i
+    return E, T, index
+
+
+def grpo_advantages(samples: Sequence[Decision]) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO: A_episode = (R - mean_group R) / (std_group R + eps), broadcast to its decisions.
+
+    samples: N decisions -> (advantages (N,), {"grpo/groups", "grpo/zero_adv_groups"}). R is the
+    episode's return (sum of its rewards); the group is the episode's task_id within this batch.
+    """
+    returns: dict[int, float] = {}
+    group_of: dict[int, str] = {}
+    for d in samples:
+        returns[d.episode] = returns.get(d.episode, 0.0) + d.reward
+        group_of[d.episode] = d.group
+    episodes = sorted(returns)
+    gid = {g: i for i, g in enumerate(sorted(set(group_of.values())))}
+    scores = torch.tensor([returns[e] for e in episodes], dtype=torch.float64)
+    groups = torch.tensor([gid[group_of[e]] for e in episodes])
+    ep_adv = dict(zip(episodes, group_normalized_advantages(scores, groups).tolist()))
+    by_group: dict[int, set[float]] = {}
+    for e in episodes:
+        by_group.setdefault(gid[group_of[e]], set()).add(returns[e])
+    zero = sum(len(v) == 1 for v in by_group.values())
+    adv = torch.tensor([ep_adv[d.episode] for d in samples], dtype=torch.float32)
+    return adv, {"grpo/groups": float(len(by_group)), "grpo/zero_adv_groups": float(zero)}
+
+
+def gae_advantages(samples: Sequence[Decision], values: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO: GAE over the decisions of each episode, the end of the episode terminal.
+
+    samples: N decisions, values: (N,) V(s) of each decision -> (advantages (N,), returns (N,)).
+    """
+    E, T, index = _episode_rows(samples)
+    mask = index >= 0
+    rewards = torch.zeros(E, T)
+    vals = torch.zeros(E, T)
+    take = index.clamp_min(0)
+    rewards[mask] = torch.tensor([d.reward for d in samples], dtype=torch.float32)[take[mask]]
+    vals[mask] = values.float().cpu()[take[mask]]
+    adv_mat, ret_mat = compute_gae(rewards, vals, mask, gamma, lam)
+    adv = torch.zeros(len(samples))
+    ret = torch.zeros(len(samples))
+    adv[index[mask]] = adv_mat[mask]
+    ret[index[mask]] = ret_mat[mask]
+    return adv, ret
+
+
+def choice_logprobs(scores: Sequence[torch.Tensor], chosen: Sequence[int],
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen) = log softmax(scores / T)[chosen] and the entropy of pi, per decision.
+
+    scores: B tensors (n_b,) of candidate sequence log-probs -> (logprobs (B,), entropy (B,)).
+    """
+    lps, ents = [], []
+    for s, c in zip(scores, chosen):
+        logp = F.log_softmax(s / temperature, dim=0)
+        lps.append(logp[c])
+        ents.append(-(logp.exp() * logp).sum())
+    return torch.stack(lps), torch.stack(ents)
+
+
+@dataclass
+class UpdateBatch:
+    """What phase 2 hands to phase 3: rows plus per-decision targets (all (N,) on the CPU)."""
+
+    samples: list[Decision]
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    old_values: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    tokens: torch.Tensor
+    """Real (non-pad) tokens the policy reads per decision: prompt + every candidate."""
+    metrics: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+def _default_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class PolicyTrainer:
+    """PPO/GRPO updates of a causal-LM policy (choose mode), through ``accelerate``.
+
+    ``ref_model``: the frozen reference for the KL term (DreamGym: the SFT policy). When
+    ``kl_coef > 0`` and none is given, a frozen copy of ``model`` as it is now is used.
+    ``value_head``: PPO's critic; a zero-initialized ``ValueHead`` when none is given.
+    """
+
+    def __init__(self, model, tokenizer, cfg: RLConfig, ref_model=None, value_head: ValueHead | None = None,
+                 accelerator=None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.accelerator = accelerator or _default_accelerator()
+        device = self.accelerator.device
+        if cfg.kl_coef > 0 and ref_model is None:
+            ref_model = copy.deepcopy(model)
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            self.ref_model = ref_model.to(device).eval()
+            self.ref_model.requires_grad_(False)
+        if cfg.algorithm == "ppo" and value_head is None:
+            value_head = ValueHead(model.config.hidden_size)
+        self.value_head = value_head if cfg.algorithm == "ppo" else None
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if self.value_head is not None:
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.value_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        if self.value_head is not None:
+            self._model, self._value_head, self.optimizer = self.accelerator.prepare(model, self.value_head, optimizer)
+        else:
+            self._model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self._value_head = None
+        self.model = self.accelerator.unwrap_model(self._model)
+        if self.value_head is not None:
+            self.value_head = self.accelerator.unwrap_model(self._value_head)
+        self.updates = 0
+        self.optimizer_steps = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def _score(self, model, samples: Sequence[Decision], *, grad: bool, hidden: bool = False):
+        return score_candidates(model, self.tokenizer, [d.prompt for d in samples], [d.candidates for d in samples],
+                                max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+
+    def _chunks(self, n: int):
+        step = max(1, self.cfg.minibatch_size // self.cfg.grad_accum_steps)
+        return [range(s, min(n, s + step)) for s in range(0, n, step)]
+
+    def _token_counts(self, samples: Sequence[Decision]) -> torch.Tensor:
+        cand_len: dict[str, int] = {}
+        counts = []
+        for d in samples:
+            n = min(len(_ids(self.tokenizer, d.prompt)), self.cfg.max_prompt_tokens)
+            for c in d.candidates:
+                if c not in cand_len:
+                    cand_len[c] = len(_ids(self.tokenizer, " " + c + END_OF_ACTION))
+                n += cand_len[c]
+            counts.append(n)
+        return torch.tensor(counts, dtype=torch.long)
+
+    @torch.no_grad()
+    def prepare(self, trajectories: Sequence[Trajectory]) -> UpdateBatch:
+        """Phase 2: decisions -> (PPO: values) -> advantages, plus reference log-probs for the KL."""
+        cfg = self.cfg
+        samples = decision_samples(trajectories, cfg.history_window)
+        if not samples:
+            raise ValueError("PolicyTrainer: no decisions to train on (every trajectory is empty)")
+        metrics: dict[str, float] = {"samples": float(len(samples)), "episodes": float(len(trajectories))}
+        returns = old_values = None
+        match cfg.algorithm:
+            case "grpo":
+                adv, m = grpo_advantages(samples)
+                metrics.update(m)
+            case "ppo":
+                self.model.eval()
+                values, errs = [], []
+                for idx in self._chunks(len(samples)):
+                    chunk = [samples[i] for i in idx]
+                    scores, h = self._score(self.model, chunk, grad=False, hidden=True)
+                    values.append(self.value_head(h).float().cpu())
+                    lp, _ = choice_logprobs(scores, [d.chosen for d in chunk], cfg.temperature)
+                    errs.append((lp.cpu() - torch.tensor([d.old_logprob for d in chunk])).abs().max())
+                old_values = torch.cat(values)
+                adv, returns = gae_advantages(samples, old_values, cfg.gamma, cfg.gae_lambda)
+                metrics["value/mean"] = old_values.mean().item()
+                metrics["check/old_logprob_err"] = torch.stack(errs).max().item()
+                adv = masked_whiten(adv.unsqueeze(0), torch.ones(1, len(adv), dtype=torch.bool)).squeeze(0)
+        metrics["adv/mean"] = adv.mean().item()
+        metrics["adv/std"] = adv.std(unbiased=False).item()
+        ref = None
+        if self.ref_model is not None:
+            t0 = time.perf_counter()
+            parts = []
+            for idx in self._chunks(len(samples)):
+                chunk = [samples[i] for i in idx]
+                lp, _ = choice_logprobs(self._score(self.ref_model, chunk, grad=False), [d.chosen for d in chunk],
+                                        cfg.temperature)
+                parts.append(lp.float().cpu())
+            ref = torch.cat(parts)
+            metrics["timing/ref_s"] = time.perf_counter() - t0
+        old = torch.tensor([d.old_logprob for d in samples], dtype=torch.float32)
+        return UpdateBatch(samples, old, adv.float(), returns, old_values, ref, self._token_counts(samples), metrics)
+
+    # -- phase 3 ------------------------------------------------------------------------------
+    def _loss(self, batch: UpdateBatch, idx: Sequence[int], denom: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, device = self.cfg, self.accelerator.device
+        chunk = [batch.samples[i] for i in idx]
+        ppo = cfg.algorithm == "ppo"
+        out = self._score(self.model, chunk, grad=True, hidden=ppo)
+        scores, hidden = out if ppo else (out, None)
+        logp, entropy = choice_logprobs(scores, [d.chosen for d in chunk], cfg.temperature)
+        sel = torch.tensor(list(idx))
+        row = lambda t: t[sel].to(device).unsqueeze(0)  # noqa: E731  (N,) -> (1, n): one row of decisions
+        old = row(batch.old_logprobs)
+        mask = torch.ones_like(old, dtype=torch.bool)
+        logp = logp.float().unsqueeze(0)
+        pg, pg_m = ppo_clip_loss(logp, old, row(batch.advantages), mask, cfg.clip_ratio, denom=denom)
+        loss = pg
+        m = {"loss/policy": pg.detach(), "clip_frac": pg_m["clipfrac"], "approx_kl": pg_m["approx_kl"],
+             "entropy": entropy.detach().mean(), "ratio/mean": (logp.detach() - old).exp().mean(),
+             "logprob_err": (logp.detach() - old).abs().max()}
+        if batch.ref_logprobs is not None:
+            kl_mat = kl_penalty(logp, row(batch.ref_logprobs), cfg.kl_kind)
+            kl = aggregate_loss(kl_mat, mask, denom=denom)
+            loss = loss + cfg.kl_coef * kl
+            m["loss/kl"] = kl.detach()
+            m["kl"] = kl_mat.detach().mean()
+        if ppo:
+            values = self.value_head(hidden).float().unsqueeze(0)
+            vl, v_m = value_loss(values, row(batch.old_values), row(batch.returns), mask, cfg.clip_ratio, denom=denom)
+            loss = loss + cfg.vf_coef * vl
+            m["loss/value"] = vl.detach()
+            m["value_clip_frac"] = v_m["clipfrac"]
+        return loss, m
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        ps = [p for p in self.model.parameters() if p.requires_grad]
+        return ps + (list(self.value_head.parameters()) if self.value_head is not None else [])
+
+    def _average_grads_across_ranks(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params()]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for p, g in zip(self._params(), grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def optimize(self, batch: UpdateBatch) -> dict[str, float]:
+        """Phase 3: ``ppo_epochs`` x shuffled minibatches, gradient accumulation, clipping, AdamW."""
+        cfg, acc = self.cfg, self.accelerator
+        n = len(batch.samples)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        tokens, first = 0, None
+        self.model.train()
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator).tolist()
+            for start in range(0, n, cfg.minibatch_size):
+                mb = order[start:start + cfg.minibatch_size][acc.process_index::acc.num_processes]
+                if not mb:
+                    continue
+                size = math.ceil(len(mb) / cfg.grad_accum_steps)
+                mb_metrics: dict[str, float] = {}
+                self.optimizer.zero_grad(set_to_none=True)
+                for s in range(0, len(mb), size):
+                    micro = mb[s:s + size]
+                    loss, m = self._loss(batch, micro, denom=len(mb))
+                    acc.backward(loss)
+                    tokens += int(batch.tokens[micro].sum())
+                    w = len(micro) / len(mb)
+                    for k, v in m.items():
+                        # losses are already divided by the minibatch size; the rest are micro means
+                        add = v.item() if k.startswith("loss/") else v.item() * w
+                        mb_metrics[k] = max(mb_metrics.get(k, 0.0), add) if k == "logprob_err" else \
+                            mb_metrics.get(k, 0.0) + add
+                if first is None:  # before any step: ratio 1 if the prompts were rebuilt faithfully
+                    first = {"check/first_ratio_mean": mb_metrics["ratio/mean"],
+                             "check/first_logprob_err": mb_metrics["logprob_err"]}
+                self._average_grads_across_ranks()
+                gn = acc.clip_grad_norm_(self._params(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer_steps += 1
+                mb_metrics["grad_norm"] = float(gn)
+                for k, v in mb_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        self.model.eval()
+        self.updates += 1
+        metrics = {k: sums[k] / counts[k] for k in sums if k not in ("logprob_err", "ratio/mean")}
+        metrics.setdefault("loss/value", 0.0)
+        metrics.setdefault("kl", 0.0)
+        metrics.update(first or {})
+        metrics.update({"tokens": float(tokens), "optimizer_steps": float(self.optimizer_steps),
+                        "updates": float(self.updates)})
+        return metrics
+
+    def update(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """One PPO/GRPO update on a rollout batch: advantages, then the optimization passes."""
+        t0 = time.perf_counter()
+        batch = self.prepare(trajectories)
+        t1 = time.perf_counter()
+        metrics = self.optimize(batch)
+        t2 = time.perf_counter()
+        return {**batch.metrics, **metrics, "timing/advantages_s": t1 - t0, "timing/update_s": t2 - t1}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, out_dir: str) -> str:
+        """Model + tokenizer (safetensors via save_pretrained), value head (safetensors), optimizer
+        state, counters and the shuffling RNG (``torch.save`` of plain tensors and dicts), written into
+        a temporary directory and moved into place; ``trainer.json`` marks a complete trainer state."""
+        from safetensors.torch import save_file
+
+        from dreamgym_core.models import save_checkpoint
+
+        tmp = out_dir.rstrip("/") + ".trainer-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        meta = {"kind": "policy", "algorithm": self.cfg.algorithm, "updates": self.updates}
+        save_checkpoint(self.model, self.tokenizer, tmp, meta)
+        if self.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                      os.path.join(tmp, _VALUE_FILE))
+        torch.save({"optimizer": self.optimizer.state_dict(), "updates": self.updates,
+                    "optimizer_steps": self.optimizer_steps, "rng": self.generator.get_state()},
+                   os.path.join(tmp, _STATE_FILE))
+        with open(os.path.join(tmp, _META_FILE), "w") as f:
+            json.dump({"format": _FORMAT, "config": asdict(self.cfg), "updates": self.updates,
+                       "optimizer_steps": self.optimizer_steps}, f, indent=2)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return out_dir
+
+    @classmethod
+    def load(cls, path: str, cfg: RLConfig | None = None, ref_model=None, accelerator=None) -> "PolicyTrainer":
+        """Resume a ``save`` directory. ``cfg`` defaults to the saved one; the optimizer state is
+        restored when the algorithm is unchanged (learning rates come from ``cfg``). With
+        ``kl_coef > 0`` the reference model must be passed: it is the SFT policy, not this checkpoint."""
+        from safetensors.torch import load_file
+
+        from dreamgym_core.models import load_causal_lm
+
+        meta_path = os.path.join(path, _META_FILE)
+        if not os.path.exists(meta_path):
+            raise ValueError(f"{path!r} is not a PolicyTrainer checkpoint (no {_META_FILE})")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        saved = RLConfig(**{k: v for k, v in meta["config"].items() if k in {f.name for f in fields(RLConfig)}})
+        cfg = cfg or saved
+        if cfg.kl_coef > 0 and ref_model is None:
+            raise ValueError("PolicyTrainer.load: ref_model is required when kl_coef > 0 (the reference is the "
+                             "SFT policy, not the resumed checkpoint)")
+        model, tok = load_causal_lm(path)
+        head = None
+        if cfg.algorithm == "ppo":
+            head = ValueHead(model.config.hidden_size)
+            if os.path.exists(os.path.join(path, _VALUE_FILE)):
+                head.load_state_dict(load_file(os.path.join(path, _VALUE_FILE)))
+        trainer = cls(model, tok, cfg, ref_model=ref_model, value_head=head, accelerator=accelerator)
+        state = torch.load(os.path.join(path, _STATE_FILE), weights_only=True, map_location="cpu")
+        if saved.algorithm == cfg.algorithm:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            for group, lr in zip(trainer.optimizer.param_groups, (cfg.lr, cfg.value_lr)):
+                group["lr"] = lr
+        trainer.updates, trainer.optimizer_steps = int(state["updates"]), int(state["optimizer_steps"])
+        trainer.generator.set_state(state["rng"])
+        return trainer
+
+
+# --------------------------------------------------------------------------------------------
+# The training step and evaluation
+
+def train_iteration(env, trainer: PolicyTrainer, tasks: Sequence[Task], rollout_cfg: RolloutConfig, *,
+                    policy_name: str) -> tuple[list[Trajectory], RolloutStats, dict[str, float]]:
+    """One step of policy learning as the paper reads: rollout -> advantages -> update."""
+    cfg = trainer.cfg
+    if rollout_cfg.history_window != cfg.history_window:
+        raise ValueError(f"rollout_cfg.history_window={rollout_cfg.history_window} differs from "
+                         f"RLConfig.history_window={cfg.history_window}; the trainer must rebuild the same prompts")
+    policy = LMPolicy(trainer.model, trainer.tokenizer, policy_name, temperature=cfg.temperature,
+                      max_prompt_tokens=cfg.max_prompt_tokens)
+
+    t0 = time.perf_counter()
+    trajectories, stats = rollout(env, policy, tasks, rollout_cfg)
+    t1 = time.perf_counter()
+    batch = trainer.prepare(trajectories)
+    t2 = time.perf_counter()
+    metrics = trainer.optimize(batch)
+    t3 = time.perf_counter()
+
+    return trajectories, stats, {**stats.as_metadata(), **batch.metrics, **metrics, "timing/rollout_s": t1 - t0,
+                                 "timing/advantages_s": t2 - t1, "timing/update_s": t3 - t2}
+
+
+def evaluate_policy(env, model, tokenizer, tasks: Sequence[Task], *, greedy: bool, max_steps: int, seed: int,
+                    history_window: int = 2, max_prompt_tokens: int = 256, temperature: float = 1.0,
+                    batch_size: int = 8) -> dict[str, float]:
+    """One episode per task; success rate with its Wilson 95% interval (``evaluation.summarize``)."""
+    from dreamgym_core.evaluation import summarize
+
+    policy = LMPolicy(model, tokenizer, "eval", temperature=temperature, greedy=greedy,
+                      max_prompt_tokens=max_prompt_tokens)
+    trajs, stats = rollout(env, policy, tasks, RolloutConfig(max_steps=max_steps, batch_size=batch_size,
+                                                             history_window=history_window, seed=seed,
+                                                             source="eval"))
+    return {**summarize(trajs).as_dict(), "transitions": stats.transitions}

@@ -1,0 +1,280 @@
+import math
+
+import pytest
+import torch
+
+from dreamgym_core.envs import Observation, StepResult
+from dreamgym_core.evaluation import wilson_interval
+from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
+from dreamgym_core.policy import LMPolicy, build_policy_prompt, score_candidates
+from dreamgym_core.rl.trainer import (
+    Decision, PolicyTrainer, RLConfig, choice_logprobs, decision_samples, evaluate_policy, gae_advantages,
+    grpo_advantages, train_iteration,
+)
+from dreamgym_core.rollout import RolloutConfig, rollout
+from dreamgym_core.schema import Task
+from dreamgym_core.state import AbstractState
+
+FIRST = ("open box", "look around", "go north")
+SECOND = ("take key", "take rock", "take box")  # equal token lengths: no candidate starts far ahead
+
+
+def _state(feedback, objects):
+    return AbstractState.make(feedback, "hall", objects).render()
+
+
+class KeyEnv:
+    """Two decisions per episode: anything at step 0, then 'take key' wins (reward 1), else lost.
+
+    ``reward=False`` never pays (every episode lost): a constant-reward group."""
+
+    name = "keyenv"
+
+    def __init__(self, reward=True):
+        self.reward = reward
+
+    def reset_batch(self, tasks):
+        self.t = [0] * len(tasks)
+        self.live = [True] * len(tasks)
+        return [Observation(_state("you enter", ["box"]), FIRST) for _ in tasks]
+
+    def step_batch(self, actions):
+        out = []
+        for i, a in enumerate(actions):
+            if a is None or not self.live[i]:
+                out.append(None)
+                continue
+            self.t[i] += 1
+            if self.t[i] == 1:
+                out.append(StepResult(Observation(_state(f"you {a}", ["key", "rock"]), SECOND), 0.0, 0.0,
+                                      False, False, False, True))
+                continue
+            won = self.reward and a == "take key"
+            self.live[i] = False
+            out.append(StepResult(Observation(_state(f"you {a}", []), ()), float(won), 0.0, True, won, not won, True))
+        return out
+
+    def close(self):
+        pass
+
+
+TASKS = [Task(f"k/{i}", "keyenv", "g", "train", i, f"find the key {i}") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    lines = []
+    for t in TASKS:
+        for a in FIRST + SECOND:
+            lines.append(f"Task: {t.instruction}\nDid: {a} -> you {a}\n{_state('you enter', ['box', 'key', 'rock'])}"
+                         f"\nAction: {a}\n")
+    return train_tokenizer(lines * 5, str(tmp_path_factory.mktemp("tok")), vocab_size=350, min_frequency=1)
+
+
+def _model(tok, seed=0):
+    return build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
+                                                 max_positions=256), seed=seed)
+
+
+def _trajs(model, tok, reward=True, group=2, seed=0, hw=2):
+    pol = LMPolicy(model, tok, "p", max_prompt_tokens=256)
+    return rollout(KeyEnv(reward), pol, TASKS, RolloutConfig(group_size=group, max_steps=4, batch_size=8,
+                                                            history_window=hw, seed=seed))[0]
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _cfg(**kw):
+    base = dict(lr=1e-2, ppo_epochs=1, minibatch_size=8, kl_coef=0.0, max_prompt_tokens=256, history_window=2)
+    return RLConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("algorithm", "dpo"), ("kl_kind", "k4"), ("ppo_epochs", 0), ("minibatch_size", 0), ("lr", 0.0),
+    ("lr", float("nan")), ("clip_ratio", -0.1), ("kl_coef", -1.0), ("gamma", 1.5), ("gae_lambda", -0.1),
+    ("temperature", 0.0), ("history_window", -1), ("max_grad_norm", 0.0), ("grad_accum_steps", 64),
+])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field) as err:
+        RLConfig(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_samples_rebuild_the_acting_prompts_exactly(tok):
+    model = _model(tok)
+    seen = []
+
+    class Recording(LMPolicy):
+        def act(self, contexts):
+            seen.extend(build_policy_prompt(c) for c in contexts)
+            return super().act(contexts)
+
+    pol = Recording(model, tok, "p", max_prompt_tokens=256)
+    trajs, _ = rollout(KeyEnv(), pol, TASKS[:2], RolloutConfig(group_size=1, max_steps=4, batch_size=1,
+                                                               history_window=1))
+    samples = decision_samples(trajs, history_window=1)
+    assert [s.prompt for s in samples] == seen
+    assert "Did: " in samples[1].prompt and "Did: " not in samples[0].prompt  # history is there from step 1
+    assert [(s.episode, s.step, s.group) for s in samples] == [(0, 0, "k/0"), (0, 1, "k/0"), (1, 0, "k/1"),
+                                                               (1, 1, "k/1")]
+    # re-scoring with the acting weights reproduces the stored log-prob: ratio 1
+    lp, _ = choice_logprobs(score_candidates(model, tok, [s.prompt for s in samples], [s.candidates for s in samples]),
+                            [s.chosen for s in samples], 1.0)
+    assert torch.allclose(lp, torch.tensor([s.old_logprob for s in samples]), atol=1e-5)
+
+
+def test_samples_reject_transitions_without_a_policy_logprob(tok):
+    from dataclasses import replace
+
+    traj = _trajs(_model(tok), tok, group=1)[0]
+    bad = replace(traj, steps=(replace(traj.steps[0], logprob=None),) + traj.steps[1:])
+    with pytest.raises(ValueError, match="logprob"):
+        decision_samples([bad], 2)
+
+
+def _d(episode, step, group, reward):
+    return Decision("p", ("a", "b"), 0, -0.7, reward, False, episode, group, step)
+
+
+def test_grpo_advantages_by_hand():
+    # task A: returns 1, 0, 0, 1 (two decisions each, reward on the last); task B: both 0 (constant)
+    samples = []
+    for e, (g, r) in enumerate([("A", 1.0), ("A", 0.0), ("A", 0.0), ("A", 1.0), ("B", 0.0), ("B", 0.0)]):
+        samples += [_d(e, 0, g, 0.0), _d(e, 1, g, r)]
+    adv, m = grpo_advantages(samples)
+    std = math.sqrt(4 * 0.25 / 3)  # Bessel: sum (r - 0.5)^2 / (n - 1)
+    want_ep = [0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0.0, 0.0]
+    want = torch.tensor([a for a in want_ep for _ in range(2)])  # broadcast to both decisions
+    assert torch.allclose(adv, want, atol=1e-5)
+    assert m == {"grpo/groups": 2.0, "grpo/zero_adv_groups": 1.0}
+
+
+def test_gae_advantages_match_a_plain_loop():
+    rewards = [[0.0, 0.0, 1.0], [0.0, 0.5]]
+    values = [[0.5, 0.2, 0.1], [0.3, -0.2]]
+    gamma, lam = 0.9, 0.8
+    samples, flat_v = [], []
+    for e in (1, 0):  # rows out of episode order: the mapping back must follow (episode, step)
+        for k, r in enumerate(rewards[e]):
+            samples.append(_d(e, k, "g", r))
+            flat_v.append(values[e][k])
+    adv, ret = gae_advantages(samples, torch.tensor(flat_v), gamma, lam)
+    for i, s in enumerate(samples):
+        r, v = rewards[s.episode], values[s.episode]
+        a, nxt = 0.0, 0.0
+        for t in reversed(range(s.step, len(r))):
+            v_next = v[t + 1] if t + 1 < len(r) else 0.0
+            a = r[t] + gamma * v_next - v[t] + gamma * lam * nxt
+            nxt = a
+        assert adv[i].item() == pytest.approx(a, abs=1e-6)
+        assert ret[i].item() == pytest.approx(a + v[s.step], abs=1e-6)
+    # by hand, episode 1: delta_1 = 0.5 - (-0.2) = 0.7; delta_0 = 0 + 0.9 * -0.2 - 0.3 = -0.48
+    # A_0 = -0.48 + 0.72 * 0.7 = 0.024
+    assert adv[0].item() == pytest.approx(0.024, abs=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_one_update_changes_parameters_and_starts_at_ratio_one(tok, algorithm):
+    model = _model(tok)
+    trajs = _trajs(model, tok, group=4)
+    trainer = PolicyTrainer(model, tok, _cfg(algorithm=algorithm, kl_coef=0.05))
+    before = _params(trainer.model)
+    m = trainer.update(trajs)
+    assert m["adv/std"] > 0  # some task had both a win and a loss
+    assert m["check/first_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m["check/first_logprob_err"] < 1e-5
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    for key in ("loss/policy", "loss/value", "kl", "clip_frac", "entropy", "adv/mean", "adv/std", "tokens",
+                "timing/advantages_s", "timing/update_s"):
+        assert key in m and math.isfinite(m[key])
+    assert m["tokens"] > 0 and m["samples"] == sum(len(t) for t in trajs)
+    if algorithm == "ppo":
+        assert m["check/old_logprob_err"] < 1e-5
+        assert trainer.value_head.proj.bias.item() != 0.0  # the critic moved towards the returns
+        assert m["loss/value"] > 0
+
+
+def test_constant_reward_groups_give_zero_advantage_and_no_change(tok):
+    model = _model(tok)
+    trajs = _trajs(model, tok, reward=False)
+    trainer = PolicyTrainer(model, tok, _cfg(algorithm="grpo", kl_coef=0.0, ppo_epochs=2))
+    assert trainer.ref_model is None
+    before = _params(trainer.model)
+    m = trainer.update(trajs)
+    assert m["grpo/zero_adv_groups"] == m["grpo/groups"] == len(TASKS)
+    assert m["adv/mean"] == 0.0 and m["adv/std"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_gradient_accumulation_gives_the_full_minibatch_step(tok):
+    trajs = _trajs(_model(tok), tok)
+    out = []
+    for accum in (1, 3):
+        trainer = PolicyTrainer(_model(tok), tok, _cfg(algorithm="ppo", kl_coef=0.1, grad_accum_steps=accum,
+                                                       minibatch_size=12, lr=1e-3))
+        trainer.update(trajs)
+        out.append(_params(trainer.model) + _params(trainer.value_head))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+
+
+def test_save_load_resumes_exactly(tok, tmp_path):
+    trajs = _trajs(_model(tok), tok, group=1)
+    cfg = _cfg(algorithm="ppo", kl_coef=0.05, ppo_epochs=2, minibatch_size=4, lr=3e-3)
+    ref = _model(tok)
+    straight = PolicyTrainer(_model(tok), tok, cfg, ref_model=ref)
+    for _ in range(4):
+        straight.update(trajs)
+    first = PolicyTrainer(_model(tok), tok, cfg, ref_model=ref)
+    for _ in range(2):
+        first.update(trajs)
+    first.save(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "trainer.json").exists()
+    with pytest.raises(ValueError, match="ref_model"):
+        PolicyTrainer.load(str(tmp_path / "ckpt"), cfg)
+    resumed = PolicyTrainer.load(str(tmp_path / "ckpt"), cfg, ref_model=ref)
+    assert resumed.updates == 2 and resumed.optimizer_steps == first.optimizer_steps
+    for _ in range(2):
+        resumed.update(trajs)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.value_head.proj.weight, resumed.value_head.proj.weight)
+
+
+def _p_key(model, tok):
+    """pi(take key) at the second decision of every task, after 'open box'."""
+    samples = [s for s in decision_samples(_trajs(model, tok, group=1, seed=99), 2) if s.step == 1]
+    prompts = [s.prompt.replace(s.prompt.split("Did: ")[1].split(" ->")[0], "open box") for s in samples]
+    scores = score_candidates(model, tok, prompts, [SECOND] * len(prompts))
+    return torch.stack([torch.softmax(s, 0)[0] for s in scores]).mean().item()
+
+
+def test_grpo_raises_the_probability_of_the_rewarded_action(tok):
+    trainer = PolicyTrainer(_model(tok), tok, _cfg(algorithm="grpo", lr=3e-3, kl_coef=0.01, ppo_epochs=2,
+                                                   minibatch_size=12))
+    p0 = _p_key(trainer.model, tok)
+    successes = []
+    for it in range(6):
+        _, stats, m = train_iteration(KeyEnv(), trainer, TASKS, RolloutConfig(group_size=4, max_steps=4, batch_size=12,
+                                                                               history_window=2, seed=it),
+                                      policy_name=f"p{it}")
+        successes.append(m["rollout/success_rate"])
+        assert {"timing/rollout_s", "timing/advantages_s", "timing/update_s"} <= set(m)
+    p1 = _p_key(trainer.model, tok)
+    assert p0 < 0.5 and p1 > p0 + 0.3, (p0, p1)
+    assert successes[-1] > successes[0]
+
+
+def test_train_iteration_refuses_a_history_window_mismatch(tok):
+    trainer = PolicyTrainer(_model(tok), tok, _cfg())
+    with pytest.raises(ValueError, match="history_window"):
+        train_iteration(KeyEnv(), trainer, TASKS, RolloutConfig(history_window=3), policy_name="p")
+
+
+def test_evaluate_policy_reports_success_with_wilson_interval(tok):
+    out = evaluate_policy(KeyEnv(), _model(tok), tok, TASKS, greedy=True, max_steps=4, seed=0)
+    wins = round(out["success_rate"] * len(TASKS))
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx(wilson_interval(wins, len(TASKS)))
+    assert out["transitions"] == 2 * len(TASKS) and out["mean_steps"] == 2.0
+    assert out["mean_return"] == pytest.approx(out["success_rate"])
