@@ -1,0 +1,406 @@
+"""The curriculum (paper §4.3, Eq. 6-7): reward-variance task selection and task synthesis with M_task.
+
+Eq. 7: V_tau = (1/n) sum_i (r_i - mean r)^2 over the n rollouts of task tau (episode returns). A
+task the policy always solves or always fails (V = 0) teaches nothing; tasks near a 50/50 split
+(V = 0.25 for binary rewards) are the most informative, so they seed new tasks. GRPO's group is
+the task's rollout group; PPO (one rollout per task) groups similar tasks by k-means over their
+embeddings and scores each cluster.
+
+Eq. 6: M_task (the experience model's own weights) is prompted with m seed tasks and writes a
+harder-but-feasible variant: an instruction and an initial abstract state. Variants pass a
+feasibility filter (dedupe, format, a quick simulation in M_exp) and join the next iteration's
+task pool, at most a fraction lambda of it.
+
+Departures from the paper, and why:
+- A task here is (instruction, initial abstract state). In TextWorldExpress twc the instruction
+  is one generic sentence and the content is the start state (the loose items to put away), so
+  M_task writes the state; "harder" = more items to handle. Synthetic tasks are trained on only
+  in M_exp (no real env can reset to them), as in the paper.
+- A from-scratch M_exp has never seen a task-writing prompt, so ``task_writing_examples`` builds
+  SFT examples (m sibling seed tasks -> a held-out sibling with at least as many loose items) that
+  are mixed into M_exp's SFT: the same weights then serve as M_task.
+- Feasibility also rejects variants that M_exp itself declares unplayable (every rollout ends on
+  an invalid or unparseable step): the paper's "feasible" is judged by its LLM; ours is measured.
+
+Usage (one curriculum step)::
+
+    scores = task_reward_variance(trajs)                              # Eq. 7 per task
+    sel = select_seed_tasks(scores, threshold=0.0, top_m=4)
+    seeds = [tasks_by_id[t] for t in sel.selected]
+    prompts = [build_task_prompt(seeds[i:i + 2], states, 2) for i in range(len(seeds))]
+    texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts)   # M_task
+    kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg)
+    pool = build_task_pool(original_tasks, old_synthetic + kept, cfg.lam, size, seed=k)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dreamgym_core.rl.core_algos import reward_variance
+from dreamgym_core.schema import Task, Trajectory
+from dreamgym_core.state import AbstractState
+
+TASK_OPEN, TASK_CLOSE = "## seed tasks", "## new task"
+DROP_REASONS = ("parse", "duplicate", "format", "trivial", "invalid")
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    enabled: bool = True
+    """Ablation switch: False keeps the pool to the original tasks (no M_task)."""
+    threshold: float = 0.0
+    """Seeds need V_tau strictly above this."""
+    top_m: int = 4
+    """At most this many seeds (highest V_tau first)."""
+    lam: float = 0.3
+    """At most this share of a task pool is synthetic."""
+    variants_per_seed: int = 2
+    seeds_per_prompt: int = 2
+    """m: seed tasks shown to M_task in one prompt."""
+    n_feasibility_rollouts: int = 3
+    max_state_chars: int = 1200
+    cluster_size: int = 4
+    """PPO: about this many tasks per embedding cluster."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"CurriculumConfig.lam must be in [0, 1], got {self.lam}")
+        for name in ("top_m", "variants_per_seed", "seeds_per_prompt", "n_feasibility_rollouts", "cluster_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CurriculumConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"CurriculumConfig.threshold must be a finite value >= 0, got {self.threshold}")
+
+
+# --------------------------------------------------------------------------------------------
+# Eq. 7: reward variance per task (GRPO group) or per embedding cluster (PPO)
+
+def task_reward_variance(trajs: Sequence[Trajectory]) -> dict[str, tuple[float, int, float]]:
+    """task_id -> (V_tau, n rollouts, mean return), V_tau the population variance of episode returns."""
+    if not trajs:
+        return {}
+    ids = sorted({t.task.task_id for t in trajs})
+    index = {t: i for i, t in enumerate(ids)}
+    rewards = torch.tensor([t.ret for t in trajs], dtype=torch.float64)
+    groups = torch.tensor([index[t.task.task_id] for t in trajs])
+    uniq, var = reward_variance(rewards, groups)
+    counts = torch.bincount(groups, minlength=len(ids))
+    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, groups, rewards)
+    return {ids[int(g)]: (float(v), int(counts[g]), float(sums[g] / counts[g])) for g, v in zip(uniq, var)}
+
+
+def cluster_groups(task_ids: Sequence[str], embeddings, k: int, seed: int = 0, iters: int = 25) -> list[int]:
+    """k-means (cosine, k-means++ init, deterministic for a seed) over task embeddings -> cluster per task."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != len(task_ids):
+        raise ValueError(f"cluster_groups: need one embedding row per task ({len(task_ids)}), got shape {x.shape}")
+    n = len(task_ids)
+    if n == 0:
+        return []
+    k = max(1, min(k, n))
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    centers = [x[rng.integers(n)]]
+    for _ in range(1, k):
+        d = np.min(1.0 - x @ np.stack(centers).T, axis=1).clip(min=0)
+        centers.append(x[rng.choice(n, p=d / d.sum())] if d.sum() > 0 else x[rng.integers(n)])
+    c = np.stack(centers)
+    assign = np.zeros(n, dtype=int)
+    for _ in range(iters):
+        new = np.argmax(x @ c.T, axis=1)
+        if _ and np.array_equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                m = members.mean(0)
+                c[j] = m / max(np.linalg.norm(m), 1e-12)
+    return assign.tolist()
+
+
+def cluster_variance(trajs: Sequence[Trajectory], cluster_of: Mapping[str, int]) -> dict[str, tuple[float, int, float]]:
+    """PPO's grouping: every task gets the V_tau of its cluster (rollouts of all its tasks pooled)."""
+    by_cluster: dict[int, list[float]] = {}
+    for t in trajs:
+        by_cluster.setdefault(cluster_of[t.task.task_id], []).append(t.ret)
+    stats = {}
+    for c, rs in by_cluster.items():
+        mean = sum(rs) / len(rs)
+        stats[c] = (sum((r - mean) ** 2 for r in rs) / len(rs), len(rs), mean)
+    return {tid: stats[c] for tid, c in cluster_of.items() if c in stats}
+
+
+@dataclass(frozen=True)
+class Selection:
+    selected: tuple[str, ...]
+    threshold: float
+    top_m: int
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    def as_record(self) -> dict:
+        return {"selected": list(self.selected), "threshold": self.threshold, "top_m": self.top_m,
+                "edges": list(self.edges), "counts": list(self.counts)}
+
+
+def select_seed_tasks(scores: Mapping[str, tuple[float, int, float]], threshold: float, top_m: int,
+                      bins: int = 10) -> Selection:
+    """Tasks with V_tau > threshold, the top_m highest (ties by task id); with the V histogram on [0, 0.25]."""
+    vs = [v[0] for v in scores.values()]
+    counts, edges = np.histogram(vs, bins=bins, range=(0.0, max(0.25, max(vs, default=0.0))))
+    above = sorted((tid for tid, v in scores.items() if v[0] > threshold), key=lambda t: (-scores[t][0], t))
+    return Selection(tuple(above[:top_m]), float(threshold), int(top_m), tuple(float(e) for e in edges),
+                     tuple(int(c) for c in counts))
+
+
+# --------------------------------------------------------------------------------------------
+# M_task: prompt, parser, SFT examples, writer
+
+def _task_block(task: Task, state: str) -> str:
+    return f"instruction: {task.instruction}\n{state}"
+
+
+def build_task_prompt(seeds: Sequence[Task], states: Mapping[str, str], m: int) -> str:
+    """m seed tasks (instruction + initial state), then the header M_task continues after."""
+    if not seeds:
+        raise ValueError("build_task_prompt: no seed tasks")
+    blocks = [f"# seed {i + 1}\n" + _task_block(t, states[t.task_id]) for i, t in enumerate(seeds[:m])]
+    return f"{TASK_OPEN}\n" + "\n".join(blocks) + f"\n{TASK_CLOSE}"
+
+
+@dataclass(frozen=True)
+class TaskProposal:
+    instruction: str
+    state: str
+    """The canonical rendered initial state."""
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class ParseFailure:
+    reason: str
+
+
+def parse_task_output(text: str) -> TaskProposal | ParseFailure:
+    """M_task's output -> a proposal, or a failure with a short reason. Never raises."""
+    try:
+        return _parse_task(text)
+    except Exception as exc:  # untrusted model text: any surprise is a parse failure, not a crash
+        return ParseFailure(f"error:{type(exc).__name__}")
+
+
+def _parse_task(text: str) -> TaskProposal | ParseFailure:
+    if not isinstance(text, str):
+        return ParseFailure("not-text")
+    body, reasoning = text.strip(), ""
+    if body.startswith("<think>"):
+        end = body.find("</think>")
+        if end < 0:
+            return ParseFailure("unclosed-think")
+        reasoning, body = body[len("<think>"):end].strip(), body[end + len("</think>"):].strip()
+    lines = body.split("\n")
+    if not lines or not lines[0].startswith("instruction:"):
+        return ParseFailure("missing-instruction")
+    instruction = lines[0][len("instruction:"):].strip()
+    if not instruction:
+        return ParseFailure("empty-instruction")
+    state_lines = lines[1:6]
+    if len(state_lines) < 5:
+        return ParseFailure("short-state")
+    try:
+        state = AbstractState.parse("\n".join(state_lines))
+    except ValueError as exc:
+        return ParseFailure("bad-state:" + str(exc).split(":")[0][:40])
+    return TaskProposal(instruction, state.render(), reasoning)
+
+
+def loose_items(state: str) -> list[str]:
+    """Objects lying free (no contents, no open/closed status): what twc tasks ask to put away."""
+    try:
+        s = AbstractState.parse(state)
+    except ValueError:
+        return []
+    return [o for o in s.objects if ":" not in o and not o.endswith(("(open)", "(closed)"))] + list(s.inventory)
+
+
+def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: int, n: int, seed: int = 0):
+    """SFT examples that teach M_exp's weights to write tasks (then they serve as M_task).
+
+    Prompt: m seed tasks of one location; target: a short rationale + another task of the same
+    location with at least as many loose items as the hardest seed (a harder-or-equal sibling).
+    """
+    from dreamgym_core.experience_model import SFTExample
+
+    rng = random.Random(seed)
+    by_loc: dict[str, list[Task]] = {}
+    for t in sorted(tasks, key=lambda t: t.task_id):
+        try:
+            loc = AbstractState.parse(states[t.task_id]).location
+        except (KeyError, ValueError):
+            continue
+        by_loc.setdefault(loc, []).append(t)
+    pools = [ts for ts in by_loc.values() if len(ts) > m]
+    out = []
+    for _ in range(n if pools else 0):
+        group = rng.choice(pools)
+        picked = rng.sample(group, m + 1)
+        seeds, target = picked[:m], picked[m]
+        hardest = max(len(loose_items(states[s.task_id])) for s in seeds)
+        items = loose_items(states[target.task_id])
+        if len(items) < hardest:
+            continue
+        loc = AbstractState.parse(states[target.task_id]).location
+        reasoning = (f"<think>The seeds are in the {loc} with at most {hardest} items to put away; "
+                     f"the new task has {len(items)}: {', '.join(items)}.</think>\n")
+        out.append(SFTExample(build_task_prompt(seeds, states, m), reasoning,
+                              _task_block(target, states[target.task_id])))
+    return out
+
+
+class TaskWriter:
+    """M_task: M_exp's weights prompted to write task variants (batched, left-padded, seeded sampling)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 160, temperature: float = 1.0,
+                 batch_size: int = 16, seed: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.batch_size, self.seed = batch_size, seed
+
+    def write(self, prompts: Sequence[str]) -> list[str]:
+        tok, out = self.tokenizer, []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            ids = [tok(p + "\n", add_special_tokens=False)["input_ids"][-448:] for p in chunk]
+            P = max(len(x) for x in ids)
+            inp = torch.full((len(ids), P), pad, dtype=torch.long)
+            attn = torch.zeros((len(ids), P), dtype=torch.long)
+            for b, x in enumerate(ids):
+                inp[b, P - len(x):] = torch.tensor(x)
+                attn[b, P - len(x):] = 1
+            torch.manual_seed(self.seed * 100_003 + start)
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
+                                          max_new_tokens=self.max_new_tokens, do_sample=True,
+                                          temperature=self.temperature, top_p=None, top_k=None,
+                                          pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            for row in gen[:, P:].tolist():
+                if tok.eos_token_id in row:
+                    row = row[:row.index(tok.eos_token_id)]
+                out.append(tok.decode(row, skip_special_tokens=True))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Feasibility filter and the task pool
+
+def _norm(state: str) -> str:
+    try:
+        s = AbstractState.parse(state)
+        return "\n".join([s.location, " | ".join(s.objects), " | ".join(s.exits), " | ".join(s.inventory)])
+    except ValueError:
+        return state.strip().lower()
+
+
+def synthetic_task_id(iteration: int, proposal: TaskProposal) -> str:
+    h = hashlib.sha256((proposal.instruction + "\n" + proposal.state).encode()).hexdigest()[:10]
+    return f"syn/{iteration:03d}/{h}"
+
+
+def feasibility_filter(proposals: Sequence[TaskProposal | ParseFailure], parents: Sequence[Task],
+                       existing_tasks: Sequence[Task], existing_states: Mapping[str, str],
+                       simulate: Callable[[list[Task]], list[Trajectory]], iteration: int,
+                       cfg: CurriculumConfig = CurriculumConfig()) -> tuple[list[Task], list[dict]]:
+    """Keep feasible variants; every proposal gets a row (kept or the drop reason).
+
+    Drops: ``parse`` (did not parse), ``duplicate`` (same state as an existing task or an earlier
+    proposal), ``format`` (no item to act on, or too long), ``trivial`` (every simulated rollout
+    won), ``invalid`` (every rollout ended on an invalid or unparseable M_exp step).
+    """
+    if len(proposals) != len(parents):
+        raise ValueError(f"feasibility_filter: {len(proposals)} proposals but {len(parents)} parents")
+    rows: list[dict] = []
+    seen = {_norm(existing_states[t.task_id]) for t in existing_tasks if t.task_id in existing_states}
+    seen |= {_norm(t.initial_state) for t in existing_tasks if t.initial_state}
+    candidates: list[tuple[int, Task]] = []
+    for i, (p, parent) in enumerate(zip(proposals, parents)):
+        row = {"index": i, "parent_task_id": parent.task_id, "task_id": None, "kept": False, "reason": ""}
+        rows.append(row)
+        if isinstance(p, ParseFailure):
+            row["reason"] = "parse"
+            continue
+        key = _norm(p.state)
+        if key in seen:
+            row["reason"] = "duplicate"
+            continue
+        seen.add(key)
+        if not loose_items(p.state) or len(p.state) > cfg.max_state_chars:
+            row["reason"] = "format"
+            continue
+        task = Task(task_id=synthetic_task_id(iteration, p), env=parent.env, game=parent.game, split="train",
+                    seed=parent.seed, instruction=p.instruction, params=parent.params, source="synthetic",
+                    parent_task_id=parent.task_id, iteration=iteration, initial_state=p.state)
+        row["task_id"] = task.task_id
+        candidates.append((i, task))
+    kept: list[Task] = []
+    if candidates:
+        trajs = simulate([t for _, t in candidates])
+        by_task: dict[str, list[Trajectory]] = {}
+        for tr in trajs:
+            by_task.setdefault(tr.task.task_id, []).append(tr)
+        for i, task in candidates:
+            runs = by_task.get(task.task_id, [])
+            if runs and all(t.won for t in runs):
+                rows[i]["reason"] = "trivial"
+            elif runs and all(t.steps and not t.steps[-1].valid and not t.won for t in runs):
+                rows[i]["reason"] = "invalid"
+            else:
+                rows[i]["kept"] = True
+                kept.append(task)
+    return kept, rows
+
+
+def synthesize(texts: Sequence[str], parents: Sequence[Task], existing_tasks: Sequence[Task],
+               existing_states: Mapping[str, str], simulate, iteration: int,
+               cfg: CurriculumConfig = CurriculumConfig()) -> tuple[list[Task], dict]:
+    """Parse M_task's texts and filter them -> (kept tasks, report with counts per drop reason)."""
+    proposals = [parse_task_output(t) for t in texts]
+    kept, rows = feasibility_filter(proposals, parents, existing_tasks, existing_states, simulate, iteration, cfg)
+    drops = Counter(r["reason"] for r in rows if not r["kept"])
+    parse_reasons = Counter(p.reason for p in proposals if isinstance(p, ParseFailure))
+    return kept, {"proposals": len(texts), "kept": len(kept), "drops": {r: drops.get(r, 0) for r in DROP_REASONS},
+                  "parse_failures": dict(parse_reasons), "rows": rows}
+
+
+def build_task_pool(original: Sequence[Task], synthetic: Sequence[Task], lam: float, size: int,
+                    seed: int = 0) -> list[Task]:
+    """A pool of ``size`` tasks with at most floor(lam * size) synthetic ones (the newest first), the
+    rest original tasks (all of them while they last). Provenance fields are kept as they are."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"build_task_pool: lam must be in [0, 1], got {lam}")
+    if size < 0:
+        raise ValueError(f"build_task_pool: size must be >= 0, got {size}")
+    orig_sorted = sorted(original, key=lambda t: t.task_id)
+    syn_sorted = sorted(synthetic, key=lambda t: (-t.iteration, t.task_id))
+    # the largest synthetic count s whose share of the pool that results is still <= lam
+    for s in range(min(len(syn_sorted), size), -1, -1):
+        n_orig = min(len(orig_sorted), size - s)
+        if s <= math.floor(lam * (n_orig + s) + 1e-9):
+            break
+    orig = orig_sorted
+    if len(orig) > n_orig:
+        orig = sorted(random.Random(seed).sample(orig_sorted, n_orig), key=lambda t: t.task_id)
+    return orig + syn_sorted[:s]

@@ -1,0 +1,162 @@
+"""Curriculum (Eq. 6-7): reward variance by hand and by loop, selection, M_task parsing, the filter, lambda."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dreamgym_core.curriculum import (CurriculumConfig, ParseFailure, TaskProposal, build_task_pool,
+                                      build_task_prompt, cluster_groups, cluster_variance, feasibility_filter,
+                                      loose_items, parse_task_output, select_seed_tasks, synthesize,
+                                      task_reward_variance, task_writing_examples)
+from dreamgym_core.schema import Task, Trajectory, Transition
+from dreamgym_core.state import AbstractState
+
+STATE = AbstractState.make("You are in the bedroom.", "bedroom",
+                           ["bed: empty", "wardrobe (closed)", "clean blue T-shirt", "long coat"]).render()
+
+
+def _task(i, source="offline", iteration=0, state=None):
+    return Task(f"t/{i}", "twx", "twc", "train", i, "Put things away.", source=source, iteration=iteration,
+                initial_state=state)
+
+
+def _traj(task, ret, j=0, valid=True):
+    step = Transition(f"{task.task_id}#p#{j}", task.task_id, "twx", 0, "s", "a", "s2", float(ret), 0.0, True,
+                      bool(ret), not ret, valid, "policy")
+    return Trajectory(f"{task.task_id}#p#{j}", task, "p", (step,))
+
+
+def _loop_variance(trajs):
+    by = {}
+    for t in trajs:
+        by.setdefault(t.task.task_id, []).append(t.ret)
+    out = {}
+    for k, rs in by.items():
+        m = sum(rs) / len(rs)
+        out[k] = sum((r - m) ** 2 for r in rs) / len(rs)
+    return out
+
+
+def test_variance_by_hand():
+    a, b, c = _task(1), _task(2), _task(3)
+    trajs = [_traj(a, 1, 0), _traj(a, 1, 1), _traj(b, 1, 0), _traj(b, 0, 1), _traj(c, 1, 0), _traj(c, 0, 1),
+             _traj(c, 0, 2), _traj(c, 0, 3)]
+    v = task_reward_variance(trajs)
+    assert v["t/1"] == (0.0, 2, 1.0)
+    assert v["t/2"][0] == pytest.approx(0.25)
+    assert v["t/3"][0] == pytest.approx(0.1875) and v["t/3"][2] == pytest.approx(0.25)
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0.0, 1.0])), min_size=1, max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_variance_matches_a_plain_loop(pairs):
+    trajs = [_traj(_task(i), r, j) for j, (i, r) in enumerate(pairs)]
+    fast, slow = task_reward_variance(trajs), _loop_variance(trajs)
+    assert set(fast) == set(slow)
+    for k in slow:
+        assert fast[k][0] == pytest.approx(slow[k], abs=1e-12)
+
+
+def test_selection_threshold_top_m_and_histogram():
+    scores = {"a": (0.25, 4, 0.5), "b": (0.0, 4, 1.0), "c": (0.1875, 4, 0.25), "d": (0.25, 4, 0.5)}
+    sel = select_seed_tasks(scores, threshold=0.1, top_m=2)
+    assert sel.selected == ("a", "d") and sum(sel.counts) == 4 and len(sel.edges) == 11
+    assert select_seed_tasks(scores, threshold=0.25, top_m=5).selected == ()
+
+
+def test_clusters_group_similar_tasks_and_pool_their_rollouts():
+    vecs = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99]])
+    g = cluster_groups(["a", "b", "c", "d"], vecs, 2, seed=0)
+    assert g[0] == g[1] and g[2] == g[3] and g[0] != g[2]
+    assert g == cluster_groups(["a", "b", "c", "d"], vecs, 2, seed=0)
+    ta, tb = _task(1), _task(2)
+    v = cluster_variance([_traj(ta, 1), _traj(tb, 0, 1)], {"t/1": 0, "t/2": 0})
+    assert v["t/1"][0] == pytest.approx(0.25) == v["t/2"][0]
+    with pytest.raises(ValueError, match="one embedding row per task"):
+        cluster_groups(["a"], vecs, 2)
+
+
+def test_prompt_and_parser_round_trip():
+    seeds = [_task(1), _task(2)]
+    prompt = build_task_prompt(seeds, {"t/1": STATE, "t/2": STATE}, 2)
+    assert prompt.startswith("## seed tasks") and prompt.endswith("## new task") and prompt.count("# seed") == 3
+    p = parse_task_output("<think>one more item</think>\ninstruction: Put things away.\n" + STATE + "\ntrailing")
+    assert isinstance(p, TaskProposal) and p.state == STATE and p.reasoning == "one more item"
+    for bad, reason in [("", "missing-instruction"), ("<think>x", "unclosed-think"),
+                        ("instruction: \n" + STATE, "empty-instruction"), ("instruction: x\nfeedback: y", "short-state")]:
+        out = parse_task_output(bad)
+        assert isinstance(out, ParseFailure) and out.reason == reason
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=1000, deadline=None)
+def test_parser_never_raises(text):
+    out = parse_task_output(text)
+    assert isinstance(out, (TaskProposal, ParseFailure))
+
+
+def test_task_writing_examples_teach_harder_siblings():
+    tasks = [_task(i) for i in range(6)]
+    states = {t.task_id: AbstractState.make("x", "bedroom", ["bed: empty"] + [f"item {j}" for j in range(1 + i % 3)]).render()
+              for i, t in enumerate(tasks)}
+    ex = task_writing_examples(tasks, states, m=2, n=20, seed=0)
+    assert ex and all(e.prompt.endswith("## new task") and e.reasoning.startswith("<think>") for e in ex)
+    for e in ex:
+        target = parse_task_output(e.reasoning + e.prediction)
+        seeds_max = max(len(loose_items(b.split("\n", 1)[1])) for b in e.prompt.split("# seed ")[1:])
+        assert isinstance(target, TaskProposal) and len(loose_items(target.state)) >= seeds_max
+
+
+def test_feasibility_filter_reasons():
+    parent = _task(1)
+    existing = {"t/1": STATE}
+    new = AbstractState.make("x", "bedroom", ["bed: empty", "red hat", "blue hat"]).render()
+    trivial = AbstractState.make("x", "bedroom", ["bed: empty", "green hat"]).render()
+    broken = AbstractState.make("x", "bedroom", ["bed: empty", "grey hat"]).render()
+    no_items = AbstractState.make("x", "bedroom", ["bed: empty"]).render()
+    props = [ParseFailure("missing-instruction"), TaskProposal("Put.", STATE), TaskProposal("Put.", new),
+             TaskProposal("Put.", new), TaskProposal("Put.", no_items), TaskProposal("Put.", trivial),
+             TaskProposal("Put.", broken)]
+
+    def simulate(tasks):
+        out = []
+        for t in tasks:
+            for j in range(3):
+                if "green" in t.initial_state:
+                    out.append(_traj(t, 1, j))
+                elif "grey" in t.initial_state:
+                    out.append(_traj(t, 0, j, valid=False))
+                else:
+                    out.append(_traj(t, j == 0, j))
+        return out
+
+    kept, rows = feasibility_filter(props, [parent] * len(props), [parent], existing, simulate, 2)
+    assert [r["reason"] for r in rows] == ["parse", "duplicate", "", "duplicate", "format", "trivial", "invalid"]
+    assert len(kept) == 1 and kept[0].parent_task_id == "t/1" and kept[0].iteration == 2
+    assert kept[0].source == "synthetic" and kept[0].initial_state == new and kept[0].task_id.startswith("syn/002/")
+    kept2, report = synthesize(["junk", "instruction: Put.\n" + new], [parent, parent], [parent], existing, simulate, 2)
+    assert report["proposals"] == 2 and report["kept"] == 1 and report["drops"]["parse"] == 1
+
+
+@given(n_orig=st.integers(0, 30), n_syn=st.integers(0, 30), lam=st.floats(0, 1), size=st.integers(0, 60))
+@settings(max_examples=300, deadline=None)
+def test_synthetic_share_never_exceeds_lambda(n_orig, n_syn, lam, size):
+    orig = [_task(i) for i in range(n_orig)]
+    syn = [_task(100 + i, source="synthetic", iteration=1 + i % 3, state=STATE) for i in range(n_syn)]
+    pool = build_task_pool(orig, syn, lam, size, seed=1)
+    n = sum(t.source == "synthetic" for t in pool)
+    assert len(pool) <= size and len({t.task_id for t in pool}) == len(pool)
+    assert n <= math.floor(lam * len(pool) + 1e-9)
+
+
+def test_pool_keeps_newest_synthetic_and_provenance():
+    orig = [_task(i) for i in range(7)]
+    syn = [_task(100 + i, source="synthetic", iteration=i, state=STATE) for i in range(1, 5)]
+    pool = build_task_pool(orig, syn, 0.3, 10, seed=0)
+    assert [t.iteration for t in pool if t.source == "synthetic"] == [4, 3, 2]
+    assert build_task_pool(orig, syn, 0.0, 10) == orig
+    with pytest.raises(ValueError, match="lam"):
+        CurriculumConfig(lam=1.5)
