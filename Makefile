@@ -11,7 +11,10 @@ export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup demo test test-slow bench ui clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup demo test test-slow bench ui report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +26,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The UI test drives Debian's chromium with Playwright; install the package once (root or sudo).
+$(CHROMIUM):
+	command -v apt-get >/dev/null || { echo "chromium is needed for the UI test: install it with your package manager"; exit 1; }
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 demo: $(STAMP)
 	$(VENV)/bin/dreamgym demo --data $(DATA)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
@@ -37,6 +46,9 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(abspath $(DATA))/dagster_home DREAMGYM_DATA=$(abspath $(DATA)) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+report: $(STAMP)
+	$(VENV)/bin/dreamgym report --data $(DATA)
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache

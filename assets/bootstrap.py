@@ -40,15 +40,30 @@ def seed_tasks(context: dg.AssetExecutionContext, experiment: Experiment) -> pa.
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
 def eval_tasks(context: dg.AssetExecutionContext, experiment: Experiment) -> pa.Table:
-    """Held-out tasks: dev (model selection) and test (reported success); disjoint from train."""
+    """Held-out tasks, never trained on: ``role`` dev (model selection) and test (reported success).
+
+    ``experiment.eval_fold``: "train" = held-out games of the training fold (seeds from
+    ``heldout_start`` on, disjoint from the seed tasks; same object vocabulary); "test" = the env's
+    own dev/test folds (TWX twc: objects never seen in training, 45 of 49 test objects are new).
+    """
     env = make_env(experiment.env_spec())
     try:
-        tasks = env.tasks("dev", experiment.n_dev_tasks) + env.tasks("test", experiment.n_test_tasks)
+        if experiment.eval_fold == "train":
+            if experiment.heldout_start < experiment.n_train_tasks:
+                raise dg.Failure(f"experiment.heldout_start={experiment.heldout_start} overlaps the "
+                                 f"{experiment.n_train_tasks} seed tasks; raise it")
+            dev = env.tasks("train", experiment.n_dev_tasks, start=experiment.heldout_start)
+            test = env.tasks("train", experiment.n_test_tasks, start=experiment.heldout_start + experiment.n_dev_tasks)
+        elif experiment.eval_fold == "test":
+            dev = env.tasks("dev", experiment.n_dev_tasks)
+            test = env.tasks("test", experiment.n_test_tasks)
+        else:
+            raise dg.Failure(f"experiment.eval_fold must be 'train' or 'test', got {experiment.eval_fold!r}")
     finally:
         env.close()
-    table = tasks_to_arrow(tasks)
-    context.add_output_metadata({"env": f"{experiment.env}/{experiment.game}",
-                                 "dev_tasks": experiment.n_dev_tasks, "test_tasks": experiment.n_test_tasks})
+    table = tasks_to_arrow(dev + test).append_column("role", pa.array(["dev"] * len(dev) + ["test"] * len(test)))
+    context.add_output_metadata({"env": f"{experiment.env}/{experiment.game}", "eval_fold": experiment.eval_fold,
+                                 "dev_tasks": len(dev), "test_tasks": len(test)})
     return table
 
 

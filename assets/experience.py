@@ -80,16 +80,24 @@ class ExperienceModelConfig(dg.Config):
 
     time_budget_s: float = 600.0
     """Training wall budget (the issue's CPU budget is 10 minutes)."""
-    steps: int = 2000
+    steps: int = 760
+    """The cosine schedule decays to 0 at this step (about 600 s on 2 cores); the time budget also stops it."""
     batch_size: int = 16
     lr: float = 2e-3
     max_len: int = 384
     history_window: int = 2
     use_cot: bool = True
     """Ablation: False trains without reasoning traces."""
+    use_history: bool = True
+    """Ablation: False trains without the history window."""
+    pointers: bool = True
+    """Action arguments as @1/@2 pointers and item-level object edits (copy-free targets); False = literal."""
     win_weight: float = 10.0
     """Sampling weight of winning transitions (about 2% of twc data); 1 = uniform."""
     invalid_weight: float = 3.0
+    task_writing_examples: int = 400
+    """SFT examples that teach the same weights to write task variants (M_task); 0 = none."""
+    task_writing_weight: float = 1.0
     vocab_size: int = 3000
     hidden: int = 256
     layers: int = 4
@@ -125,8 +133,21 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         context.log.info(f"reusing finished M_exp at {final}")
         return CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {}))
     rows = cot_annotations.to_pylist()
-    pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot)
+    pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot, use_history=config.use_history,
+                       pointers=config.pointers)
     examples = sft_examples(rows, pc_)
+    weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
+    if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
+        from dreamgym_core.curriculum import task_writing_examples
+        from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, trajectories_from_arrow
+
+        trajs = trajectories_from_arrow(cot_annotations.select(TRAJECTORY_ROWS_SCHEMA.names))
+        tasks = list({t.task.task_id: t.task for t in trajs}.values())
+        starts = {t.task.task_id: t.steps[0].state for t in trajs if t.steps and t.steps[0].step_idx == 0}
+        task_ex = task_writing_examples(tasks, starts, m=2, n=config.task_writing_examples, seed=config.seed)
+        examples += task_ex
+        weights += [config.task_writing_weight] * len(task_ex)
+        context.log.info(f"{len(task_ex)} task-writing examples mixed in (M_task)")
     tok_dir = os.path.join(root, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         from transformers import PreTrainedTokenizerFast
@@ -136,7 +157,6 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
                               vocab_size=config.vocab_size)
     model = build_tiny_llama(tok, TinyLlamaConfig(hidden=config.hidden, layers=config.layers), seed=config.seed)
-    weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
 
     def progress(step: int, rec: dict) -> None:
         if step % 50 == 0:
@@ -184,7 +204,9 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
     from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig, fidelity
     from dreamgym_core.models import load_checkpoint
 
-    tasks = [t for t in tasks_from_arrow(eval_tasks) if t.split == "test"]
+    from assets.runtime import heldout
+
+    tasks = heldout(eval_tasks)
     env = make_env(experiment.env_spec())
     try:
         trajs, _ = collect(env, tasks, experiment.collect_config())

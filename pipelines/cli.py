@@ -1,6 +1,7 @@
 """The `dreamgym` command line.
 
-    dreamgym demo    [--data DIR]                     materialize the pipeline on the embedded default
+    dreamgym demo    [--data DIR] [--iterations N]    the whole loop on the embedded default, then a results table
+    dreamgym report  [--out FILE]                     HTML report with the plots
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
@@ -68,6 +69,29 @@ def cmd_import(args) -> int:
     return 0
 
 
+DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_share", "env_steps_per_s", "loss", "steps",
+              "tokens_per_s", "state_exact_match", "baseline_state_exact_match", "reward_accuracy", "win_recall",
+              "invalid_action_accuracy", "bc/final_loss", "bc/steps", "real_transitions", "proposals", "kept",
+              "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
+
+
+def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
+    from pipelines.partitions import iteration_key
+
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+            "experience_model_eval", "policy_init"]
+    return [(k, None) for k in head] + [("dreamgym_iteration", iteration_key(i)) for i in range(1, iterations + 1)] \
+        + [("s2r_policy", None), ("real_rl_policy", None), ("policy_eval", None)]
+
+
+def _materialized(instance, key: str, partition: str | None) -> bool:
+    import dagster as dg
+
+    if partition is None:
+        return instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
+    return partition in instance.get_materialized_partitions(dg.AssetKey("iteration_eval"))
+
+
 def cmd_demo(args) -> int:
     data = _data_dir(args)
     os.environ["DREAMGYM_DATA"] = data
@@ -81,44 +105,67 @@ def cmd_demo(args) -> int:
 
     import dagster as dg
 
-    from pipelines.definitions import ALL_ASSETS, build_defs
+    from assets.policy import RLSettings
+    from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
 
     defs = build_defs(data)
-    resources = defs.resources
+    resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
     started = time.perf_counter()
+    plan = _demo_plan(args.iterations)
     print(f"[dreamgym] data: {data}  (Dagster run history: {os.environ['DAGSTER_HOME']})", flush=True)
+    print(f"[dreamgym] plan: {len(plan)} steps, {args.iterations} DreamGym iterations ({args.algorithm}); "
+          "finished steps are skipped, so an interrupted demo resumes", flush=True)
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
+           "policy_init": {"config": {"time_budget_s": args.policy_budget}}}
     with dg.DagsterInstance.get() as instance:
-        for asset in ALL_ASSETS:
-            key = asset.key.to_user_string()
+        for n, (key, part) in enumerate(plan, 1):
+            label = f"{key}[{part}]" if part else key
+            if _materialized(instance, key, part):
+                print(f"[dreamgym] ({n}/{len(plan)}) {label}: already materialized, skipped", flush=True)
+                continue
+            print(f"[dreamgym] ({n}/{len(plan)}) materializing {label} ...", flush=True)
             t0 = time.perf_counter()
-            run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-            if key == "experience_model":
-                print(f"[dreamgym] materializing {key} (Eq. 5 SFT, {args.mexp_budget:.0f}s budget; "
-                      "a finished model with the same config is reused) ...", flush=True)
-                run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}},
-                              "ops": {key: {"config": {"time_budget_s": args.mexp_budget}}}}
-            else:
-                print(f"[dreamgym] materializing {key} ...", flush=True)
-            result = dg.materialize(ALL_ASSETS, selection=[key], resources=resources, instance=instance,
-                                    run_config=run_config)
+            long = key in ("experience_model", "policy_init", "dreamgym_iteration", "s2r_policy", "real_rl_policy",
+                           "policy_eval")
+            run_config = {**(loud if long else quiet), "ops": {key: ops[key]} if key in ops else {}}
+            selection = LOOP_KEYS if key == "dreamgym_iteration" else [key]
+            result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
+                                    run_config=run_config, partition_key=part, raise_on_error=False)
             if not result.success:
-                print(f"[dreamgym] {key} failed", file=sys.stderr)
+                print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
+                      file=sys.stderr)
                 return 1
-            mats = result.asset_materializations_for_node(asset.op.name)
-            meta = mats[0].metadata if mats else {}
-            shown = {k: round(v.value, 3) if isinstance(v.value, float) else v.value for k, v in meta.items()
-                     if k in ("rows", "tasks", "success_rate", "mean_length", "invalid_step_share", "env_steps_per_s",
-                              "loss", "steps", "tokens_per_s", "state_exact_match", "baseline_state_exact_match",
-                              "reward_accuracy", "win_recall", "invalid_action_accuracy")}
+            shown = {}
+            for mat in result.get_asset_materialization_events():
+                for k, v in mat.materialization.metadata.items():
+                    if k in DEMO_SHOWN and isinstance(v.value, (int, float)):
+                        shown[k] = round(v.value, 3) if isinstance(v.value, float) else v.value
             print(f"[dreamgym]   done in {time.perf_counter() - t0:.1f}s  {shown}", flush=True)
     from dreamgym_core.sql import run_query
+    from pipelines.report import write_report
 
-    print("\nOffline data by behaviour (dreamgym sql):")
-    print(run_query(data, "SELECT env, policy, count(*) AS episodes, avg(num_steps) AS mean_steps, "
-                          "avg(success::int) AS success_rate, avg(valid_rate) AS valid_rate "
-                          "FROM trajectories GROUP BY ALL ORDER BY policy"))
-    print(f"\n[dreamgym] finished in {time.perf_counter() - started:.1f}s. Inspect with: "
-          f".venv/bin/dreamgym sql \"select env, count(*), avg(reward) from transitions group by env\"")
+    print("\nReal held-out success (TextWorldExpress twc test games; dreamgym sql over policy_eval):")
+    print(run_query(data, "SELECT policy, iteration, mode, round(success_rate, 3) AS success, "
+                          "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, "
+                          "round(sim_success_rate, 3) AS in_m_exp, round(sim_real_gap, 3) AS sim_real_gap, "
+                          "real_transitions FROM policy_eval "
+                          "ORDER BY CASE policy WHEN 'random' THEN 0 WHEN 'sft' THEN 1 WHEN 'dreamgym' THEN 2 "
+                          "WHEN 's2r' THEN 3 ELSE 4 END, iteration, mode"))
+    report = write_report(data, os.path.join(data, "report.html"))
+    print(f"\n[dreamgym] finished in {time.perf_counter() - started:.1f}s. Report: {report}\n"
+          f"  inspect: .venv/bin/dreamgym sql \"select policy, iteration, count(*) from trajectories group by all\"\n"
+          f"  UI:      make ui   (then open http://127.0.0.1:3000)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines.report import write_report
+
+    data = _data_dir(args)
+    out = args.out or os.path.join(data, "report.html")
+    print(write_report(data, out))
     return 0
 
 
@@ -134,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
-    s.add_argument("--mexp-budget", type=float, default=600.0, help="M_exp training budget in seconds (default 600)")
+    s.add_argument("--mexp-budget", type=float, default=300.0, help="M_exp training budget in seconds (default 300)")
+    s.add_argument("--policy-budget", type=float, default=60.0, help="SFT policy training budget in seconds")
+    s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
+    s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.set_defaults(func=cmd_demo)
+
+    s = add("report", help="write an HTML report (tables and plots) of the run")
+    s.add_argument("--out", default=None, help="output file (default <data>/report.html)")
+    s.set_defaults(func=cmd_report)
 
     s = add("sql", help="read-only SQL over every Parquet asset (views: transitions, trajectories, tasks, <asset>)")
     s.add_argument("query")

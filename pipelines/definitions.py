@@ -1,4 +1,9 @@
-"""Dagster Definitions: every DreamGym stage as an asset (served by `dagster dev -w workspace.yaml`)."""
+"""Dagster Definitions: every DreamGym stage as an asset (served by `dagster dev -w workspace.yaml`).
+
+Groups: bootstrap (tasks, offline data) -> experience_model (CoT annotation, M_exp SFT, fidelity) ->
+policy (SFT init, S2R) -> dreamgym_loop (iteration partitions 001, 002, ...) -> evaluation; the
+real-env RL baseline is its own group and job.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,55 @@ import dagster as dg
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
 from assets.experience import cot_annotations, experience_model, experience_model_eval
+from assets.loop import LOOP_SPECS, LoopSettings, dreamgym_iteration
+from assets.policy import RLSettings, policy_eval, policy_init, real_rl_policy, s2r_policy
+from pipelines.checks import ALL_CHECKS
 from pipelines.io_managers import CheckpointIOManager, ParquetIOManager
 from pipelines.lance_io import LanceDBIOManager
+from pipelines.partitions import iteration_partitions
 from pipelines.resources import Experiment, data_root
 
 ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, experience_model,
-              experience_model_eval]
+              experience_model_eval, policy_init, dreamgym_iteration, s2r_policy, real_rl_policy, policy_eval]
+LOOP_KEYS = [s.key for s in LOOP_SPECS]
 
 bootstrap_job = dg.define_asset_job("bootstrap", selection=dg.AssetSelection.groups("bootstrap"),
                                     description="Tasks and offline real trajectories (iteration 0).")
+iteration_job = dg.define_asset_job(
+    "dreamgym_loop", selection=dg.AssetSelection.assets(*LOOP_KEYS), partitions_def=iteration_partitions,
+    description="One DreamGym iteration (pick the partition). For 1..N in order, launch an asset backfill "
+                "from the asset graph: `dagster job backfill` does not order partitions.")
+real_rl_job = dg.define_asset_job("real_rl_baseline", selection=dg.AssetSelection.assets("real_rl_policy"),
+                                  description="The real-env PPO/GRPO baseline with a counted real budget.")
 
 
-def build_defs(data_dir: str | None = None) -> dg.Definitions:
+PROFILES = {
+    "default": {},
+    # a few tasks and steps per stage: the browser test backfills real iterations in about a minute
+    "tiny": {"experiment": dict(n_train_tasks=8, n_dev_tasks=2, n_test_tasks=4, episodes_noisy=1, episodes_random=1,
+                                max_steps=15),
+             "loop": dict(tasks_per_iteration=3, group_size=2, max_steps=3, eval_tasks=3, sim_eval_tasks=2,
+                          eval_max_steps=5, variants_per_seed=1, feasibility_rollouts=2)},
+}
+
+
+def build_defs(data_dir: str | None = None, profile: str | None = None) -> dg.Definitions:
+    """Definitions over ``data_dir`` (default $DREAMGYM_DATA or ./data) with a sizing ``profile``
+    (default $DREAMGYM_PROFILE or "default"; "tiny" for smoke tests)."""
     root = data_dir or data_root()
+    profile = profile or os.environ.get("DREAMGYM_PROFILE", "default")
+    if profile not in PROFILES:
+        raise ValueError(f"DREAMGYM_PROFILE must be one of {sorted(PROFILES)}, got {profile!r}")
+    sizes = PROFILES[profile]
     return dg.Definitions(
         assets=ALL_ASSETS,
-        jobs=[bootstrap_job],
+        asset_checks=ALL_CHECKS,
+        jobs=[bootstrap_job, iteration_job, real_rl_job],
         resources={"io_manager": ParquetIOManager(base_dir=os.path.join(root, "parquet")),
                    "checkpoint_io_manager": CheckpointIOManager(base_dir=os.path.join(root, "checkpoints")),
                    "lance_io_manager": LanceDBIOManager(uri=os.path.join(root, "lancedb")),
-                   "experiment": Experiment()},
+                   "experiment": Experiment(**sizes.get("experiment", {})),
+                   "loop": LoopSettings(**sizes.get("loop", {})), "rl": RLSettings()},
     )
 
 

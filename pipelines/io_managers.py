@@ -50,13 +50,19 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         for part in parts:
             path = self._path(key, part)
             if not exists(path):
-                if context.has_asset_partitions and len(parts) == 1:
+                # a missing k-1 (iteration 001) or, over many iterations, the ones not run yet: skipped
+                if context.has_asset_partitions:
+                    continue
+                if context.dagster_type and context.dagster_type.is_nullable:
                     return None
                 raise FileNotFoundError(f"{key.to_user_string()}: {path} not found; materialize it first")
             tables.append(read_parquet(path))
+        if not tables:
+            return None
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
         want = context.dagster_type.typing_type if context.dagster_type else None
-        return table if want is pa.Table else pl.from_arrow(table)
+        wants_arrow = want is pa.Table or pa.Table in getattr(want, "__args__", ())  # pa.Table | None
+        return table if wants_arrow else pl.from_arrow(table)
 
 
 class CheckpointIOManager(dg.ConfigurableIOManager):
@@ -88,18 +94,26 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
                                      "parent_checkpoint": obj.parent or "<fresh>",
                                      **{k: float(v) for k, v in obj.metrics.items()}})
 
-    def load_input(self, context: dg.InputContext) -> CheckpointRef | None:
-        if context.has_asset_partitions:
-            keys = list(context.asset_partition_keys)
-            if not keys:
-                return None
-            part = keys[0]
-        else:
-            part = None
-        path = self._manifest(context.asset_key, part)
-        if not os.path.exists(path):
-            if part is not None:
-                return None
-            raise FileNotFoundError(f"{context.asset_key.to_user_string()}: {path} not found; materialize it first")
+    def _read(self, path: str) -> CheckpointRef:
         with open(path) as f:
             return CheckpointRef(**json.load(f))
+
+    def load_input(self, context: dg.InputContext) -> CheckpointRef | dict[str, CheckpointRef] | None:
+        """One partition -> its ref (None if absent: iteration 001 has no 000); several partitions (an
+        AllPartitionMapping) -> {key: ref} of the materialized ones; unpartitioned -> the ref, or None
+        when the input is typed Optional and the asset was never materialized."""
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if len(keys) > 1:
+                found = {k: self._manifest(context.asset_key, k) for k in keys}
+                return {k: self._read(p) for k, p in found.items() if os.path.exists(p)}
+            if not keys:
+                return None
+            path = self._manifest(context.asset_key, keys[0])
+            return self._read(path) if os.path.exists(path) else None
+        path = self._manifest(context.asset_key, None)
+        if not os.path.exists(path):
+            if context.dagster_type and context.dagster_type.is_nullable:
+                return None
+            raise FileNotFoundError(f"{context.asset_key.to_user_string()}: {path} not found; materialize it first")
+        return self._read(path)

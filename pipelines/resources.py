@@ -27,6 +27,11 @@ class Experiment(dg.ConfigurableResource):
     n_train_tasks: int = 100
     n_dev_tasks: int = 25
     n_test_tasks: int = 50
+    eval_fold: str = "train"
+    """Held-out evaluation games: "train" = unseen games of the training fold (same objects), "test" =
+    the env's test fold (TWX twc: unseen objects, which a from-scratch model cannot know)."""
+    heldout_start: int = 900
+    """eval_fold="train": first held-out seed index (must be >= n_train_tasks)."""
     episodes_expert: int = 1
     episodes_noisy: int = 2
     episodes_random: int = 2

@@ -37,23 +37,32 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
                                           cache_dir=str(tmp_path / "cache"))}
     run_config = {"ops": {
         "experience_model": {"config": {"steps": 3, "time_budget_s": 60, "batch_size": 4, "hidden": 32,
-                                        "layers": 1, "vocab_size": 600, "max_len": 768}},
-        "experience_model_eval": {"config": {"max_transitions": 9}}}}
+                                        "layers": 1, "vocab_size": 600, "max_len": 768,
+                                        "task_writing_examples": 4}},
+        "experience_model_eval": {"config": {"max_transitions": 9}},
+        "policy_init": {"config": {"steps": 3, "hidden": 32, "layers": 1}}}}
+    # iteration 0, the unpartitioned head of the graph; the loop, S2R, the real-RL baseline and
+    # policy_eval run on top of it in tests/test_loop_assets.py
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+            "experience_model_eval", "policy_init"]
     with dg.instance_for_test() as instance:
-        res = dg.materialize(ALL_ASSETS, resources=resources, instance=instance, run_config=run_config)
+        res = dg.materialize(ALL_ASSETS, selection=head, resources=resources, instance=instance,
+                             run_config=run_config)
     assert res.success
     meta = res.asset_materializations_for_node("offline_trajectories")[0].metadata
     assert meta["rows"].value > 20 and 0 < meta["success_rate"].value < 1
     assert meta["path"].value.endswith("offline_trajectories.parquet")
     assert res.asset_materializations_for_node("eval_tasks")[0].metadata["rows"].value == 5
     cot = res.asset_materializations_for_node("cot_annotations")[0].metadata
-    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v1"
+    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v2"
     assert "<think>" in cot["example"].value
     mexp = res.asset_materializations_for_node("experience_model")[0].metadata
     assert mexp["steps"].value == 3 and mexp["parent_checkpoint"].value == "<fresh>"
     fid = res.output_for_node("experience_model_eval")
     assert fid.num_rows == 1 and 0 < fid["transitions"][0].as_py() <= 9
     assert 0.0 <= fid["state_exact_match"][0].as_py() <= 1.0 and "baseline_state_exact_match" in fid.column_names
+    bc = res.asset_materializations_for_node("policy_init")[0].metadata
+    assert bc["bc/steps"].value == 3 and bc["bc/examples"].value > 0
     # nothing half-written: no temp files remain next to the outputs
     assert not [p for p in (tmp_path / "parquet").rglob(".tmp-*")]
 

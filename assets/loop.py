@@ -1,0 +1,209 @@
+"""The DreamGym training loop as iteration partitions (paper Algorithm 1).
+
+One ``@multi_asset`` holds the per-iteration stages. Each stage is its own asset key with its own
+storage (Parquet, LanceDB, checkpoint), and each has a k-1 **self** edge only: Dagster rejects k-1
+edges between different keys (a cycle), and a multi-asset with sibling edges breaks the backfill
+daemon (shared/notes/dagster-idioms.md §1.3.2, §1.4). The order inside an iteration is code order:
+rollouts -> policy -> task_scores -> synthesized_tasks -> task_pool -> replay_buffer -> iteration_eval
+(dreamgym_core.loop). Iteration k reads k-1's ``policy`` and ``task_pool``; iteration 1 starts from
+``policy_init`` and ``seed_tasks``. Stages already finished for k are skipped on a retry.
+"""
+# No `from __future__ import annotations` in asset modules: Dagster reads the annotations at definition time.
+
+import os
+import time
+
+import dagster as dg
+import pyarrow as pa
+
+from assets.policy import RLSettings, rl_config
+from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
+from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
+from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
+from pipelines.resources import Experiment, data_root
+
+GROUP = "dreamgym_loop"
+PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_pool", "iteration_eval")
+
+
+class LoopSettings(dg.ConfigurableResource):
+    """One iteration's sizes and the curriculum (Eq. 6-7). A resource, so a deployment profile sets it
+    once (pipelines.definitions) and the Launchpad can still override it per run."""
+
+    tasks_per_iteration: int = 16
+    group_size: int = 4
+    max_steps: int = 10
+    eval_tasks: int = 50
+    sim_eval_tasks: int = 25
+    eval_max_steps: int = 20
+    curriculum: bool = True
+    """Ablation switch: False keeps the task pool to the original tasks."""
+    variance_threshold: float = 0.0
+    """Tasks with V_tau above this seed M_task (then the top_m highest)."""
+    top_m: int = 4
+    lam: float = 0.3
+    """At most this share of an iteration's task pool is synthetic."""
+    variants_per_seed: int = 2
+    feasibility_rollouts: int = 3
+    replay_buffer: bool = True
+    """Add each iteration's synthetic transitions to the LanceDB replay buffer."""
+    seed: int = 0
+
+
+def _after_previous(key: str) -> dg.AssetDep:
+    return dg.AssetDep(key, partition_mapping=PREVIOUS_ITERATION)
+
+
+def _spec(key: str, io: str, kinds: set, description: str, extra_deps=()) -> dg.AssetSpec:
+    return dg.AssetSpec(key, deps=[_after_previous(key), *extra_deps], kinds=kinds, group_name=GROUP,
+                        description=description).with_io_manager_key(io)
+
+
+LOOP_SPECS = [
+    _spec("rollouts", "io_manager", {"parquet"}, "Synthetic episodes of policy k-1 in M_exp (GRPO groups), "
+          "each transition naming the policy version that acted.", ["experience_model", "policy_init"]),
+    _spec("policy", "checkpoint_io_manager", {"pytorch", "accelerate"},
+          "Policy after iteration k: one PPO/GRPO update on the rollouts, KL to the SFT policy."),
+    _spec("task_scores", "io_manager", {"parquet"}, "Reward variance V_tau per task (Eq. 7) and the seeds chosen."),
+    _spec("synthesized_tasks", "io_manager", {"parquet"},
+          "Task variants M_task wrote from high-variance seeds that passed the feasibility filter."),
+    _spec("task_pool", "io_manager", {"parquet"},
+          "Tasks for iteration k+1: originals plus at most a fraction lambda of synthetic ones.", ["seed_tasks"]),
+    _spec("replay_buffer", "checkpoint_io_manager", {"lancedb"},
+          "The LanceDB replay buffer after adding iteration k's synthetic transitions (offline seed included).",
+          ["offline_trajectories"]),
+    _spec("iteration_eval", "io_manager", {"parquet"},
+          "Held-out real success of policy k beside its success in M_exp on the same tasks (sim_real_gap).",
+          ["eval_tasks"]),
+]
+_CHECKS = [dg.AssetCheckSpec("schema", asset=k, description="columns and types match the declared schema")
+           for k in PARQUET_OUTPUTS] + [
+    dg.AssetCheckSpec("real_success_not_regressed", asset="iteration_eval",
+                      description="WARN when real held-out success drops below iteration k-1's"),
+    dg.AssetCheckSpec("synthetic_share_within_lambda", asset="task_pool",
+                      description="the pool's synthetic share never exceeds lambda"),
+]
+
+
+@dg.multi_asset(
+    specs=LOOP_SPECS, partitions_def=iteration_partitions, check_specs=_CHECKS, can_subset=False,
+    ins={"prev_policy": dg.AssetIn("policy"), "prev_task_pool": dg.AssetIn("task_pool"),
+         "prev_eval": dg.AssetIn("iteration_eval"),
+         "experience_model": dg.AssetIn(), "policy_init": dg.AssetIn(), "seed_tasks": dg.AssetIn(),
+         "eval_tasks": dg.AssetIn(), "offline_trajectories": dg.AssetIn()},
+)
+def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, experiment: Experiment,
+                       rl: RLSettings, prev_policy: CheckpointRef | None, prev_task_pool: pa.Table | None,
+                       prev_eval: pa.Table | None, experience_model: CheckpointRef, policy_init: CheckpointRef,
+                       seed_tasks: pa.Table, eval_tasks: pa.Table, offline_trajectories: pa.Table):
+    """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
+    from dreamgym_core import curriculum as cur
+    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, config_hash, run_iteration
+
+    config = loop
+    k = iteration_index(context.partition_key)
+    if k > 1 and prev_policy is None:
+        raise dg.Failure(f"iteration {k:03d} needs iteration {k - 1:03d}'s policy: materialize it first "
+                         "(backfill iterations in order)")
+    started = time.perf_counter()
+    loop_cfg = LoopConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
+                          max_steps=config.max_steps, eval_tasks=config.eval_tasks,
+                          sim_eval_tasks=config.sim_eval_tasks, eval_max_steps=config.eval_max_steps, seed=config.seed)
+    cur_cfg = cur.CurriculumConfig(enabled=config.curriculum, threshold=config.variance_threshold, top_m=config.top_m,
+                                   lam=config.lam, variants_per_seed=config.variants_per_seed,
+                                   n_feasibility_rollouts=config.feasibility_rollouts, seed=config.seed)
+    rl_cfg = rl_config(rl)
+    work = os.path.join(data_root(), "loop", config_hash(loop_cfg, cur_cfg, rl_cfg, experience_model.path,
+                                                         policy_init.path, config.replay_buffer))
+    store = StageStore(os.path.join(work, f"{k:03d}"))
+    original = tasks_from_arrow(seed_tasks)
+    test = heldout(eval_tasks)
+    starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
+    sims = SimulatorFactory(experience_model, experiment)
+    buffer = _buffer(context, offline_trajectories) if config.replay_buffer else None
+    writer = cur.TaskWriter(sims.model, sims.tokenizer, seed=config.seed + k) if config.curriculum else None
+    inp = IterationInputs(
+        k=k, prev_policy_dir=prev_policy.path if prev_policy else policy_init.path, ref_policy_dir=policy_init.path,
+        pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,
+        start_states=starts, eval_tasks=test, make_sim=sims, make_real=real_env_factory(experiment),
+        task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None)
+    out = run_iteration(inp, loop_cfg, rl_cfg, cur_cfg, store, log=context.log.info)
+
+    prev_key = f"{k - 1:03d}" if k > 1 else "sft"
+    yield dg.Output(out.rollouts, output_name="rollouts",
+                    metadata={"policy_version": prev_key, **_num(out.records.get("rollouts", {}))})
+    yield dg.Output(CheckpointRef(path=out.policy_dir, kind="policy", parent=inp.prev_policy_dir, iteration=k,
+                                  metrics={a: b for a, b in out.metrics.items()}),
+                    output_name="policy", metadata={"parent_policy": prev_key})
+    sel = out.records.get("selection", {})
+    yield dg.Output(out.task_scores, output_name="task_scores",
+                    metadata={"threshold": float(sel.get("threshold", config.variance_threshold)),
+                              "selected": int(len(sel.get("selected", []))),
+                              "variance_histogram": dg.MetadataValue.md(_histogram_md(sel))})
+    syn = out.records.get("synthesis", {})
+    yield dg.Output(out.synthesized_tasks, output_name="synthesized_tasks",
+                    metadata={"proposals": int(syn.get("proposals", 0)), "kept": out.synthesized_tasks.num_rows,
+                              "drops": dg.MetadataValue.json(syn.get("drops", {}))})
+    share = _synthetic_share(out.task_pool)
+    yield dg.Output(out.task_pool, output_name="task_pool",
+                    metadata={"tasks": out.task_pool.num_rows, "synthetic_share": share})
+    buf = out.records.get("replay_buffer", {})
+    yield dg.Output(CheckpointRef(path=buffer.uri if buffer is not None else "", kind="replay_buffer",
+                                  iteration=k, metrics=_num(buf)), output_name="replay_buffer",
+                    metadata={"by_source": dg.MetadataValue.json(buf.get("by_source", {}))})
+    yield dg.Output(out.evaluation, output_name="iteration_eval",
+                    metadata={**_num(out.evaluation.to_pylist()[0]), **sims.totals(),
+                              "timing/iteration_s": round(time.perf_counter() - started, 1)})
+    from pipelines.checks import schema_check
+
+    for name, table in [("rollouts", out.rollouts), ("task_scores", out.task_scores),
+                        ("synthesized_tasks", out.synthesized_tasks), ("task_pool", out.task_pool),
+                        ("iteration_eval", out.evaluation)]:
+        yield schema_check(name, table)
+    yield dg.AssetCheckResult(asset_key="task_pool", check_name="synthetic_share_within_lambda",
+                              passed=share <= (config.lam if config.curriculum else 0.0) + 1e-9,
+                              metadata={"synthetic_share": share, "lambda": config.lam})
+    now = out.evaluation.to_pylist()[0]["success_rate"]
+    before = prev_eval.to_pylist()[0]["success_rate"] if prev_eval is not None and prev_eval.num_rows else None
+    yield dg.AssetCheckResult(asset_key="iteration_eval", check_name="real_success_not_regressed",
+                              passed=before is None or now >= before, severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"success_rate": now, "previous": before if before is not None else -1.0})
+
+
+def _buffer(context, offline: pa.Table):
+    """The run's replay buffer, seeded once with the offline real transitions (iteration 0)."""
+    from dreamgym_core.buffer import ReplayBuffer
+    from dreamgym_core.embed import Embedder
+
+    cache = os.path.join(data_root(), "cache")
+    os.makedirs(cache, exist_ok=True)
+    buf = ReplayBuffer(os.path.join(data_root(), "lancedb"), Embedder(cache_path=os.path.join(cache, "embeddings.sqlite")))
+    if not buf.rows_by_source().get("offline"):
+        t0 = time.perf_counter()
+        from dreamgym_core.schema import TRANSITION_SCHEMA
+
+        buf.add(offline.select([c for c in TRANSITION_SCHEMA.names if c in offline.column_names]), "offline", 0,
+                replace=True)
+        buf.tag_iteration(1)
+        context.log.info(f"replay buffer seeded with {offline.num_rows} offline transitions in "
+                         f"{time.perf_counter() - t0:.1f}s")
+    return buf
+
+
+def _num(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+def _synthetic_share(pool: pa.Table) -> float:
+    if pool.num_rows == 0:
+        return 0.0
+    return sum(s == "synthetic" for s in pool["source"].to_pylist()) / pool.num_rows
+
+
+def _histogram_md(sel: dict) -> str:
+    edges, counts = sel.get("edges", []), sel.get("counts", [])
+    if not counts:
+        return "no rollouts"
+    lines = ["| V_tau bin | tasks |", "|---|---|"]
+    lines += [f"| [{edges[i]:.3f}, {edges[i + 1]:.3f}) | {c} |" for i, c in enumerate(counts)]
+    return "\n".join(lines)

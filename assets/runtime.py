@@ -1,0 +1,80 @@
+"""Shared builders for the policy and loop assets: env factories, M_exp as a simulator, start states.
+
+Kept out of dreamgym_core because they read Dagster-level objects (the Experiment resource,
+CheckpointRefs); everything they build is a core object.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dreamgym_core.envs import SerialBatchEnv, make_env
+from dreamgym_core.schema import CheckpointRef, Task
+
+
+def real_env_factory(experiment, engines: int = 8):
+    """-> a fresh real-env BatchEnv (one engine per slot, at most ``engines``)."""
+    spec = experiment.env_spec()
+    return lambda: SerialBatchEnv(lambda: make_env(spec), max_engines=engines)
+
+
+def candidate_rule(experiment):
+    """The adapter's state-only candidate rule (synthetic states have no engine to ask)."""
+    env = make_env(experiment.env_spec())
+    env.close()
+    return env.propose_candidates
+
+
+def heldout(eval_tasks: pa.Table, role: str = "test") -> list[Task]:
+    """The eval_tasks of one role (dev | test), in task-id order."""
+    from dreamgym_core.schema import tasks_from_arrow
+
+    if "role" in eval_tasks.column_names:
+        rows = eval_tasks.filter(pc.equal(eval_tasks["role"], role)).drop_columns(["role"])
+        return sorted(tasks_from_arrow(rows), key=lambda t: t.task_id)
+    return sorted((t for t in tasks_from_arrow(eval_tasks) if t.split == role), key=lambda t: t.task_id)
+
+
+def offline_start_states(offline: pa.Table) -> dict[str, str]:
+    """task_id -> the real start state recorded at step 0 of its offline episodes."""
+    first = offline.filter(pc.equal(offline["step_idx"], 0)).select(["task_id", "state"]).to_pylist()
+    return {r["task_id"]: r["state"] for r in first}
+
+
+def real_start_states(experiment, tasks: list[Task]) -> dict[str, str]:
+    """task_id -> start state from a real reset (a reset is not a transition: no budget is used)."""
+    env = make_env(experiment.env_spec())
+    try:
+        return {t.task_id: env.reset(t).state for t in tasks}
+    finally:
+        env.close()
+
+
+class SimulatorFactory:
+    """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
+
+    def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 32):
+        from dreamgym_core.experience_model import PromptConfig, SimConfig
+        from dreamgym_core.models import load_checkpoint
+
+        self.model, self.tokenizer, meta = load_checkpoint(experience_model.path)
+        self.prompt = PromptConfig(**meta.get("prompt", {}))
+        self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)
+        self.propose = candidate_rule(experiment)
+        self.retrieve = retrieve
+        self.stats = []
+
+    def __call__(self, initial_state):
+        from dreamgym_core.experience_model import ExperienceModel
+
+        sim = ExperienceModel(self.model, self.tokenizer, initial_state=initial_state,
+                              propose_candidates=self.propose, retrieve=self.retrieve, cfg=self.cfg)
+        self.stats.append(sim.stats)
+        return sim
+
+    def totals(self) -> dict[str, float]:
+        steps = sum(s.steps for s in self.stats)
+        secs = sum(s.seconds for s in self.stats)
+        return {"sim/steps": float(steps), "sim/parse_failures": float(sum(s.parse_failures for s in self.stats)),
+                "sim/steps_per_s": round(steps / secs, 2) if secs else 0.0}

@@ -1,0 +1,513 @@
+"""One DreamGym iteration (paper Algorithm 1) as resumable stages, and RL with a counted real budget.
+
+Iteration k, in order (paper §4):
+  1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
+                 n rollouts per task), every transition tagged with that policy's version;
+  2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
+  3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
+  4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
+                 some (Eq. 6);
+  5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
+  6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
+  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``).
+
+Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
+whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
+half-writes a stage. The work directory is keyed by the loop's config hash, so two configurations
+never share stage results.
+
+Departure from the paper: the paper alternates many policy updates per curriculum round; here one
+iteration is one rollout batch + one update (``RLConfig.ppo_epochs`` passes over it), which keeps an
+iteration a small, inspectable partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import pyarrow as pa
+
+from dreamgym_core.io import read_parquet, write_parquet_atomic
+from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
+    trajectories_to_arrow
+
+Log = Callable[[str], None]
+
+
+class StageStore:
+    """Finished stage results of one iteration: ``<root>/<name>.parquet|.json`` or a directory."""
+
+    def __init__(self, root: str):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def table(self, name: str) -> pa.Table | None:
+        p = self.path(name + ".parquet")
+        return read_parquet(p) if os.path.exists(p) else None
+
+    def put_table(self, name: str, table: pa.Table) -> pa.Table:
+        write_parquet_atomic(table, self.path(name + ".parquet"))
+        return table
+
+    def record(self, name: str) -> dict | None:
+        p = self.path(name + ".json")
+        if not os.path.exists(p):
+            return None
+        with open(p) as f:
+            return json.load(f)
+
+    def put_record(self, name: str, record: dict) -> dict:
+        p = self.path(name + ".json")
+        with open(p + ".tmp", "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True, default=float)
+        os.replace(p + ".tmp", p)
+        return record
+
+    def done(self, name: str) -> bool:
+        """A stage is finished once its table or record exists (a directory result writes its record last)."""
+        return any(os.path.exists(self.path(name + ext)) for ext in (".parquet", ".json"))
+
+
+def run_stage(store: StageStore, name: str, log: Log, fn: Callable[[], object], load: Callable[[], object]):
+    """Run ``fn`` unless ``name`` already finished (then ``load`` its result); logs which happened."""
+    if store.done(name):
+        log(f"stage {name}: already finished in {store.root}, skipped")
+        return load(), 0.0
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    log(f"stage {name}: done in {dt:.1f}s")
+    return out, dt
+
+
+def clear_partial(store: StageStore) -> None:
+    """Remove temp leftovers of a killed stage (``*.tmp`` files and directories)."""
+    for entry in os.listdir(store.root):
+        if entry.endswith(".tmp"):
+            p = store.path(entry)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+
+
+def policy_version(k: int) -> str:
+    """The name rollouts record: the policy *after* iteration k (0 = the SFT init)."""
+    return f"dreamgym@{k:03d}" if k else "sft"
+
+
+def trajectories_table(trajs: Sequence[Trajectory]) -> pa.Table:
+    return trajectories_to_arrow(trajs)
+
+
+def read_trajectories(table: pa.Table) -> list[Trajectory]:
+    return trajectories_from_arrow(table)
+
+
+def read_tasks(table: pa.Table) -> list[Task]:
+    return tasks_from_arrow(table)
+
+
+def write_tasks(tasks: Sequence[Task]) -> pa.Table:
+    return tasks_to_arrow(tasks)
+
+
+@dataclass
+class Timer:
+    """``timing/<phase>_s`` metrics for a training step that reads like the paper."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, dt: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + dt
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}_s": round(v, 3) for k, v in self.seconds.items()}
+
+
+def config_hash(*configs) -> str:
+    import hashlib
+
+    blob = json.dumps([asdict(c) if hasattr(c, "__dataclass_fields__") else c for c in configs],
+                      sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# The iteration
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What one iteration does (all of it is part of the work-directory hash)."""
+
+    tasks_per_iteration: int = 16
+    """Tasks drawn from the pool for this iteration's synthetic rollouts."""
+    group_size: int = 4
+    """Rollouts per task: the GRPO group (PPO uses 1 and clusters tasks for the curriculum)."""
+    max_steps: int = 10
+    """Synthetic episode cap."""
+    rollout_batch: int = 32
+    history_window: int = 2
+    eval_max_steps: int = 20
+    eval_tasks: int = 50
+    """Held-out real test tasks scored each iteration (greedy)."""
+    sim_eval_tasks: int = 25
+    """Of those, how many also run in M_exp for the sim-real gap."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_tasks < 0 or self.sim_eval_tasks < 0 or self.history_window < 0:
+            raise ValueError("LoopConfig: eval_tasks, sim_eval_tasks and history_window must be >= 0")
+
+
+def sample_tasks(pool: Sequence[Task], n: int, k: int, seed: int) -> list[Task]:
+    """A deterministic draw of ``n`` pool tasks for iteration ``k`` (all of them when the pool is small)."""
+    import random
+
+    pool = sorted(pool, key=lambda t: t.task_id)
+    if len(pool) <= n:
+        return list(pool)
+    return sorted(random.Random(f"{seed}|{k}").sample(pool, n), key=lambda t: t.task_id)
+
+
+def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequence[Trajectory] | None,
+              real_transitions: int, mode: str) -> dict:
+    """One ``policy_eval`` row: success with a Wilson interval on real held-out tasks, and in M_exp."""
+    from dreamgym_core.evaluation import summarize
+
+    r = summarize(real)
+    row = {"policy": policy, "iteration": iteration, "mode": mode, "episodes": r.episodes,
+           "success_rate": r.success_rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
+           "mean_return": r.mean_return, "mean_steps": r.mean_steps, "invalid_action_rate": r.invalid_action_rate,
+           "real_transitions": int(real_transitions), "sim_success_rate": None, "sim_real_gap": None}
+    if sim is not None and len(sim):
+        s = summarize(sim)
+        # the gap compares the same tasks: success in M_exp minus success in the real env on those tasks
+        ids = {t.task.task_id for t in sim}
+        same = [t for t in real if t.task.task_id in ids]
+        real_same = sum(t.won for t in same) / max(len(same), 1)
+        row["sim_success_rate"] = s.success_rate
+        row["sim_real_gap"] = s.success_rate - real_same
+    return row
+
+
+EVAL_SCHEMA = pa.schema([
+    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
+    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
+    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
+])
+"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
+
+
+def eval_table(rows: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
+
+
+@dataclass
+class IterationInputs:
+    """Everything iteration k reads: k-1's policy and task pool, iteration-0 assets, env factories."""
+
+    k: int
+    prev_policy_dir: str
+    """The trainer state after k-1 (for k = 1: the SFT policy directory)."""
+    ref_policy_dir: str
+    """The frozen reference for the KL term (the SFT policy)."""
+    pool: list[Task]
+    original: list[Task]
+    start_states: dict[str, str]
+    """Real start states of the original tasks (synthetic tasks carry their own)."""
+    eval_tasks: list[Task]
+    make_sim: Callable[[Callable[[Task], str]], object]
+    """initial_state -> a fresh M_exp BatchEnv."""
+    make_real: Callable[[], object]
+    """-> a real-env BatchEnv (held-out evaluation)."""
+    task_writer: object | None = None
+    """curriculum.TaskWriter over M_exp's weights (None: the curriculum cannot synthesize)."""
+    buffer: object | None = None
+    """buffer.ReplayBuffer the synthetic transitions join (None: not kept)."""
+    embed: Callable[[list[str]], object] | None = None
+    """Text -> unit vectors, for PPO's task clusters."""
+
+
+@dataclass
+class IterationOutputs:
+    rollouts: pa.Table
+    task_scores: pa.Table
+    synthesized_tasks: pa.Table
+    task_pool: pa.Table
+    evaluation: pa.Table
+    policy_dir: str
+    metrics: dict[str, float]
+    records: dict[str, dict]
+
+
+def initial_state_fn(start_states: dict[str, str]) -> Callable[[Task], str]:
+    def initial_state(task: Task) -> str:
+        if task.initial_state:
+            return task.initial_state
+        try:
+            return start_states[task.task_id]
+        except KeyError:
+            raise ValueError(f"task {task.task_id!r} has no initial_state and no recorded real start state") from None
+    return initial_state
+
+
+def _load_trainer(inp: IterationInputs, rl_cfg):
+    from dreamgym_core.models import load_checkpoint
+    from dreamgym_core.rl.trainer import PolicyTrainer
+
+    ref, _, _ = load_checkpoint(inp.ref_policy_dir)
+    if inp.k == 1:  # a fresh trainer on the SFT weights
+        model, tok, _ = load_checkpoint(inp.prev_policy_dir)
+        return PolicyTrainer(model, tok, rl_cfg, ref_model=ref)
+    return PolicyTrainer.load(inp.prev_policy_dir, rl_cfg, ref_model=ref)
+
+
+def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store: StageStore,
+                  log: Log = print) -> IterationOutputs:
+    """Stages 1-7 of the module docstring; finished stages are loaded instead of re-run."""
+    from dreamgym_core import curriculum as cur
+    from dreamgym_core.policy import LMPolicy
+    from dreamgym_core.rollout import RolloutConfig, rollout
+
+    clear_partial(store)
+    k, timer, records = inp.k, Timer(), {}
+    grpo = rl_cfg.algorithm == "grpo"
+    init_state = initial_state_fn(inp.start_states)
+    trainer = None
+
+    def get_trainer():
+        nonlocal trainer
+        if trainer is None:
+            trainer = _load_trainer(inp, rl_cfg)
+        return trainer
+
+    # 1. rollouts of policy k-1 in M_exp ------------------------------------------------------
+    def do_rollouts() -> pa.Table:
+        tr = get_trainer()
+        tasks = sample_tasks(inp.pool, cfg.tasks_per_iteration, k, cfg.seed)
+        policy = LMPolicy(tr.model, tr.tokenizer, policy_version(k - 1), temperature=rl_cfg.temperature,
+                          max_prompt_tokens=rl_cfg.max_prompt_tokens)
+        sim = inp.make_sim(init_state)
+        trajs, stats = rollout(sim, policy, tasks, RolloutConfig(
+            group_size=cfg.group_size if grpo else 1, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
+            history_window=cfg.history_window, source="synthetic", iteration=k, seed=cfg.seed * 1000 + k))
+        store.put_record("rollouts_stats", stats.as_metadata())
+        log(f"iteration {k:03d}: {stats.episodes} synthetic episodes, {stats.transitions} transitions, "
+            f"success {stats.successes / max(stats.episodes, 1):.2f} in M_exp")
+        return store.put_table("rollouts", trajectories_table(trajs))
+
+    rollouts, dt = run_stage(store, "rollouts", log, do_rollouts, lambda: store.table("rollouts"))
+    timer.add("rollout", dt)
+    records["rollouts"] = store.record("rollouts_stats") or {}
+    trajs = read_trajectories(rollouts)
+
+    # 2. policy update (advantages inside the trainer: GRPO groups or GAE) ------------------------
+    policy_dir = store.path("policy")
+
+    def do_update() -> dict:
+        tr = get_trainer()
+        m = tr.update(trajs)
+        tr.save(policy_dir)
+        return store.put_record("policy", {**m, "iteration": k, "parent": inp.prev_policy_dir})
+
+    upd, dt = run_stage(store, "policy", log, do_update, lambda: store.record("policy"))
+    timer.add("update", dt)
+    records["policy"] = upd
+
+    # 3. task scores: reward variance (Eq. 7) ----------------------------------------------------
+    def do_scores() -> pa.Table:
+        variances = cur.task_reward_variance(trajs)
+        if not grpo and inp.embed is not None and variances:
+            ids = sorted(variances)
+            by_id = {t.task.task_id: t.task for t in trajs}
+            vecs = inp.embed([init_state(by_id[i]) for i in ids])
+            groups = cur.cluster_groups(ids, vecs, max(1, len(ids) // cur_cfg.cluster_size), cfg.seed)
+            variances = cur.cluster_variance(trajs, dict(zip(ids, groups)))
+        sel = cur.select_seed_tasks(variances, cur_cfg.threshold, cur_cfg.top_m)
+        store.put_record("selection", sel.as_record())
+        rows = [{"iteration": k, "task_id": t, "variance": v[0], "rollouts": v[1], "mean_return": v[2],
+                 "selected": t in sel.selected} for t, v in sorted(variances.items())]
+        schema = pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
+                            ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
+        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=schema))
+
+    scores, dt = run_stage(store, "task_scores", log, do_scores, lambda: store.table("task_scores"))
+    timer.add("scores", dt)
+    records["selection"] = store.record("selection") or {}
+
+    # 4. synthesized tasks: M_task + feasibility filter ------------------------------------------
+    def do_synth() -> pa.Table:
+        selected = [r["task_id"] for r in scores.to_pylist() if r["selected"]]
+        by_id = {t.task_id: t for t in list(inp.pool) + list(inp.original)}
+        seeds = [by_id[i] for i in selected if i in by_id]
+        kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
+        if cur_cfg.enabled and seeds and inp.task_writer is not None:
+            states = {t.task_id: init_state(t) for t in seeds}
+            prompts = [cur.build_task_prompt(seeds[i:i + cur_cfg.seeds_per_prompt], states, cur_cfg.seeds_per_prompt)
+                       for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
+            texts = inp.task_writer.write(prompts)
+            parents = [seeds[i] for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
+            existing = list(inp.pool) + list(inp.original)
+
+            def simulate(tasks: list[Task]) -> list[Trajectory]:
+                from dreamgym_core.rollout import RandomPolicy
+                sim = inp.make_sim(init_state)
+                out, _ = rollout(sim, RandomPolicy("feasibility"), tasks, RolloutConfig(
+                    group_size=cur_cfg.n_feasibility_rollouts, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
+                    history_window=cfg.history_window, source="synthetic", iteration=k, seed=k))
+                return out
+
+            kept, report = cur.synthesize(texts, parents, existing, {t.task_id: init_state(t) for t in existing},
+                                          simulate, k, cur_cfg)
+        store.put_record("synthesis", report)
+        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
+            f"drops {report.get('drops', {})}")
+        return store.put_table("synthesized_tasks", write_tasks(kept))
+
+    synth, dt = run_stage(store, "synthesized_tasks", log, do_synth, lambda: store.table("synthesized_tasks"))
+    timer.add("synthesis", dt)
+    records["synthesis"] = store.record("synthesis") or {}
+
+    # 5. task pool for k+1 ------------------------------------------------------------------------
+    def do_pool() -> pa.Table:
+        synthetic = [t for t in inp.pool if t.source == "synthetic"] + read_tasks(synth)
+        pool = cur.build_task_pool(inp.original, synthetic, cur_cfg.lam if cur_cfg.enabled else 0.0,
+                                   len(inp.original) + (len(synthetic) if cur_cfg.enabled else 0), cfg.seed + k)
+        return store.put_table("task_pool", write_tasks(pool))
+
+    pool_t, dt = run_stage(store, "task_pool", log, do_pool, lambda: store.table("task_pool"))
+    timer.add("pool", dt)
+
+    # 6. replay buffer ----------------------------------------------------------------------------
+    def do_buffer() -> dict:
+        if inp.buffer is None:
+            return store.put_record("replay_buffer", {"rows_added": 0, "kept": False})
+        from dreamgym_core.schema import transitions_from_arrow
+        n = inp.buffer.add(transitions_from_arrow(rollouts.select(
+            [c for c in rollouts.column_names if c in _TRANSITION_NAMES])), "synthetic", k, replace=True)
+        version = inp.buffer.tag_iteration(k, move=True)
+        return store.put_record("replay_buffer", {"rows_added": n, "version": version, "rows": len(inp.buffer),
+                                                  "by_source": inp.buffer.rows_by_source()})
+
+    buf_rec, dt = run_stage(store, "replay_buffer", log, do_buffer, lambda: store.record("replay_buffer"))
+    timer.add("buffer", dt)
+    records["replay_buffer"] = buf_rec
+
+    # 7. evaluation: real held-out success beside success in M_exp on the same tasks ------------
+    def do_eval() -> pa.Table:
+        from dreamgym_core.models import load_checkpoint
+        model, tok, _ = load_checkpoint(policy_dir)
+        table = evaluate(lm_policy_factory(model, tok, policy_version(k)), "dreamgym", k, inp.eval_tasks,
+                         inp.make_real, inp.make_sim, init_state, cfg, real_transitions=0, log=log)
+        return store.put_table("evaluation", table)
+
+    ev, dt = run_stage(store, "evaluation", log, do_eval, lambda: store.table("evaluation"))
+    timer.add("evaluation", dt)
+    metrics = {**{f"update/{a}": float(b) for a, b in upd.items() if isinstance(b, (int, float))},
+               **timer.metrics()}
+    return IterationOutputs(rollouts=rollouts, task_scores=scores, synthesized_tasks=synth, task_pool=pool_t,
+                            evaluation=ev, policy_dir=policy_dir, metrics=metrics, records=records)
+
+
+def _transition_names() -> tuple[str, ...]:
+    from dreamgym_core.schema import TRANSITION_SCHEMA
+    return tuple(TRANSITION_SCHEMA.names)
+
+
+_TRANSITION_NAMES = _transition_names()
+
+
+def lm_policy_factory(model, tok, name: str) -> Callable[[str], object]:
+    """mode ('greedy' | 'sampled') -> an LMPolicy over ``model``."""
+    from dreamgym_core.policy import LMPolicy
+
+    return lambda mode: LMPolicy(model, tok, name, greedy=mode == "greedy")
+
+
+def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Sequence[Task], make_real, make_sim,
+             init_state, cfg: LoopConfig, *, real_transitions: int, log: Log = print,
+             modes: Sequence[str] = ("greedy",)) -> pa.Table:
+    """Success on held-out real tasks per mode; greedy success in M_exp on the first ``sim_eval_tasks``
+    of them (the same tasks, same start states) for ``sim_real_gap``."""
+    from dreamgym_core.rollout import RolloutConfig, rollout
+
+    tasks = sorted(tasks, key=lambda t: t.task_id)[:cfg.eval_tasks]
+    rows = []
+    for mode in modes:
+        pol = make_policy(mode)
+        rc = RolloutConfig(max_steps=cfg.eval_max_steps, batch_size=8, history_window=cfg.history_window,
+                           source="real", iteration=k, seed=cfg.seed)
+        real_env = make_real()
+        try:
+            real, _ = rollout(real_env, pol, tasks, rc)
+        finally:
+            real_env.close()
+        sim = None
+        if mode == modes[0] and cfg.sim_eval_tasks and make_sim is not None:
+            sim, _ = rollout(make_sim(init_state), pol, tasks[:cfg.sim_eval_tasks],
+                             RolloutConfig(max_steps=cfg.eval_max_steps, batch_size=cfg.rollout_batch,
+                                           history_window=cfg.history_window, source="synthetic", iteration=k,
+                                           seed=cfg.seed))
+        row = eval_rows(name, k, real, sim, real_transitions, mode)
+        log(f"eval {name}@{k} {mode}: real success {row['success_rate']:.2f} "
+            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            + (f", M_exp {row['sim_success_rate']:.2f} (gap {row['sim_real_gap']:+.2f})" if sim else ""))
+        rows.append(row)
+    return eval_table(rows)
+
+
+def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *, budget: int, rounds: int,
+                   name: str, log: Log = print) -> dict:
+    """PPO/GRPO directly in the real env with an exact budget of real transitions (real-RL baseline, S2R).
+
+    Each round: rollouts (a GRPO group per task) capped by what is left of ``budget`` -> update.
+    Returns the exact count of real transitions consumed and per-round metrics; the count covers
+    every real transition the policy was trained on (evaluation episodes are reported apart).
+    """
+    from dreamgym_core.policy import LMPolicy
+    from dreamgym_core.rollout import RolloutConfig, rollout
+
+    if budget < 0 or rounds < 1:
+        raise ValueError(f"{name}: budget must be >= 0 and rounds >= 1 (got {budget}, {rounds})")
+    used, episodes, wins, timer, last = 0, 0, 0, Timer(), {}
+    grpo = trainer.cfg.algorithm == "grpo"
+    for r in range(rounds):
+        left = budget - used
+        if left <= 0:
+            break
+        batch = sample_tasks(tasks, cfg.tasks_per_iteration, 10_000 + r, cfg.seed)
+        pol = LMPolicy(trainer.model, trainer.tokenizer, f"{name}@{r}", temperature=trainer.cfg.temperature,
+                       max_prompt_tokens=trainer.cfg.max_prompt_tokens)
+        env = make_real()
+        t0 = time.perf_counter()
+        try:
+            trajs, stats = rollout(env, pol, batch, RolloutConfig(
+                group_size=cfg.group_size if grpo else 1, max_steps=cfg.eval_max_steps, batch_size=8,
+                history_window=cfg.history_window, budget=left, source="real", iteration=r, seed=cfg.seed + r))
+        finally:
+            env.close()
+        timer.add("rollout", time.perf_counter() - t0)
+        used += stats.transitions
+        episodes += stats.episodes
+        wins += stats.successes
+        if trajs:
+            t0 = time.perf_counter()
+            last = trainer.update(trajs)
+            timer.add("update", time.perf_counter() - t0)
+        log(f"{name} round {r + 1}/{rounds}: {stats.transitions} real transitions (total {used}/{budget}), "
+            f"train success {stats.successes / max(stats.episodes, 1):.2f}")
+    if used > budget:  # rollout() caps exactly; this guards the accounting itself
+        raise AssertionError(f"{name}: used {used} real transitions, over the budget of {budget}")
+    return {"real_transitions": used, "budget": budget, "episodes": episodes,
+            "train_success_rate": wins / max(episodes, 1), **timer.metrics(),
+            **{f"update/{a}": float(b) for a, b in last.items() if isinstance(b, (int, float))}}
