@@ -16,7 +16,7 @@ which is what a small from-scratch M_exp can learn. The LLM annotators fall back
 (and count it in ``fallbacks``) when a model returns nothing usable.
 
 ``annotate_table`` adds three columns to a transition table: ``reasoning`` (R*), ``annotator``
-(who wrote it: ``rule-v2``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
+(who wrote it: ``rule-v3``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
 M_exp training text ``exp_format.render_target(reasoning, diff(s, s'))``).
 """
 
@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -36,7 +36,7 @@ from dreamgym_core.exp_format import StateDelta, diff, render_delta, render_targ
 from dreamgym_core.state import AbstractState
 
 MAX_WORDS = 80
-"""LLM traces are cut to this many words (the rule annotator stays under 50)."""
+"""LLM traces are cut to this many words (the rule annotator stays under 60)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class AnnotationInput:
     reward: float
     valid: bool
     done: bool
+    progress: float | None = None
+    """The env's dense task score before the step (``obs.score``), when the data has it."""
+    next_progress: float | None = None
+    """The dense score after the step (``score``): a rise means a sub-goal was reached."""
 
 
 class Annotator(Protocol):
@@ -195,21 +199,62 @@ def _reward_sentence(reward: float, done: bool) -> str:
     return "The task is not complete: reward 0."
 
 
-def _progress(s: AbstractState) -> str:
-    """What is left to put away after the action: the decision behind the reward (twc wins when the
-    last carried or loose item reaches its place). Loose = a fact that is neither a receptacle nor
-    openable; fixtures (a toilet) count too, the model learns which ones never move."""
-    loose = sum(1 for f in s.objects if ": " not in f and not _STATUS.search(f))
-    return f"You carry {len(s.inventory)} and {loose} lie loose."
+def _progress(s: AbstractState, portable: frozenset[str] | None,
+              placements: dict[tuple[str, str], bool] | None = None) -> str:
+    """What is left to put away after the action: the decision behind the reward (twc wins when
+    every item is in its place). Counted: loose items (a bare fact: no contents, no open/closed
+    status; with ``portable``, names ever carried in the data, fixtures such as a toilet are not),
+    carried items, and, with ``placements``, items lying in a receptacle they are known not to
+    belong in. So "0 left" means the task is done, and a model learns to count misplaced items."""
+    loose = [f for f in s.objects if ": " not in f and not _STATUS.search(f)]
+    if portable is not None:
+        loose = [f for f in loose if f in portable]
+    wrong = 0
+    if placements:
+        wrong = sum(placements.get((item, _name(f))) is False for f in s.objects for item in _contents(f))
+    left = len(loose) + len(s.inventory) + wrong
+    return f"Items left to put away: {left}."
 
 
-def rule_trace(item: AnnotationInput, max_words: int = 50) -> str:
+def placement_knowledge(table: pa.Table) -> dict[tuple[str, str], bool]:
+    """(item, receptacle) -> whether the item belongs there, read off the env's dense score in the
+    data: a valid put that raised the score is a right place, one that did not a wrong one (a pair
+    ever seen right stays right). Pairs never put are unknown (absent). Empty without a dense score."""
+    cols = [c for c in ("action", "valid", "score", "obs") if c in table.column_names]
+    if len(cols) < 4:
+        return {}
+    rows = table.select(cols).to_pylist()
+    if not any(r["score"] for r in rows):
+        return {}
+    out: dict[tuple[str, str], bool] = {}
+    for r in rows:
+        verb, x, y = _split_action(r["action"])
+        before = _score_before(r)
+        if verb != "put" or not r["valid"] or not x or not y or before is None:
+            continue
+        out[(x, y)] = out.get((x, y), False) or float(r["score"]) > before
+    return out
+
+
+def _placement(item: AnnotationInput, verb: str, x: str, y: str) -> str:
+    """For a valid put, whether the item went where it belongs, read off the env's dense score: a
+    rise is a sub-goal reached (twc scores each item put in its place). Empty when unknown."""
+    if verb != "put" or not item.valid or item.progress is None or item.next_progress is None:
+        return ""
+    if item.next_progress > item.progress:
+        return f"The {x} belongs in the {y}."
+    return f"The {x} does not belong in the {y}."
+
+
+def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[str] | None = None,
+               placements: dict[tuple[str, str], bool] | None = None) -> str:
     """The deterministic trace of ``RuleAnnotator``; also the LLM annotators' fallback.
 
     Short and decision-first: why the action is valid or rejected (whether its objects are here,
-    carried, open), what moves where, what is left to put away, then the reward. Names come from
-    the action and the state only, so the pointer form (``exp_format.delex``) turns them into
-    ``@1``/``@2`` and a model never has to copy a name it has not seen.
+    carried, open), what moves where, whether a put item belongs there (from the env's score, when
+    known), how many items are left to put away, then the reward. Names come from the action and
+    the state only, so the pointer form (``exp_format.delex``) turns them into ``@1``/``@2`` and a
+    model never has to copy a name it has not seen.
     """
     try:
         s, s2 = AbstractState.parse(item.state), AbstractState.parse(item.next_state)
@@ -224,7 +269,9 @@ def rule_trace(item: AnnotationInput, max_words: int = 50) -> str:
     why = _why_valid(s, verb, x, y) if item.valid else ""
     head = (f"Valid: {why}." if why else "Valid.") if item.valid \
         else "Not a listed action, yet it changes the state."
-    tail = (_progress(s2) + " " if d.changes_state else "") + _reward_sentence(item.reward, item.done)
+    placed = _placement(item, verb, x, y)
+    tail = ((placed + " " if placed else "") + (_progress(s2, portable, placements) + " " if d.changes_state else "")
+            + _reward_sentence(item.reward, item.done))
     budget = max_words - len(head.split()) - len(tail.split()) - 4  # room for "Other facts change too."
     kept: list[str] = []
     for sentence in _changes(s, d):
@@ -236,12 +283,32 @@ def rule_trace(item: AnnotationInput, max_words: int = 50) -> str:
 
 
 class RuleAnnotator:
-    """Deterministic traces from the state difference and the reward (the offline default)."""
+    """Deterministic traces from the state difference, the env's score and the reward (the offline
+    default). ``portable``: object names that can be carried (``portable_items`` of the data), so
+    the count of items left to put away skips fixtures; ``placements``: which receptacle items
+    belong in (``placement_knowledge`` of the data), so misplaced items count as left too."""
 
-    name = "rule-v2"
+    name = "rule-v3"
+
+    def __init__(self, portable: Iterable[str] | None = None,
+                 placements: dict[tuple[str, str], bool] | None = None):
+        self.portable = frozenset(portable) if portable is not None else None
+        self.placements = dict(placements) if placements else None
 
     def annotate(self, items: list[AnnotationInput]) -> list[str]:
-        return [rule_trace(it) for it in items]
+        return [rule_trace(it, portable=self.portable, placements=self.placements) for it in items]
+
+
+def portable_items(table: pa.Table) -> frozenset[str]:
+    """Every object name that is carried at some point in ``table`` (state or next_state inventory)."""
+    names: set[str] = set()
+    for col in ("state", "next_state"):
+        for text in dict.fromkeys(table[col].to_pylist()):
+            try:
+                names.update(AbstractState.parse(text).inventory)
+            except ValueError:
+                continue
+    return frozenset(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +546,11 @@ def _target_for(row: dict, reasoning: str) -> str:
     return render_target(reasoning, delta)[0]
 
 
+def _score_before(row: dict) -> float | None:
+    obs = row.get("obs") or {}
+    return float(obs["score"]) if isinstance(obs, dict) and obs.get("score") is not None else None
+
+
 def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
                    progress: Callable[[int, int], None] | None = None) -> pa.Table:
     """Add ``reasoning``, ``annotator`` and ``target`` columns to a table of transitions.
@@ -494,15 +566,20 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
         raise ValueError(f"annotate_table: missing column(s) {', '.join(missing)}; expected TRANSITION_SCHEMA rows")
     if batch_size < 1:
         raise ValueError("annotate_table: batch_size must be >= 1")
-    rows = table.select([c for c in (*_NEEDED, "instruction") if c in table.column_names]).to_pylist()
+    extra = [c for c in ("instruction", "obs", "score") if c in table.column_names]
+    rows = table.select([*_NEEDED, *extra]).to_pylist()
     for i, row in enumerate(rows):
         try:
             _target_for(row, "")
         except ValueError as exc:
             raise ValueError(f"annotate_table: row {i} (action {row['action']!r}): {exc}") from None
+    # the env's dense score, when the data has one (imported logs may carry zeros only)
+    scored = any(r.get("score") for r in rows)
     inputs = [AnnotationInput(instruction=r.get("instruction") or "", state=r["state"], action=r["action"],
                               next_state=r["next_state"], reward=float(r["reward"]), valid=bool(r["valid"]),
-                              done=bool(r["done"])) for r in rows]
+                              done=bool(r["done"]), progress=_score_before(r) if scored else None,
+                              next_progress=float(r["score"]) if scored and r.get("score") is not None else None)
+              for r in rows]
     unique = list(dict.fromkeys(inputs))
     traces: dict[AnnotationInput, str] = {}
     for i in range(0, len(unique), batch_size):
@@ -525,4 +602,4 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
 
 __all__ = ["AnnotationError", "AnnotationInput", "Annotator", "OpenAIAnnotator", "RuleAnnotator",
            "TokenBucket", "TransformersAnnotator", "annotate_table", "annotation_prompt", "clean_trace",
-           "rule_trace"]
+           "placement_knowledge", "portable_items", "rule_trace"]

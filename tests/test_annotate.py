@@ -26,7 +26,9 @@ def test_rule_traces_explain_the_change_and_reward():
                                                   ["counter: empty", "fridge (closed)", "knife", "table: empty"],
                                                   ["west: corridor"], ["apple"]))
     assert rule_trace(took) == ("Valid: the apple is on the counter. The apple moves from the counter to your "
-                                "inventory. You carry 1 and 1 lie loose. The task is not complete: reward 0.")
+                                "inventory. Items left to put away: 2. The task is not complete: reward 0.")
+    # a fixture (never carried anywhere in the data) is not an item to put away
+    assert "Items left to put away: 1." in rule_trace(took, portable=frozenset({"apple"}))
     opened = _item("open fridge", AbstractState.make(
         "You open the fridge.", "kitchen", ["counter: apple", "fridge (open): empty", "knife", "table: empty"],
         ["west: corridor"]))
@@ -40,7 +42,12 @@ def test_rule_traces_explain_the_change_and_reward():
     won = _item("put knife in table", AbstractState.make("You put the knife in the table.", "kitchen",
                                                          ["table: knife"]), reward=1.0, done=True, before=carried)
     assert "moves from your inventory onto the table" in rule_trace(won) and rule_trace(won).endswith(
-        "You carry 0 and 0 lie loose. Every item is now in place: reward 1, the episode ends.")
+        "Items left to put away: 0. Every item is now in place: reward 1, the episode ends.")
+    # with the env's dense score the trace says whether a put item went where it belongs
+    scored = AnnotationInput(won.instruction, won.state, won.action, won.next_state, 1.0, True, True, 0.75, 1.0)
+    assert "The knife belongs in the table. Items left to put away: 0." in rule_trace(scored)
+    wrong = AnnotationInput(won.instruction, won.state, won.action, won.next_state, 0.0, True, False, 0.75, 0.5)
+    assert "The knife does not belong in the table." in rule_trace(wrong)
     moved = _item("move west", AbstractState.make("You are in the corridor.", "corridor", ["hat rack: empty"],
                                                   ["east: kitchen"]))
     assert rule_trace(moved).startswith("Valid: there is an exit to the west. You go from the kitchen to the corridor")
@@ -52,7 +59,7 @@ def test_rule_trace_stays_short_when_much_changes():
     big = AbstractState.make("", "kitchen", [f"shelf{i} (closed)" for i in range(30)])
     after = AbstractState.make("", "kitchen", [f"shelf{i} (open): empty" for i in range(30)])
     trace = rule_trace(_item("open all", after, before=big))
-    assert len(trace.split()) <= 50 and "Other facts change too." in trace and trace.endswith("reward 0.")
+    assert len(trace.split()) <= 60 and "Other facts change too." in trace and trace.endswith("reward 0.")
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +71,10 @@ def table(twx_env):
 def test_rule_annotations_on_real_twx(table):
     out = annotate_table(table, RuleAnnotator(), batch_size=50)
     assert out.num_rows == table.num_rows and out.column_names[-3:] == ["reasoning", "annotator", "target"]
-    assert set(out["annotator"].to_pylist()) == {"rule-v2"}
+    assert set(out["annotator"].to_pylist()) == {"rule-v3"}
     for row in out.to_pylist():
         words = row["reasoning"].split()
-        assert 6 <= len(words) <= 50
+        assert 6 <= len(words) <= 60
         pred = parse_output(row["target"])
         want = diff(AbstractState.parse(row["state"]), AbstractState.parse(row["next_state"]),
                     valid=row["valid"], reward=row["reward"], done=row["done"])
@@ -290,3 +297,24 @@ def test_token_bucket_spaces_requests():
     assert slept == [0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match="rate must be > 0"):
         TokenBucket(rate=0)
+
+
+def test_placement_knowledge_from_the_dense_score_counts_misplaced_items():
+    from dreamgym_core.annotate import placement_knowledge
+
+    def put(action, before, after, valid=True):
+        return {"action": action, "valid": valid, "score": after, "obs": {"score": before}}
+
+    rows = [put("put knife in table", 0.25, 0.5), put("put apple in table", 0.5, 0.5),
+            put("put apple in fridge", 0.5, 0.75), put("put apple in table", 0.75, 0.75),
+            put("put fork in sink", 0.0, 0.0, valid=False)]
+    table = pa.Table.from_pylist(rows)
+    know = placement_knowledge(table)
+    assert know == {("knife", "table"): True, ("apple", "table"): False, ("apple", "fridge"): True}
+    assert placement_knowledge(pa.Table.from_pylist([{**r, "score": 0.0} for r in rows])) == {}  # no dense score
+    # the apple lies on the table, where it does not belong: it is still to put away
+    after = AbstractState.make("You put the knife in the table.", "kitchen", ["table: apple, knife"])
+    carried = AbstractState.make("", "kitchen", ["table: apple"], [], ["knife"])
+    item = AnnotationInput("", carried.render(), "put knife in table", after.render(), 0.0, True, False, 0.5, 0.75)
+    assert "Items left to put away: 1." in rule_trace(item, placements=know)
+    assert "Items left to put away: 0." in rule_trace(item)  # without the knowledge it cannot tell
