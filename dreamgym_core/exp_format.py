@@ -537,6 +537,48 @@ def _parse_pointer_output(text: str, state: AbstractState, refs: Sequence[str]) 
 
 
 # --------------------------------------------------------------------------------------------
+# the output grammar, for constrained decoding (``experience_model.FormatConstraint``)
+
+END = "<end>"
+"""``next_constraint`` result: the output is complete, only the end-of-sequence token may follow."""
+_CHOICES = {"valid": (" yes\n", " no\n"), "reward": (" 0\n", " 1\n"), "done": (" yes", " no")}  # done ends the text
+
+
+def next_constraint(text: str) -> tuple[str, ...] | None:
+    """What the output format requires right after ``text`` (M_exp's output so far), or None (free text).
+
+    Returns the strings one of which must follow: ``("<think>",)`` at the start, ``("\\n",)``
+    after ``</think>``, the next field's name (``("objects:",)``) at the start of each line,
+    ``(" yes\\n", " no\\n")`` after ``valid:``, ``(" 0\\n", " 1\\n")`` after ``reward:``,
+    ``(" yes", " no")`` after ``done:`` and then ``(END,)``. The reasoning and the field values
+    are free: those are the model's prediction; the grammar only removes the ways to be unparseable
+    that have nothing to do with the prediction (a missing, repeated or misspelt field, a value that
+    is not yes/no/0/1, text after ``done``). Output that leaves the grammar (an empty line) is left to fail parsing.
+    """
+    if not text.strip():
+        return (THINK_OPEN,)
+    head, sep, after = text.partition(THINK_CLOSE)
+    if not sep:
+        return None
+    if after == "":
+        return ("\n",)
+    lines = after.split("\n")
+    if lines[0] != "":
+        return None
+    written, current = lines[1:-1], lines[-1]
+    i = len(written)
+    if any(not ln.startswith(f"{FIELDS[j]}:") for j, ln in enumerate(written) if j < len(FIELDS)):
+        return None
+    if current == "":
+        return (FIELDS[i] + ":",) if i < len(FIELDS) else (END,)
+    if i < len(FIELDS) and current == f"{FIELDS[i]}:" and FIELDS[i] in _CHOICES:
+        return _CHOICES[FIELDS[i]]
+    if i == len(FIELDS) - 1 and current in ("done: yes", "done: no"):
+        return (END,)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # prompt
 
 
@@ -591,7 +633,8 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
     return "\n".join(parts) + "\n## outcome\n"
 
 
-__all__ = ["FIELDS", "PointerTarget", "Prediction", "StateDelta", "action_refs", "apply", "apply_object_edits",
-           "build_prompt", "conflicts", "delex", "diff", "failure_delta", "normalize_reasoning", "parse_output",
+__all__ = ["END", "FIELDS", "PointerTarget", "Prediction", "StateDelta", "action_refs", "apply", "apply_object_edits",
+           "build_prompt", "conflicts", "delex", "diff", "failure_delta", "next_constraint", "normalize_reasoning",
+           "parse_output",
            "parse_pointer_output", "relex", "render_delta", "render_pointer_delta", "render_pointer_target",
            "render_target"]

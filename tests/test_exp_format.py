@@ -346,3 +346,28 @@ def test_prompt_in_pointer_form_binds_names():
     assert "> take @1\nYou take the @1.\n" in p and "## action\nput @1 in @2\n## refs\n@1 dirty hoodie | @2 laundry basket\n" in p
     assert "| @2: dirty jeans | " in p and "inventory: @1" in p and "dirty hoodie" not in p.split("## refs")[0]
     assert build_prompt("t", [], state, "look", [], refs=()) == build_prompt("t", [], state, "look", [])
+
+
+def test_next_constraint_walks_the_output_grammar():
+    from dreamgym_core.exp_format import END, next_constraint
+
+    assert next_constraint("") == ("<think>",)
+    assert next_constraint("<think>The apple is") is None  # the reasoning is free
+    assert next_constraint("<think>ok</think>") == ("\n",)
+    assert next_constraint("<think>ok</think>\n") == ("valid:",)
+    assert next_constraint("<think>ok</think>\nvalid:") == (" yes\n", " no\n")
+    assert next_constraint("<think>ok</think>\nvalid: yes\n") == ("feedback:",)
+    assert next_constraint("<think>ok</think>\nvalid: yes\nfeedback: You take") is None
+    text = "<think>ok</think>\nvalid: yes\nfeedback: x\nlocation: =\nobjects: -@1\nexits:\ninventory: +@1\n"
+    assert next_constraint(text) == ("reward:",)
+    assert next_constraint(text + "reward:") == (" 0\n", " 1\n")
+    assert next_constraint(text + "reward: 0\ndone:") == (" yes", " no")
+    assert next_constraint(text + "reward: 0\ndone: no") == (END,)  # as trained: the target ends there
+    assert next_constraint("<think>ok</think>\nvalid: yes\n\n") is None  # off the grammar: left to fail parsing
+    # every target the annotator writes is inside the grammar: forcing never contradicts training
+    target = render_target("r", StateDelta(valid=True, feedback="You take the apple.", inventory_add=("apple",),
+                                           objects_remove=("apple",)))[0]
+    for cut in range(len(target) + 1):
+        allowed = next_constraint(target[:cut])
+        if allowed is not None and allowed[0] != END:
+            assert any(target[cut:].startswith(a) or a.startswith(target[cut:]) for a in allowed), (cut, allowed)
