@@ -203,7 +203,9 @@ class SFTConfig:
     max_len: int = 512
     seed: int = 0
     time_budget_s: float | None = None
-    """Stop after this many seconds of training (the schedule still assumes ``steps``)."""
+    """Stop after this many seconds of training, counted across resumes. The cosine schedule then
+    follows whichever runs out first, steps or time, so the learning rate reaches 0 at the end of a
+    budget-limited run on a slow or busy machine instead of being cut off at its peak."""
     checkpoint_every: int = 100
     length_bucketing: bool = True
     """Draw each batch from examples of similar length (less padding, same distribution)."""
@@ -267,16 +269,28 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
         model.load_state_dict(load_file(weights), strict=False)
         opt.load_state_dict(torch.load(os.path.join(checkpoint_dir, "optimizer.pt"), weights_only=True))
         start, history = int(state["step"]), list(state["history"])
+    spent = float(history[-1].get("elapsed", history[-1]["seconds"])) if history else 0.0  # before this resume
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        t = spent + time.perf_counter() - t0
+        if acc.num_processes > 1:  # DDP: every rank follows rank 0's clock (same lr, same last step, no hang)
+            from accelerate.utils import broadcast
+
+            t = float(broadcast(torch.tensor([t], dtype=torch.float64, device=acc.device), from_process=0)[0])
+        return t
 
     def lr_at(s: int) -> float:
-        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+        frac = min(s, cfg.steps) / cfg.steps
+        if cfg.time_budget_s:  # a positive budget: anneal by time too
+            frac = max(frac, min(1.0, elapsed() / cfg.time_budget_s))
+        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1 if start else -1)
     model, opt = acc.prepare(model, opt)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    t0, tokens = time.perf_counter(), 0
-    step = start
+    tokens, step = 0, start
     for step in range(start, cfg.steps):
         rng = random.Random(hash((cfg.seed, step, acc.process_index)) & 0xFFFFFFFF)
         if sample_weights is not None:
@@ -296,11 +310,11 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
         tokens += int(attn.sum())
         rec = {"step": step + 1, "loss": out["loss"].item(), "loss/reasoning": out["loss/reasoning"].item(),
                "loss/state": out["loss/state"].item(), "lr": sched.get_last_lr()[0],
-               "seconds": round(time.perf_counter() - t0, 2)}
+               "seconds": round(time.perf_counter() - t0, 2), "elapsed": round(elapsed(), 2)}
         history.append(rec)
         if progress and acc.is_main_process:
             progress(step + 1, rec)
-        done = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
+        done = cfg.time_budget_s is not None and elapsed() >= cfg.time_budget_s
         if checkpoint_dir and acc.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or done or step + 1 == cfg.steps):
             _save_checkpoint(acc.unwrap_model(model), tokenizer, opt, checkpoint_dir, {"step": step + 1, "history": history})
         if done:
@@ -313,9 +327,89 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
 # --------------------------------------------------------------------------------------------
 # The simulator
 
+class FormatConstraint:
+    """A transformers ``LogitsProcessor`` that keeps every row of a generation inside M_exp's output
+    grammar (``exp_format.next_constraint``): where the grammar allows only some strings, every
+    token that does not continue one of them gets -inf. Free parts (the reasoning, feedback, object
+    edits) are left to the model, so this removes format failures, not prediction errors.
+
+    ``prompt_len``: columns of ``input_ids`` that belong to the (left-padded) prompt; ``prefix``:
+    text the output starts with that is part of the prompt (the no-CoT ablation's empty think block).
+    """
+
+    _TRIGGERS = ("\n", ">", ":", "s", "o")
+    """Last characters of "\\n", "</think>", "field:", "yes", "no": the grammar can only constrain
+    after a token ending in one of them (markers may span several tokens), other steps skip the check."""
+    _trigger_cache: dict[int, frozenset[int]] = {}
+
+    def __init__(self, tokenizer, prompt_len: int, prefix: str = ""):
+        from dreamgym_core.exp_format import END
+
+        self.tok, self.prompt_len, self.prefix, self.end = tokenizer, prompt_len, prefix, END
+        self._enc: dict[str, list[int]] = {}
+        self._texts: dict[int, tuple[int, str]] = {}      # row -> (tokens decoded, text)
+        self._pending: dict[int, tuple[list[list[int]], int]] = {}  # row -> (allowed sequences, position)
+        self.triggers = self._trigger_ids(tokenizer)
+        self.forced = 0
+
+    @classmethod
+    def _trigger_ids(cls, tok) -> frozenset[int]:
+        """Token ids whose text ends like a grammar point (computed once per tokenizer)."""
+        key = hash((id(tok), len(tok)))
+        if key not in cls._trigger_cache:
+            texts = tok.convert_ids_to_tokens(list(range(len(tok))))
+            decoded = [tok.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+            cls._trigger_cache[key] = frozenset(i for i, t in enumerate(decoded) if t.endswith(cls._TRIGGERS))
+        return cls._trigger_cache[key]
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._enc:
+            self._enc[text] = [self.tok.eos_token_id] if text == self.end else _ids(self.tok, text)
+        return self._enc[text]
+
+    def _text(self, b: int, row: list[int]) -> str:
+        done, text = self._texts.get(b, (0, self.prefix))
+        if len(row) > done:
+            piece = self.tok.decode(row[done:], skip_special_tokens=True)
+            text = text + piece if "\ufffd" not in piece else \
+                self.prefix + self.tok.decode(row, skip_special_tokens=True)
+            self._texts[b] = (len(row), text)
+        return text
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from dreamgym_core.exp_format import next_constraint
+
+        gen = input_ids[:, self.prompt_len:].tolist()
+        for b, row in enumerate(gen):
+            pending = self._pending.pop(b, None)
+            if pending is not None:  # advance along the allowed sequences by the token just chosen
+                seqs, pos = pending
+                seqs = [q for q in seqs if row and q[pos] == row[-1]]
+                pos += 1
+                if seqs and all(len(q) > pos for q in seqs):
+                    self._pending[b] = (seqs, pos)
+            if b not in self._pending:
+                if row and row[-1] not in self.triggers:
+                    continue  # mid-word or mid-value: no grammar point here, the model is free
+                allowed = next_constraint(self._text(b, row))
+                if allowed is None:
+                    continue
+                self._pending[b] = ([self._ids(a) for a in allowed], 0)
+            seqs, pos = self._pending[b]
+            keep = torch.tensor(sorted({q[pos] for q in seqs}), device=scores.device)
+            masked = torch.full_like(scores[b], float("-inf"))
+            masked[keep] = scores[b, keep]
+            scores[b] = masked
+            self.forced += 1
+        return scores
+
+
 @dataclass(frozen=True)
 class SimConfig:
     max_new_tokens: int = 160
+    constrained: bool = True
+    """Decode inside the output grammar (``FormatConstraint``): field names, yes/no and 0/1 values and
+    the end are forced, the reasoning and the values stay the model's. False = free decoding."""
     greedy: bool = True
     temperature: float = 1.0
     prompt: PromptConfig = PromptConfig()
@@ -385,11 +479,17 @@ class ExperienceModel:
         device = next(model.parameters()).device
         self._calls += 1
         torch.manual_seed(hash((self.cfg.seed, self._calls)) & 0x7FFFFFFF)
+        processors = None
+        if self.cfg.constrained:
+            from transformers import LogitsProcessorList
+
+            processors = LogitsProcessorList([FormatConstraint(
+                tok, P, prefix="" if self.cfg.prompt.use_cot else "<think></think>\n")])
         with torch.no_grad():
             gen = model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
                                  max_new_tokens=self.cfg.max_new_tokens, do_sample=not self.cfg.greedy,
                                  temperature=self.cfg.temperature if not self.cfg.greedy else None,
-                                 top_p=None, top_k=None,
+                                 top_p=None, top_k=None, logits_processor=processors,
                                  pad_token_id=pad, eos_token_id=tok.eos_token_id)
         new = gen[:, P:]
         texts = []
@@ -466,16 +566,20 @@ def _content(state: str) -> str:
     return "\n".join(state.split("\n")[1:])
 
 
-def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None,
-             select: Sequence[bool] | None = None) -> dict[str, float]:
-    """Single-step fidelity of M_exp on real transitions, beside the "nothing changes" baseline.
+def action_type(action: str) -> str:
+    """The verb of an action, for per-type fidelity: "put dirty jeans in basket" -> "put"."""
+    words = action.split()
+    return words[0].lower() if words else ""
+
+
+def score_transitions(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None,
+                      select: Sequence[bool] | None = None) -> list[dict]:
+    """Teacher-forced predictions on real transitions: one record per selected row.
 
     rows: real transitions in trajectory order (TRAJECTORY rows); every row feeds the histories,
-    only rows with ``select`` True (default all) are predicted and scored. Metrics (all in [0, 1]):
-    state_exact_match (whole next state incl. feedback), content_exact_match (without feedback),
-    state_token_f1, reward_accuracy, valid_rate (parseable outputs), win_recall, win_precision,
-    invalid_action_accuracy (real-invalid actions predicted invalid), valid_action_accuracy, and
-    ``baseline_*`` for the prediction "next state = current state, reward 0, valid, not done".
+    only rows with ``select`` True (default all) are predicted. A record holds the real row's
+    outcome, M_exp's prediction (next state after applying its delta, win, valid, parse ok) and the
+    "nothing changes" baseline's; ``summarize_fidelity`` turns records into metrics.
     """
     cfg = sim.cfg.prompt
     select = [True] * len(rows) if select is None else list(select)
@@ -490,45 +594,124 @@ def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve |
             contexts.append((r["state"], refs))
             chosen.append(r)
         history.append((r["action"], _feedback(r["next_state"])))
-    rows = chosen
     preds = sim.predict(prompts, contexts)
-    n = len(rows)
-    m = {k: 0.0 for k in ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
-                          "baseline_state_exact_match", "baseline_content_exact_match", "baseline_state_token_f1",
-                          "baseline_reward_accuracy")}
-    wins = pred_wins = true_pos = 0
-    invalid_total = invalid_hit = valid_total = valid_hit = 0
-    for r, p in zip(rows, preds):
+    out = []
+    for r, p in zip(chosen, preds):
         d = p.effective_delta()
-        nxt = apply(AbstractState.parse(r["state"]), d).render()
-        real_win = bool(r["won"]) and float(r["reward"]) > 0
-        pred_win = bool(p.ok and d.done and d.reward > 0)
-        m["state_exact_match"] += nxt == r["next_state"]
-        m["content_exact_match"] += _content(nxt) == _content(r["next_state"])
-        m["state_token_f1"] += _token_f1(nxt, r["next_state"])
-        m["reward_accuracy"] += (1.0 if pred_win else 0.0) == float(r["reward"])
-        m["valid_rate"] += p.ok
-        m["baseline_state_exact_match"] += r["state"] == r["next_state"]
-        m["baseline_content_exact_match"] += _content(r["state"]) == _content(r["next_state"])
-        m["baseline_state_token_f1"] += _token_f1(r["state"], r["next_state"])
-        m["baseline_reward_accuracy"] += float(r["reward"]) == 0.0
-        wins += real_win
-        pred_wins += pred_win
-        true_pos += real_win and pred_win
-        if not r["valid"]:
-            invalid_total += 1
-            invalid_hit += p.ok and not d.valid
-        else:
-            valid_total += 1
-            valid_hit += p.ok and d.valid
-    out = {k: v / max(n, 1) for k, v in m.items()}
-    out.update({"win_recall": true_pos / wins if wins else float("nan"),
-                "win_precision": true_pos / pred_wins if pred_wins else float("nan"),
-                "baseline_win_recall": 0.0,
-                "invalid_action_accuracy": invalid_hit / invalid_total if invalid_total else float("nan"),
-                "baseline_invalid_action_accuracy": 0.0,
-                "valid_action_accuracy": valid_hit / valid_total if valid_total else float("nan"),
-                "transitions": float(n), "wins": float(wins), "invalid_actions": float(invalid_total)})
+        out.append({"action_type": action_type(r["action"]), "state": r["state"], "next_state": r["next_state"],
+                    "pred_state": apply(AbstractState.parse(r["state"]), d).render(),
+                    "real_win": bool(r["won"]) and float(r["reward"]) > 0, "real_reward": float(r["reward"]),
+                    "real_valid": bool(r["valid"]), "pred_win": bool(p.ok and d.done and d.reward > 0),
+                    "pred_valid": bool(p.ok and d.valid), "parsed": bool(p.ok)})
+    return out
+
+
+def summarize_fidelity(records: Sequence[Mapping]) -> dict[str, float]:
+    """Metrics over ``score_transitions`` records (all in [0, 1]; NaN where undefined).
+
+    state_exact_match (whole next state incl. feedback), content_exact_match (without feedback),
+    state_token_f1, reward_accuracy, valid_rate (parseable outputs), win_recall, win_precision,
+    invalid_action_accuracy (real-invalid actions predicted invalid), valid_action_accuracy, and
+    ``baseline_*`` for the prediction "next state = current state, reward 0, valid, not done".
+    """
+    n = len(records)
+    nan = float("nan")
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values) if values else nan
+
+    wins = [r for r in records if r["real_win"]]
+    pred_wins = [r for r in records if r["pred_win"]]
+    invalid = [r for r in records if not r["real_valid"]]
+    valid = [r for r in records if r["real_valid"]]
+    return {
+        "state_exact_match": mean(r["pred_state"] == r["next_state"] for r in records),
+        "content_exact_match": mean(_content(r["pred_state"]) == _content(r["next_state"]) for r in records),
+        "state_token_f1": mean(_token_f1(r["pred_state"], r["next_state"]) for r in records),
+        "reward_accuracy": mean((1.0 if r["pred_win"] else 0.0) == r["real_reward"] for r in records),
+        "valid_rate": mean(r["parsed"] for r in records),
+        "win_recall": mean(r["pred_win"] for r in wins),
+        "win_precision": mean(r["real_win"] for r in pred_wins),
+        "invalid_action_accuracy": mean(r["parsed"] and not r["pred_valid"] for r in invalid),
+        "valid_action_accuracy": mean(r["pred_valid"] for r in valid),
+        "baseline_state_exact_match": mean(r["state"] == r["next_state"] for r in records),
+        "baseline_content_exact_match": mean(_content(r["state"]) == _content(r["next_state"]) for r in records),
+        "baseline_state_token_f1": mean(_token_f1(r["state"], r["next_state"]) for r in records),
+        "baseline_reward_accuracy": mean(r["real_reward"] == 0.0 for r in records),
+        "baseline_valid_rate": 1.0 if n else nan,
+        "baseline_win_recall": 0.0 if wins else nan,
+        "baseline_win_precision": nan,
+        "baseline_invalid_action_accuracy": 0.0 if invalid else nan,
+        "baseline_valid_action_accuracy": 1.0 if valid else nan,
+        "transitions": float(n), "wins": float(len(wins)), "invalid_actions": float(len(invalid)),
+    }
+
+
+def fidelity(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: Retrieve | None = None,
+             select: Sequence[bool] | None = None) -> dict[str, float]:
+    """Single-step fidelity of M_exp on real transitions, beside the "nothing changes" baseline
+    (``score_transitions`` then ``summarize_fidelity``)."""
+    return summarize_fidelity(score_transitions(sim, rows, retrieve, select))
+
+
+def multi_step_drift(sim: ExperienceModel, trajectories: Sequence, max_steps: int = 10) -> list[dict]:
+    """Replay real trajectories' actions through M_exp from their real start states, open loop.
+
+    At step t the simulator sees only its own earlier predictions (its state and history), never
+    the real ones, so errors compound. ``sim`` must take its start state from ``Task.initial_state``
+    (``SimulatorFactory`` / ``initial_state_fn`` do); each trajectory is replayed as its own task.
+    Returns one dict per step t = 1..max_steps with ``trajectories`` (real ones at least t long),
+    ``state_exact_match`` / ``content_exact_match`` / ``state_token_f1`` of the simulated state
+    after t actions against the real one (a simulated episode that already ended counts as a miss),
+    ``sim_alive`` (still running), ``agree_so_far`` (exact match at every step up to t), and the
+    same for the baseline "the start state never changes".
+    """
+    from dataclasses import replace as _replace
+
+    trajs = [t for t in trajectories if t.steps]
+    if not trajs:
+        return []
+    tasks = [_replace(t.task, task_id=f"{t.task.task_id}#{t.traj_id}", initial_state=t.steps[0].state)
+             for t in trajs]
+    obs = sim.reset_batch(tasks)
+    states = [o.state for o in obs]
+    alive = [True] * len(trajs)
+    agree = [True] * len(trajs)
+    out = []
+    for t in range(1, max_steps + 1):
+        acts = [tr.steps[t - 1].action if (alive[i] and len(tr.steps) >= t) else None
+                for i, tr in enumerate(trajs)]
+        res = sim.step_batch(acts) if any(a is not None for a in acts) else [None] * len(trajs)
+        rec = {"step": t, "trajectories": 0, "state_exact_match": 0.0, "content_exact_match": 0.0,
+               "state_token_f1": 0.0, "sim_alive": 0.0, "agree_so_far": 0.0, "baseline_state_exact_match": 0.0,
+               "baseline_content_exact_match": 0.0, "baseline_state_token_f1": 0.0}
+        for i, tr in enumerate(trajs):
+            if len(tr.steps) < t:
+                continue
+            real = tr.steps[t - 1].next_state
+            was_alive = alive[i]
+            if res[i] is not None:
+                states[i] = res[i].obs.state
+                alive[i] = not res[i].done
+            match = was_alive and res[i] is not None and states[i] == real
+            agree[i] = agree[i] and match
+            start = tr.steps[0].state
+            rec["trajectories"] += 1
+            rec["state_exact_match"] += match
+            rec["content_exact_match"] += was_alive and res[i] is not None and _content(states[i]) == _content(real)
+            rec["state_token_f1"] += _token_f1(states[i], real) if (was_alive and res[i] is not None) else 0.0
+            rec["sim_alive"] += was_alive
+            rec["agree_so_far"] += agree[i]
+            rec["baseline_state_exact_match"] += start == real
+            rec["baseline_content_exact_match"] += _content(start) == _content(real)
+            rec["baseline_state_token_f1"] += _token_f1(start, real)
+        if not rec["trajectories"]:
+            break
+        for k in rec:
+            if k not in ("step", "trajectories"):
+                rec[k] /= rec["trajectories"]
+        out.append(rec)
     return out
 
 

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from dreamgym_core.exp_format import action_refs, diff, render_pointer_target, render_target
 from dreamgym_core.experience_model import (
-    ExperienceModel, PromptConfig, SFTConfig, SFTExample, SimConfig, collate, encode_example, eq5_loss, fidelity,
-    sft_examples, train_sft,
+    ExperienceModel, PromptConfig, SFTConfig, SFTExample, SimConfig, action_type, collate, encode_example, eq5_loss,
+    fidelity, multi_step_drift, score_transitions, sft_examples, summarize_fidelity, train_sft,
 )
-from dreamgym_core.schema import Task
+from dreamgym_core.schema import Task, Trajectory, Transition
 from dreamgym_core.state import AbstractState
 
 
@@ -199,3 +199,98 @@ def test_sample_weights_are_validated_and_drive_sampling(tiny):
     train_sft(on_win, tok, ex, cfg, sample_weights=[0.0, 1.0, 0.0])
     train_sft(on_invalid, tok, ex, cfg, sample_weights=[0.0, 0.0, 1.0])
     assert loss(on_win, 1) < loss(on_invalid, 1) and loss(on_invalid, 2) < loss(on_win, 2)
+
+
+def test_fidelity_by_action_type_splits_the_same_records():
+    truth = [_target(r["state"], r["next_state"], r["action"], valid=r["valid"], reward=r["reward"], done=r["won"])
+             for r in ROWS]
+    truth[0] = _target(S0, S0, "take apple", valid=True, reward=0.0, done=False)  # "take apple" predicted wrong
+    recs = score_transitions(Scripted(truth), ROWS)
+    assert [r["action_type"] for r in recs] == ["take", "put", "take"]
+    by = {k: summarize_fidelity([r for r in recs if r["action_type"] == k]) for k in ("take", "put")}
+    assert by["put"]["state_exact_match"] == 1.0 and by["put"]["win_recall"] == 1.0
+    assert by["take"]["state_exact_match"] == 0.5 and by["take"]["invalid_action_accuracy"] == 1.0
+    assert math.isnan(by["take"]["win_recall"])  # no win among the take steps: undefined, not 0
+    overall = summarize_fidelity(recs)
+    assert overall["state_exact_match"] == pytest.approx(2 / 3) and overall["transitions"] == 3
+    assert action_type("Look around") == "look" and action_type("") == ""
+
+
+def _traj(traj_id, rows):
+    steps = tuple(Transition(traj_id, "t/0", "twx", r["step_idx"], r["state"], r["action"], r["next_state"],
+                             r["reward"], r["reward"], r["won"], r["won"], False, r["valid"], "expert")
+                  for r in rows)
+    return Trajectory(traj_id, TASK, "expert", steps)
+
+
+def test_multi_step_drift_feeds_back_the_simulators_own_states():
+    a = _traj("A", ROWS[:2])
+    right = [_target(S0, S1, "take apple", valid=True, reward=0.0, done=False),
+             _target(S1, S2, "put apple in fridge", valid=True, reward=1.0, done=True)]
+    sim = Scripted(right)
+    sim.initial_state = lambda task: task.initial_state
+    d = multi_step_drift(sim, [a], max_steps=5)
+    assert [r["step"] for r in d] == [1, 2] and all(r["trajectories"] == 1 for r in d)
+    assert [r["state_exact_match"] for r in d] == [1.0, 1.0] and d[1]["agree_so_far"] == 1.0
+    assert d[0]["baseline_content_exact_match"] == 0.0 and d[0]["sim_alive"] == 1.0
+    # a wrong first step: the second prediction is applied to the simulator's own (wrong) state
+    wrong = Scripted([_target(S0, S0, "take apple", valid=True, reward=0.0, done=False), right[1]])
+    wrong.initial_state = lambda task: task.initial_state
+    d = multi_step_drift(wrong, [a], max_steps=5)
+    assert d[0]["state_exact_match"] == 0.0 and d[1]["agree_so_far"] == 0.0
+    # a simulator that ends the episode at step 1 misses every later step
+    early = Scripted(["garbage"])
+    early.initial_state = lambda task: task.initial_state
+    d = multi_step_drift(early, [a], max_steps=5)
+    assert d[1]["sim_alive"] == 0.0 and d[1]["state_exact_match"] == 0.0 and d[1]["state_token_f1"] == 0.0
+
+
+@pytest.mark.parametrize("added_tokens", [False, True])
+def test_format_constraint_allows_every_target_and_forces_the_fixed_parts(tiny, tmp_path, added_tokens):
+    from dreamgym_core.experience_model import FormatConstraint
+    from dreamgym_core.models import train_tokenizer
+
+    _, tok = tiny
+    ex = sft_examples(ROWS, PromptConfig())
+    if added_tokens:  # the embedded default: field names are single added tokens
+        tok = train_tokenizer([e.prompt + e.reasoning + e.prediction for e in ex] * 20, str(tmp_path / "t"),
+                              vocab_size=400, min_frequency=1)
+    g = torch.Generator().manual_seed(0)
+    for e in ex:
+        prompt = tok(e.prompt + "\n", add_special_tokens=False)["input_ids"]
+        target = tok(e.reasoning + e.prediction, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        proc, ids, forced_steps = FormatConstraint(tok, len(prompt)), list(prompt), 0
+        for nxt in target:
+            scores = proc(torch.tensor([ids]), torch.randn(1, len(tok), generator=g))
+            allowed = torch.isfinite(scores[0]).nonzero().flatten().tolist()
+            assert nxt in allowed, (tok.decode(ids[len(prompt):]), tok.decode([nxt]))
+            forced_steps += len(allowed) < len(tok)
+            ids.append(nxt)
+        assert forced_steps >= 9  # at least one forced step per field, plus the end
+
+
+def test_format_constraint_makes_a_random_model_write_the_fields_in_order(tiny):
+    from dreamgym_core.exp_format import FIELDS
+    from dreamgym_core.experience_model import FormatConstraint
+
+    build, tok = tiny
+    model = build().eval()
+    prompt = tok("## outcome\n", add_special_tokens=False)["input_ids"]
+    think = tok("<think>x</think>", add_special_tokens=False)["input_ids"]
+    ids, proc = list(prompt) + think, FormatConstraint(tok, len(prompt))
+    free = 0
+    with torch.no_grad():
+        for _ in range(400):  # greedy decoding of an untrained model, one token at a time
+            scores = proc(torch.tensor([ids]), model(torch.tensor([ids])).logits[:, -1].float())
+            nxt = int(scores[0].argmax())
+            ids.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+            free += bool(torch.isfinite(scores[0]).all())
+            if free > 60:  # a free field that never ends: close it as a trained model would
+                ids += tok("\n", add_special_tokens=False)["input_ids"]
+                free = 0
+    text = tok.decode(ids[len(prompt):], skip_special_tokens=True)
+    body = text.split("</think>", 1)[1].split("\n")[1:]
+    assert [ln.split(":")[0] for ln in body[:len(FIELDS)]] == list(FIELDS), text
+    assert body[0] in ("valid: yes", "valid: no") and body[-1] in ("done: yes", "done: no")
