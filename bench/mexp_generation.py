@@ -1,0 +1,249 @@
+"""M_exp generation: synthetic steps/s of the batched simulator against one-at-a-time ``generate``.
+
+    flock /tmp/dreamgym-heavy.lock .venv/bin/python -m bench.mexp_generation [--model DIR] [--batch-sizes 1,8,32,64]
+
+Workload: ``--prompts`` real M_exp prompts (default 64) built from the transitions of a few TWX twc
+train episodes collected here (``collect``), exactly as the simulator builds them: history window of
+the same trajectory, ``refs_for`` + ``make_prompt`` with the model's ``PromptConfig``, and the
+(state, refs) context that pointer-form outputs are parsed against. Sampled with a fixed seed, in
+that random order (the simulator batches whichever episodes are live, not prompts sorted by length).
+
+Model: ``--model DIR`` is a trained M_exp checkpoint (``load_checkpoint``; its ``dreamgym.json``
+"prompt" dict gives the PromptConfig). Without it, the embedded default architecture
+(``build_tiny_llama`` with the default ``TinyLlamaConfig``, a BPE trained on the prompts) with random
+weights: its outputs are noise and do not parse, and EOS (almost) never comes, so nearly every
+generation runs to ``--max-new-tokens`` on both sides (the table shows tokens per step for each).
+
+What is timed (the same model object, the same torch threads, greedy decoding, KV cache):
+- batched: ``ExperienceModel.predict(prompts, contexts)`` with ``SimConfig(batch_size=B)``, i.e.
+  tokenization, left padding, one ``generate`` per chunk of B prompts, EOS cut, decode and parse:
+  what the simulator does in ``step_batch``.
+- one-at-a-time: for each prompt alone the same tokenization and truncation, ``model.generate`` at
+  batch size 1 with ``use_cache=True`` and the same ``max_new_tokens``, the same EOS cut, decode and
+  parse. It stops at its own EOS; a batch runs until its last row ends.
+Both decode inside the output grammar when ``SimConfig.constrained`` is on (the simulator's default:
+the same ``FormatConstraint`` logits processor on each side); ``--free`` turns it off on both.
+Each cell is the median over ``--repeats`` runs, the methods alternating within each repeat so
+that load from other processes hits both alike (after one untimed warm-up call each). steps/s =
+predictions per second; tokens/s counts generated tokens up to EOS. "same text" is the fraction of
+prompts whose generated text equals the one-at-a-time one: left padding changes the positions'
+arithmetic (masked keys, padded matmuls), so greedy argmax ties may flip; it is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from dreamgym_core.experience_model import (ExperienceModel, PromptConfig, SimConfig, _feedback, _ids, make_prompt,
+                                            parse_for, refs_for)
+from dreamgym_core.exp_format import Prediction
+from dreamgym_core.schema import Trajectory
+
+Context = tuple[str, Sequence[str] | None]
+
+
+def simulator_prompts(trajs: Sequence[Trajectory], cfg: PromptConfig) -> tuple[list[str], list[Context]]:
+    """One M_exp prompt and (state, refs) context per transition, as ``ExperienceModel.step_batch`` builds them.
+
+    No retrieval: demos are empty (the pipeline's M_exp uses ``num_demos=0``).
+    """
+    prompts, contexts = [], []
+    for traj in trajs:
+        history: list[tuple[str, str]] = []
+        for t in traj.steps:
+            refs = refs_for(t.state, t.action, cfg)
+            prompts.append(make_prompt(traj.task.instruction, history, t.state, t.action, [], cfg, refs))
+            contexts.append((t.state, refs))
+            history.append((t.action, _feedback(t.next_state)))
+    return prompts, contexts
+
+
+def collect_prompts(n: int, cfg: PromptConfig, tasks: int, game: str = "twc",
+                    seed: int = 0) -> tuple[list[str], list[Context], int]:
+    """``n`` simulator prompts sampled from ``tasks`` collected TWX train episodes; also the pool size."""
+    from dreamgym_core.collect import CollectConfig, collect
+    from dreamgym_core.envs import EnvSpec, make_env
+
+    env = make_env(EnvSpec("twx", game))
+    try:
+        trajs, _ = collect(env, env.tasks("train", tasks), CollectConfig(seed=seed))
+    finally:
+        env.close()
+    prompts, contexts = simulator_prompts(trajs, cfg)
+    rng = random.Random(seed)
+    idx = rng.sample(range(len(prompts)), n) if n <= len(prompts) else [rng.randrange(len(prompts)) for _ in range(n)]
+    return [prompts[i] for i in idx], [contexts[i] for i in idx], len(prompts)
+
+
+@dataclass
+class Run:
+    seconds: float
+    tokens: int
+    texts: list[str]
+    preds: list[Prediction]
+
+
+def batched(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg: SimConfig) -> Run:
+    """The simulator's own path: ``ExperienceModel.predict`` (texts are recorded on the side)."""
+    sim = ExperienceModel(model, tok, initial_state=lambda t: "", propose_candidates=lambda s: [], cfg=cfg)
+    texts: list[str] = []
+    generate = sim._generate_chunk
+
+    def recording(chunk):
+        out = generate(chunk)
+        texts.extend(out)
+        return out
+
+    sim._generate_chunk = recording
+    t0 = time.perf_counter()
+    preds = sim.predict(prompts, contexts)
+    return Run(time.perf_counter() - t0, sim.stats.generated_tokens, texts, preds)
+
+
+def _processors(tok, prompt_len: int, cfg: SimConfig):
+    """The simulator's grammar-constrained decoding (``SimConfig.constrained``), built the same way."""
+    if not getattr(cfg, "constrained", False):  # free decoding (or a simulator without the option)
+        return None
+    from transformers import LogitsProcessorList
+
+    from dreamgym_core.experience_model import FormatConstraint
+
+    return LogitsProcessorList([FormatConstraint(tok, prompt_len, prefix="" if cfg.prompt.use_cot
+                                                 else "<think></think>\n")])
+
+
+def one_at_a_time(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg: SimConfig) -> Run:
+    """The baseline: each prompt alone through ``model.generate`` at batch size 1, then the same parse."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    think = _ids(tok, "<think></think>\n") if not cfg.prompt.use_cot else []
+    device = next(model.parameters()).device
+    texts, preds, tokens = [], [], 0
+    t0 = time.perf_counter()
+    for prompt, (state, refs) in zip(prompts, contexts):
+        ids = _ids(tok, prompt + "\n")[-cfg.max_prompt_tokens:] + think
+        inp = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=cfg.max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
+                                 logits_processor=_processors(tok, len(ids), cfg),
+                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        row = gen[0, len(ids):].tolist()
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        tokens += len(row)
+        text = tok.decode(row, skip_special_tokens=True)
+        text = text if cfg.prompt.use_cot else "<think></think>\n" + text
+        texts.append(text)
+        preds.append(parse_for(text, state, refs))
+    return Run(time.perf_counter() - t0, tokens, texts, preds)
+
+
+def compare(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg: SimConfig,
+            batch_sizes: Sequence[int], repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Median timings of one-at-a-time and of batched predict at each batch size, alternating per repeat.
+
+    Returns ``{"one_at_a_time": {...}, "batched_B": {...}}`` with seconds, steps_per_s, tokens_per_s,
+    tokens_per_step, parse_ok, predictions and (batched) same_text / same_parse against one-at-a-time.
+    """
+    model.eval()
+    warm = list(prompts[:2]), list(contexts[:2])
+    one_at_a_time(model, tok, *warm, cfg)
+    batched(model, tok, *warm, replace(cfg, batch_size=2))
+    runs: dict[str, list[Run]] = {"one_at_a_time": []} | {f"batched_{b}": [] for b in batch_sizes}
+    for _ in range(repeats):
+        runs["one_at_a_time"].append(one_at_a_time(model, tok, prompts, contexts, cfg))
+        for b in batch_sizes:
+            runs[f"batched_{b}"].append(batched(model, tok, prompts, contexts, replace(cfg, batch_size=b)))
+    ref = runs["one_at_a_time"][-1]
+    out = {}
+    for name, rs in runs.items():
+        last = rs[-1]
+        n = len(last.preds)
+        out[name] = {"seconds": statistics.median(r.seconds for r in rs),
+                     "steps_per_s": statistics.median(len(r.preds) / r.seconds for r in rs),
+                     "tokens_per_s": statistics.median(r.tokens / r.seconds for r in rs),
+                     "tokens_per_step": last.tokens / max(n, 1),
+                     "parse_ok": sum(p.ok for p in last.preds) / max(n, 1),
+                     "predictions": float(n),
+                     "same_text": sum(a == b for a, b in zip(last.texts, ref.texts)) / max(n, 1),
+                     "same_parse": sum(a == b for a, b in zip(last.preds, ref.preds)) / max(n, 1)}
+    return out
+
+
+def _random_init_model(prompts: Sequence[str], workdir: str, seed: int):
+    from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
+
+    tok = train_tokenizer(prompts, os.path.join(workdir, "tok"), vocab_size=3000)
+    return build_tiny_llama(tok, TinyLlamaConfig(), seed=seed).eval(), tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="a trained M_exp checkpoint directory (default: random-init tiny Llama)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--tasks", type=int, default=4, help="TWX train tasks collected for the prompts")
+    ap.add_argument("--game", default="twc")
+    ap.add_argument("--batch-size", type=int, default=32, help="the simulator's batch size (the headline ratio)")
+    ap.add_argument("--batch-sizes", default="", help="more batch sizes to show scaling, e.g. 1,8,32,64")
+    ap.add_argument("--max-new-tokens", type=int, default=SimConfig().max_new_tokens)
+    ap.add_argument("--free", action="store_true", help="free decoding (SimConfig.constrained=False) on both sides")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if args.model:
+        from dreamgym_core.models import load_checkpoint
+
+        model, tok, meta = load_checkpoint(args.model)
+        pcfg = PromptConfig(**meta.get("prompt", {}))
+        prompts, contexts, pool = collect_prompts(args.prompts, pcfg, args.tasks, args.game, args.seed)
+        what = f"trained M_exp {args.model}"
+    else:
+        pcfg = PromptConfig()
+        prompts, contexts, pool = collect_prompts(args.prompts, pcfg, args.tasks, args.game, args.seed)
+        model, tok = _random_init_model(prompts, tempfile.mkdtemp(prefix="bench-mexp-"), args.seed)
+        what = "random-init default TinyLlamaConfig (outputs are noise: no parse, ~no EOS)"
+    cfg = SimConfig(max_new_tokens=args.max_new_tokens, greedy=True, prompt=pcfg, batch_size=args.batch_size)
+    if args.free:
+        cfg = replace(cfg, constrained=False)
+    decoding = "grammar-constrained" if getattr(cfg, "constrained", False) else "free"
+    sizes = sorted({args.batch_size, *(int(b) for b in args.batch_sizes.split(",") if b.strip())})
+    res = compare(model, tok, prompts, contexts, cfg, sizes, args.repeats)
+
+    lens = [min(len(_ids(tok, p + "\n")), cfg.max_prompt_tokens) for p in prompts]
+    params = sum(p.numel() for p in model.parameters())
+    base = res["one_at_a_time"]
+    print(f"\nmodel: {what}, {params / 1e6:.2f}M params\n"
+          f"workload: {len(prompts)} M_exp prompts from {pool} transitions of {args.tasks} TWX {args.game} train tasks "
+          f"({pcfg}), prompt tokens median {statistics.median(lens):.0f} max {max(lens)}, "
+          f"max_new_tokens {cfg.max_new_tokens}, greedy {decoding} decoding, {args.threads} torch threads, "
+          f"median of {args.repeats} (alternating)\n")
+    print("| method | batch | steps/s | gen tokens/s | s per run | tokens/step | parse ok | same text | same parse "
+          "| ratio (steps/s vs 1-at-a-time) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        label, batch = ("one-at-a-time generate", "1") if name == "one_at_a_time" else \
+            ("ExperienceModel.predict", name.split("_")[1])
+        print(f"| {label} | {batch} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['seconds']:.2f} | "
+              f"{r['tokens_per_step']:.1f} | {r['parse_ok']:.0%} | {r['same_text']:.0%} | {r['same_parse']:.0%} | "
+              f"{r['steps_per_s'] / base['steps_per_s']:.2f}x |")
+    head = res[f"batched_{args.batch_size}"]["steps_per_s"] / base["steps_per_s"]
+    print(f"\nbatched (B={args.batch_size}) / one-at-a-time: {head:.1f}x steps/s "
+          f"(target >= 10x: {'met' if head >= 10 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
