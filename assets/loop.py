@@ -20,7 +20,7 @@ from assets.policy import RLSettings, rl_config
 from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
-from pipelines.resources import Experiment, data_root
+from pipelines.resources import Experiment, Launcher, data_root
 
 GROUP = "dreamgym_loop"
 PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_pool", "iteration_eval")
@@ -93,9 +93,10 @@ _CHECKS = [dg.AssetCheckSpec("schema", asset=k, description="columns and types m
          "eval_tasks": dg.AssetIn(), "offline_trajectories": dg.AssetIn()},
 )
 def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, experiment: Experiment,
-                       rl: RLSettings, prev_policy: CheckpointRef | None, prev_task_pool: pa.Table | None,
-                       prev_eval: pa.Table | None, experience_model: CheckpointRef, policy_init: CheckpointRef,
-                       seed_tasks: pa.Table, eval_tasks: pa.Table, offline_trajectories: pa.Table):
+                       rl: RLSettings, launcher: Launcher, prev_policy: CheckpointRef | None,
+                       prev_task_pool: pa.Table | None, prev_eval: pa.Table | None, experience_model: CheckpointRef,
+                       policy_init: CheckpointRef, seed_tasks: pa.Table, eval_tasks: pa.Table,
+                       offline_trajectories: pa.Table):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
     from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, config_hash, run_iteration
@@ -126,7 +127,9 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         k=k, prev_policy_dir=prev_policy.path if prev_policy else policy_init.path, ref_policy_dir=policy_init.path,
         pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,
         start_states=starts, eval_tasks=test, make_sim=sims, make_real=real_env_factory(experiment),
-        task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None)
+        task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None,
+        update=accelerate_update(context, launcher, rl_cfg, policy_init.path, resume=k > 1)
+        if launcher.mode == "accelerate" else None)
     out = run_iteration(inp, loop_cfg, rl_cfg, cur_cfg, store, log=context.log.info)
 
     prev_key = f"{k - 1:03d}" if k > 1 else "sft"
@@ -168,6 +171,25 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     yield dg.AssetCheckResult(asset_key="iteration_eval", check_name="real_success_not_regressed",
                               passed=before is None or now >= before, severity=dg.AssetCheckSeverity.WARN,
                               metadata={"success_rate": now, "previous": before if before is not None else -1.0})
+
+
+def accelerate_update(context: dg.AssetExecutionContext, launcher: Launcher, rl_cfg, ref_policy_dir: str, *,
+                      resume: bool):
+    """The loop's stage 2 as ``accelerate launch`` (pipelines.accelerate_entry ``policy_update``):
+    (prev_policy_dir, rollouts_parquet, out_dir) -> the metrics rank 0 reported. ``resume``: the previous
+    directory is a trainer checkpoint (k > 1); otherwise a fresh trainer starts on the SFT weights."""
+    from dataclasses import asdict
+
+    def update(prev_policy_dir: str, rollouts_path: str, out_dir: str) -> dict:
+        spec = {"prev_policy_dir": prev_policy_dir, "ref_policy_dir": ref_policy_dir, "rollouts": rollouts_path,
+                "out_dir": out_dir, "resume": resume, "rl": asdict(rl_cfg)}
+        done = launcher.run(context, "policy_update", spec, out_dir.rstrip("/") + "_update_spec.json")
+        reports = [m for m in done.get_custom_messages() if isinstance(m, dict) and m.get("stage") == "policy_update"]
+        if len(reports) != 1 or not os.path.exists(os.path.join(out_dir, "trainer.json")):
+            raise dg.Failure(f"policy_update: expected one report from rank 0 and a trainer checkpoint in {out_dir}, "
+                             f"got {len(reports)} report(s)")
+        return reports[0]["metrics"]
+    return update
 
 
 def _buffer(context, offline: pa.Table):

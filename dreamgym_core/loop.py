@@ -236,6 +236,10 @@ class IterationInputs:
     """buffer.ReplayBuffer the synthetic transitions join (None: not kept)."""
     embed: Callable[[list[str]], object] | None = None
     """Text -> unit vectors, for PPO's task clusters."""
+    update: Callable[[str, str, str], dict] | None = None
+    """Stage 2 out of process: (prev_policy_dir, rollouts_parquet_path, out_dir) -> update metrics, having
+    written a PolicyTrainer checkpoint to out_dir (e.g. an ``accelerate launch`` job). None: the
+    trainer's ``update`` + ``save`` in this process."""
 
 
 @dataclass
@@ -315,9 +319,12 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     policy_dir = store.path("policy")
 
     def do_update() -> dict:
-        tr = get_trainer()
-        m = tr.update(trajs)
-        tr.save(policy_dir)
+        if inp.update is not None:  # the directory first, then the record: a killed update is re-run
+            m = inp.update(inp.prev_policy_dir, store.path("rollouts.parquet"), policy_dir)
+        else:
+            tr = get_trainer()
+            m = tr.update(trajs)
+            tr.save(policy_dir)
         return store.put_record("policy", {**m, "iteration": k, "parent": inp.prev_policy_dir})
 
     upd, dt = run_stage(store, "policy", log, do_update, lambda: store.record("policy"))

@@ -6,9 +6,11 @@ frozen dataclasses. Every field can be overridden per run in the Launchpad (reso
 
 from __future__ import annotations
 
+import json
 import os
 
 import dagster as dg
+from pydantic import field_validator
 
 from dreamgym_core.collect import CollectConfig
 from dreamgym_core.envs import EnvSpec
@@ -51,3 +53,39 @@ class Experiment(dg.ConfigurableResource):
                                        "random": self.episodes_random},
                              epsilon=self.epsilon, invalid_rate=self.invalid_rate,
                              max_steps=self.max_steps, seed=self.seed)
+
+
+class Launcher(dg.ConfigurableResource):
+    """How the GPU stages (M_exp SFT, the loop's policy update) run.
+
+    ``inprocess`` (default, CPU): inside the Dagster step, as before. ``accelerate``: as
+    ``[*launch, "-m", "pipelines.accelerate_entry", <stage>, <spec.json>]`` through Dagster Pipes;
+    only rank 0 reports back (shared/notes/dagster-idioms.md §3).
+    """
+
+    mode: str = "inprocess"
+    """inprocess | accelerate."""
+    launch: list[str] = ["accelerate", "launch"]
+    """The launcher command, e.g. ``["accelerate", "launch", "--multi_gpu", "--num_processes", "8"]`` or
+    ``["accelerate", "launch", "--config_file", "fsdp.yaml"]``. On CPU, ``--cpu`` always gives one process:
+    two CPU ranks need ``--multi_gpu --num_processes 2`` (gloo)."""
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        if mode not in ("inprocess", "accelerate"):
+            raise ValueError(f"Launcher.mode={mode!r}: use 'inprocess' or 'accelerate'")
+        return mode
+
+    def command(self, stage: str, spec_path: str) -> list[str]:
+        return [*self.launch, "-m", "pipelines.accelerate_entry", stage, spec_path]
+
+    def run(self, context: dg.AssetExecutionContext, stage: str, spec: dict,
+            spec_path: str) -> dg.PipesClientCompletedInvocation:
+        """Write ``spec`` to ``spec_path`` (every rank reads it) and run ``stage`` under the launcher."""
+        os.makedirs(os.path.dirname(spec_path), exist_ok=True)
+        with open(spec_path + ".tmp", "w") as f:
+            json.dump(spec, f, indent=2, sort_keys=True)
+        os.replace(spec_path + ".tmp", spec_path)
+        context.log.info(f"launching {stage}: {' '.join(self.command(stage, spec_path))}")
+        return dg.PipesSubprocessClient().run(command=self.command(stage, spec_path), context=context)
