@@ -165,8 +165,14 @@ class BCExample:
     candidates: tuple[str, ...]
 
 
-def bc_examples(trajs: Sequence[Trajectory], history_window: int = 4) -> list[BCExample]:
-    """(prompt, action) pairs from successful episodes, dropping rejected actions."""
+def bc_examples(trajs: Sequence[Trajectory], history_window: int = 4,
+                kinds: Sequence[str] | None = None) -> list[BCExample]:
+    """(prompt, action) pairs from successful episodes, dropping rejected actions.
+
+    ``kinds``: clone only steps whose ``action_kind`` is listed (e.g. ("expert",) keeps the expert's
+    choices inside noisy-expert episodes and drops their epsilon-random detours); None = every
+    valid step. Every step still enters the history of the steps after it.
+    """
     from dreamgym_core.rollout import _feedback
 
     out = []
@@ -175,7 +181,7 @@ def bc_examples(trajs: Sequence[Trajectory], history_window: int = 4) -> list[BC
             continue
         hist: list[tuple[str, str]] = []
         for s in t.steps:
-            if s.valid:
+            if s.valid and (kinds is None or s.action_kind in kinds):
                 ctx = PolicyContext(t.task.instruction, s.state, s.candidates,
                                     tuple(hist[-history_window:]) if history_window else ())
                 out.append(BCExample(build_policy_prompt(ctx), s.action, s.candidates))

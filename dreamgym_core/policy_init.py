@@ -3,10 +3,13 @@
 Paper §5 ("SFT" rows, and the starting point of every RL run): the policy is first fine-tuned on
 offline expert demonstrations. Here the embedded CPU default builds a small from-scratch Llama with
 a byte-level BPE trained on the policy's own prompts, then trains it with the candidate-ranking BC
-loss of ``policy.train_bc`` on every valid step of every *won* offline episode (expert and the
-noisy episodes that still won). Departure: the paper starts from a pretrained instruction model; a
-pretrained model can be passed instead (``base_model``), the from-scratch default exists because
-no weights can be downloaded here.
+loss of ``policy.train_bc`` on the *won* offline episodes of the expert and the noisy expert,
+cloning the expert's own choices (``clone_kinds``): the noisy episodes add recoveries from
+off-path states, and their epsilon-random detours and the random walker's lucky wins are not
+cloned (they are noise, and made BC's loss plateau near the entropy of a random choice). Departure: the paper starts from a pretrained instruction model; a
+pretrained model can be passed instead (``base_model``: "smollm2" is the packaged
+SmolLM2-135M-Instruct, see ``models.smollm2_checkpoint``). The from-scratch default exists because
+no weights can be downloaded here and a 135M model is slow to fine-tune on two CPU cores.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dreamgym_core.schema import Trajectory
 @dataclass(frozen=True)
 class PolicyInitConfig:
     base_model: str = ""
-    """'' = a from-scratch tiny Llama; else a local causal-LM directory to fine-tune."""
+    """'' = a from-scratch tiny Llama; "smollm2" = the packaged SmolLM2-135M-Instruct (converted once
+    into $DREAMGYM_MODEL_CACHE, default ~/.cache/dreamgym/models); else a local causal-LM directory."""
     vocab_size: int = 2000
     hidden: int = 128
     layers: int = 2
@@ -35,6 +39,10 @@ class PolicyInitConfig:
     lr: float = 2e-3
     history_window: int = 2
     """Must equal the rollout's history window: the prompt is rebuilt the same way."""
+    behaviours: tuple[str, ...] = ("expert", "noisy")
+    """Offline behaviours (``Trajectory.policy``) whose won episodes are cloned; () = every behaviour."""
+    clone_kinds: tuple[str, ...] = ("expert",)
+    """``Transition.action_kind`` of the cloned steps; () = every valid step of those episodes."""
     max_prompt_tokens: int = 256
     seed: int = 0
 
@@ -68,9 +76,11 @@ def init_policy(trajs: Sequence[Trajectory], out_dir: str, cfg: PolicyInitConfig
                                       train_tokenizer)
     from dreamgym_core.policy import bc_examples, train_bc
 
-    examples = bc_examples(trajs, cfg.history_window)
+    chosen = [t for t in trajs if not cfg.behaviours or t.policy in cfg.behaviours]
+    examples = bc_examples(chosen, cfg.history_window, kinds=cfg.clone_kinds or None)
     if not examples:
-        raise ValueError("init_policy: the offline data has no won episode with valid steps to clone")
+        raise ValueError(f"init_policy: no won episode of {list(cfg.behaviours) or 'any behaviour'} with "
+                         f"{list(cfg.clone_kinds) or 'valid'} steps to clone in the offline data")
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     if cfg.base_model:
