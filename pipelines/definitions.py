@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import os
 
-import dagster as dg
+# Model loads and saves draw per-shard progress bars on stderr; in Dagster runs the asset logs
+# carry progress, so the bars are only noise in the run log and the demo output.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks
-from assets.experience import cot_annotations, experience_model, experience_model_eval
-from assets.loop import LOOP_SPECS, LoopSettings, dreamgym_iteration
-from assets.policy import RLSettings, policy_eval, policy_init, real_rl_policy, s2r_policy
-from pipelines.checks import ALL_CHECKS
-from pipelines.io_managers import CheckpointIOManager, ParquetIOManager
-from pipelines.lance_io import LanceDBIOManager
-from pipelines.partitions import iteration_partitions
-from pipelines.resources import Experiment, data_root
+import dagster as dg  # noqa: E402
+
+from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks  # noqa: E402
+from assets.experience import cot_annotations, experience_model, experience_model_eval  # noqa: E402
+from assets.loop import LOOP_SPECS, LoopSettings, dreamgym_iteration  # noqa: E402
+from assets.policy import RLSettings, policy_eval, policy_init, real_rl_policy, s2r_policy  # noqa: E402
+from pipelines.checks import ALL_CHECKS  # noqa: E402
+from pipelines.io_managers import CheckpointIOManager, ParquetIOManager  # noqa: E402
+from pipelines.lance_io import LanceDBIOManager  # noqa: E402
+from pipelines.partitions import iteration_partitions  # noqa: E402
+from pipelines.resources import Experiment, Launcher, data_root  # noqa: E402
+
+try:  # transformers' own bars (weights loading) ignore the hub variable
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover - transformers is a dependency
+    pass
 
 ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, experience_model,
               experience_model_eval, policy_init, dreamgym_iteration, s2r_policy, real_rl_policy, policy_eval]
@@ -61,7 +72,9 @@ def build_defs(data_dir: str | None = None, profile: str | None = None) -> dg.De
                    "checkpoint_io_manager": CheckpointIOManager(base_dir=os.path.join(root, "checkpoints")),
                    "lance_io_manager": LanceDBIOManager(uri=os.path.join(root, "lancedb")),
                    "experiment": Experiment(**sizes.get("experiment", {})),
-                   "loop": LoopSettings(**sizes.get("loop", {})), "rl": RLSettings()},
+                   "loop": LoopSettings(**sizes.get("loop", {})), "rl": RLSettings(),
+                   # GPU stages in-process by default; mode="accelerate" runs them under `accelerate launch`
+                   "launcher": Launcher()},
     )
 
 

@@ -98,6 +98,27 @@ def fidelity_plot(row: dict) -> bytes:
     return _fig_png(fig)
 
 
+def drift_plot(drift: list[dict]) -> bytes:
+    """Open-loop replay: how often M_exp's state still equals the real one after t real actions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    xs = [d["step"] for d in drift]
+    ax.plot(xs, [d["content_exact_match"] for d in drift], "o-", label="M_exp: state matches at step t")
+    ax.plot(xs, [d["agree_so_far"] for d in drift], "s-", label="M_exp: matched at every step up to t")
+    ax.plot(xs, [d["baseline_content_exact_match"] for d in drift], ":", color="gray",
+            label="baseline: the start state never changes")
+    ax.set_xlabel("replay step t (real actions, M_exp's own states)")
+    ax.set_ylabel("share of trajectories")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Multi-step drift on held-out real trajectories")
+    return _fig_png(fig)
+
+
 def _table_html(rel: duckdb.DuckDBPyRelation | None) -> str:
     if rel is None:
         return "<p><em>not materialized yet</em></p>"
@@ -136,11 +157,28 @@ def write_report(data_dir: str, out_path: str) -> str:
         rows = [dict(zip(ev.columns, r)) for r in ev.fetchall()]
         parts.append(f'<img alt="success" src="data:image/png;base64,{base64.b64encode(success_plot(rows)).decode()}">')
     parts.append("<h2>Experience model M_exp</h2>")
-    fid = q("SELECT * FROM experience_model_eval", "experience_model_eval")
-    parts.append(_table_html(fid))
+    metrics = ("state_exact_match, baseline_state_exact_match, content_exact_match, baseline_content_exact_match, "
+               "reward_accuracy, win_recall, win_precision, invalid_action_accuracy, valid_rate")
+    fid = q(f"SELECT scope, transitions, {metrics} FROM experience_model_eval "
+            "WHERE scope = 'overall' OR scope LIKE 'action:%' ORDER BY scope <> 'overall', scope", "experience_model_eval")
+    parts.append("<h3>Single steps (teacher-forced), overall and per action verb</h3>" + _table_html(fid))
     if fid is not None:
-        row = dict(zip(fid.columns, fid.fetchone()))
-        parts.append(f'<img alt="fidelity" src="data:image/png;base64,{base64.b64encode(fidelity_plot(row)).decode()}">')
+        one = con.sql("SELECT * FROM experience_model_eval WHERE scope = 'overall'")
+        rec = one.fetchone()
+        if rec is not None:
+            row = dict(zip(one.columns, rec))
+            parts.append(f'<img alt="fidelity" src="data:image/png;base64,'
+                         f'{base64.b64encode(fidelity_plot(row)).decode()}">')
+        gap = con.sql("SELECT policy, episodes, sim_success_rate, real_success_rate, sim_real_gap "
+                      "FROM experience_model_eval WHERE scope LIKE 'policy:%' ORDER BY policy")
+        parts.append("<h3>Sim-real gap of fixed policies (same held-out tasks)</h3>" + _table_html(gap))
+        drift_rel = con.sql("SELECT step, transitions AS trajectories, content_exact_match, agree_so_far, sim_alive, "
+                            "baseline_content_exact_match FROM experience_model_eval WHERE scope LIKE 'drift:%' "
+                            "ORDER BY step")
+        drift = [dict(zip(drift_rel.columns, r)) for r in drift_rel.fetchall()]
+        parts.append("<h3>Multi-step drift (open-loop replay of real trajectories)</h3>")
+        if drift:
+            parts.append(f'<img alt="drift" src="data:image/png;base64,{base64.b64encode(drift_plot(drift)).decode()}">')
     parts.append("<h2>Synthetic rollouts per iteration</h2>")
     parts.append(_table_html(q(
         "SELECT iteration, policy, count(*) AS episodes, avg(success::int) AS success_rate, avg(num_steps) AS mean_steps, "

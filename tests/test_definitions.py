@@ -39,7 +39,8 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
         "experience_model": {"config": {"steps": 3, "time_budget_s": 60, "batch_size": 4, "hidden": 32,
                                         "layers": 1, "vocab_size": 600, "max_len": 768,
                                         "task_writing_examples": 4}},
-        "experience_model_eval": {"config": {"max_transitions": 9}},
+        "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                             "gap_tasks": 2, "gap_max_steps": 4}},
         "policy_init": {"config": {"steps": 3, "hidden": 32, "layers": 1}}}}
     # iteration 0, the unpartitioned head of the graph; the loop, S2R, the real-RL baseline and
     # policy_eval run on top of it in tests/test_loop_assets.py
@@ -54,13 +55,19 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
     assert meta["path"].value.endswith("offline_trajectories.parquet")
     assert res.asset_materializations_for_node("eval_tasks")[0].metadata["rows"].value == 5
     cot = res.asset_materializations_for_node("cot_annotations")[0].metadata
-    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v2"
+    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v3"
     assert "<think>" in cot["example"].value
     mexp = res.asset_materializations_for_node("experience_model")[0].metadata
     assert mexp["steps"].value == 3 and mexp["parent_checkpoint"].value == "<fresh>"
-    fid = res.output_for_node("experience_model_eval")
-    assert fid.num_rows == 1 and 0 < fid["transitions"][0].as_py() <= 9
-    assert 0.0 <= fid["state_exact_match"][0].as_py() <= 1.0 and "baseline_state_exact_match" in fid.column_names
+    fid = {r["scope"]: r for r in res.output_for_node("experience_model_eval").to_pylist()}
+    assert 0 < fid["overall"]["transitions"] <= 9 and 0.0 <= fid["overall"]["state_exact_match"] <= 1.0
+    assert fid["overall"]["baseline_state_exact_match"] is not None
+    per_verb = [r for k, r in fid.items() if k.startswith("action:")]
+    assert per_verb and sum(r["transitions"] for r in per_verb) == fid["overall"]["transitions"]
+    assert "drift:1" in fid and 0.0 <= fid["drift:1"]["agree_so_far"] <= 1.0
+    for policy in ("random", "bc"):  # the sim-real gap: success in M_exp minus real success, same tasks
+        r = fid[f"policy:{policy}"]
+        assert r["sim_real_gap"] == pytest.approx(r["sim_success_rate"] - r["real_success_rate"])
     bc = res.asset_materializations_for_node("policy_init")[0].metadata
     assert bc["bc/steps"].value == 3 and bc["bc/examples"].value > 0
     # nothing half-written: no temp files remain next to the outputs

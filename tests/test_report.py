@@ -26,3 +26,23 @@ def test_plot_is_a_png_and_embeds_as_markdown():
     png = success_plot([_row("dreamgym", 1, 0.3, 0.4), _row("sft", 0, 0.2)])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert png_markdown(png, "x").startswith("![x](data:image/png;base64,")
+
+
+def test_report_shows_fidelity_sections_drift_and_gap(tmp_path):
+    from assets.experience import FIDELITY_SCHEMA
+
+    base = {"model": "m", "ablation": "full"}
+    rows = [{**base, "scope": "overall", "transitions": 300, "state_exact_match": 0.9, "baseline_state_exact_match": 0.1,
+             "win_recall": 0.95, "invalid_action_accuracy": 0.97},
+            {**base, "scope": "action:put", "transitions": 80, "state_exact_match": 0.85},
+            {**base, "scope": "drift:1", "step": 1, "transitions": 40, "content_exact_match": 0.9, "agree_so_far": 0.9,
+             "baseline_content_exact_match": 0.3},
+            {**base, "scope": "drift:2", "step": 2, "transitions": 38, "content_exact_match": 0.8, "agree_so_far": 0.7,
+             "baseline_content_exact_match": 0.2},
+            {**base, "scope": "policy:random", "policy": "random", "episodes": 50, "sim_success_rate": 0.2,
+             "real_success_rate": 0.16, "sim_real_gap": 0.04}]
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=FIDELITY_SCHEMA),
+                         str(tmp_path / "parquet" / "experience_model_eval.parquet"))
+    html = open(write_report(str(tmp_path), str(tmp_path / "report.html"))).read()
+    assert "action:put" in html and "Sim-real gap" in html and "0.040" in html
+    assert html.count("data:image/png;base64,") == 2  # the fidelity bars and the drift curve

@@ -253,5 +253,8 @@ class TWXEnv:
     def close(self) -> None:
         try:
             self._env.close()
+            # wait for the JVM to exit, so TextWorldExpressEnv.__del__ (which closes again) finds it
+            # gone instead of writing to its closed stdin ("Exception ignored ... BrokenPipeError")
+            self._env._gateway.java_process.wait(timeout=10)
         except Exception:
             pass  # the JVM may already be gone; nothing to release
