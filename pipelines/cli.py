@@ -79,7 +79,7 @@ def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
     head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
-            "experience_model_eval", "policy_init"]
+            "policy_init", "experience_model_eval"]  # the eval scores the SFT policy's sim-real gap too
     return [(k, None) for k in head] + [("dreamgym_iteration", iteration_key(i)) for i in range(1, iterations + 1)] \
         + [("s2r_policy", None), ("real_rl_policy", None), ("policy_eval", None)]
 

@@ -53,7 +53,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 # a missing k-1 (iteration 001) or, over many iterations, the ones not run yet: skipped
                 if context.has_asset_partitions:
                     continue
-                if context.dagster_type and context.dagster_type.is_nullable:
+                if getattr(context.dagster_type, "is_nullable", False):
                     return None
                 raise FileNotFoundError(f"{key.to_user_string()}: {path} not found; materialize it first")
             tables.append(read_parquet(path))
@@ -113,7 +113,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
             return self._read(path) if os.path.exists(path) else None
         path = self._manifest(context.asset_key, None)
         if not os.path.exists(path):
-            if context.dagster_type and context.dagster_type.is_nullable:
+            if getattr(context.dagster_type, "is_nullable", False):
                 return None
             raise FileNotFoundError(f"{context.asset_key.to_user_string()}: {path} not found; materialize it first")
         return self._read(path)

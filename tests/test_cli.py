@@ -1,3 +1,4 @@
+import dagster as dg
 import json
 import subprocess
 import sys
@@ -25,3 +26,18 @@ def test_sql_json_and_error_exit_code(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout) == [{"task_id": "twx/twc/train/0"}]
     bad = _run("sql", "drop view tasks", data=tmp_path)
     assert bad.returncode == 2 and "only SELECT" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_demo_plan_materializes_every_asset_after_its_upstreams(tmp_path):
+    from pipelines.cli import _demo_plan
+    from pipelines.definitions import LOOP_KEYS, build_defs
+
+    graph = build_defs(str(tmp_path)).resolve_asset_graph()
+    seen: set[str] = set()
+    for key, _ in _demo_plan(3):
+        keys = [k.to_user_string() for k in LOOP_KEYS] if key == "dreamgym_iteration" else [key]
+        for k in keys:
+            ups = {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} - set(keys)
+            assert ups <= seen, f"{k} runs before {sorted(ups - seen)}"
+        seen.update(keys)
+    assert seen == {k.to_user_string() for k in graph.get_all_asset_keys()}  # the demo covers every asset

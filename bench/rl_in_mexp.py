@@ -1,0 +1,105 @@
+"""RL inside M_exp from the SFT policy, with real held-out success before, midway and after.
+
+    python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
+                               [epochs=2] [max_steps=12] [eval=50]
+
+DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
+``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
+iteration is the paper's step, read as in ``rl.trainer.train_iteration``: rollouts of the current
+policy in M_exp on train tasks (GRPO: groups per task) -> advantages -> one PPO/GRPO update, KL to
+the SFT policy. Evaluation: greedy and sampled real success on the held-out test games with Wilson
+intervals, and greedy success in M_exp on the same games (the sim-real gap). The README's policy
+learning table was produced with this program. Nothing is written to DATA.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from assets.runtime import heldout, offline_start_states, real_env_factory, real_start_states
+    from dreamgym_core.envs.twx import propose_candidates
+    from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig
+    from dreamgym_core.io import read_parquet
+    from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory, sample_tasks
+    from dreamgym_core.models import load_checkpoint
+    from dreamgym_core.rl.trainer import PolicyTrainer, RLConfig, train_iteration
+    from dreamgym_core.rollout import RolloutConfig
+    from dreamgym_core.schema import tasks_from_arrow
+    from pipelines.resources import Experiment
+
+    if len(argv) < 3 or argv[1] not in ("grpo", "ppo"):
+        print(__doc__)
+        return 2
+    data, algo, iters = argv[0], argv[1], int(argv[2])
+    kw = dict(a.split("=", 1) for a in argv[3:])
+    lr, kl = float(kw.get("lr", 5e-5)), float(kw.get("kl", 0.1))
+    ntasks, group, epochs = int(kw.get("tasks", 16)), int(kw.get("group", 4)), int(kw.get("epochs", 2))
+    max_steps, neval = int(kw.get("max_steps", 12)), int(kw.get("eval", 50))
+    torch.set_num_threads(int(kw.get("threads", os.cpu_count() or 2)))
+
+    def one(pattern: str) -> str:
+        found = sorted(glob.glob(os.path.join(data, "checkpoints", pattern)))
+        if not found:
+            raise SystemExit(f"bench.rl_in_mexp: no {pattern} under {data}/checkpoints; materialize it first")
+        return found[-1]
+
+    exp = Experiment()
+    mexp, mtok, meta = load_checkpoint(one("experience_model/*/final"))
+    prompt = PromptConfig(**meta.get("prompt", {}))
+    sft_dir = one("policy_init/*")
+    train = tasks_from_arrow(read_parquet(os.path.join(data, "parquet", "seed_tasks.parquet")))
+    test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:neval]
+    starts = {**offline_start_states(read_parquet(os.path.join(data, "parquet", "offline_trajectories.parquet"))),
+              **real_start_states(exp, test)}
+    init = initial_state_fn(starts)
+
+    def make_sim(initial_state=init):
+        return ExperienceModel(mexp, mtok, initial_state=initial_state, propose_candidates=propose_candidates,
+                               cfg=SimConfig(prompt=prompt))
+
+    lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=len(test), eval_max_steps=20)
+    rows = []
+
+    def report(model, tok, name: str, k: int) -> None:
+        table = evaluate(lm_policy_factory(model, tok, name), name, k, test, real_env_factory(exp), make_sim, init,
+                         lc, real_transitions=0, modes=("greedy", "sampled"), log=lambda s: None)
+        rows.extend(table.to_pylist())
+        print("  ".join(f"{r['policy']}@{k} {r['mode']}: real {r['success_rate']:.2f} [{r['ci_low']:.2f}, "
+                        f"{r['ci_high']:.2f}]" + (f" M_exp {r['sim_success_rate']:.2f}" if r["sim_success_rate"]
+                                                   is not None else "") for r in table.to_pylist()), flush=True)
+
+    ref, _, _ = load_checkpoint(sft_dir)
+    model, tok, _ = load_checkpoint(sft_dir)
+    trainer = PolicyTrainer(model, tok, RLConfig(algorithm=algo, lr=lr, ppo_epochs=epochs, kl_coef=kl,
+                                                 history_window=2), ref_model=ref)
+    report(model, tok, "sft", 0)
+    started = time.perf_counter()
+    for k in range(1, iters + 1):
+        tasks = sample_tasks(train, ntasks, k, 0)
+        _, stats, m = train_iteration(make_sim(), trainer, tasks, RolloutConfig(
+            group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=2,
+            source="synthetic", iteration=k, seed=k), policy_name=f"{algo}@{k}")
+        print(f"iteration {k}: {time.perf_counter() - started:.0f}s, M_exp success "
+              f"{stats.successes / max(stats.episodes, 1):.2f} over {stats.episodes} episodes, zero-advantage "
+              f"groups {m.get('grpo/zero_adv_groups', '-')}/{m.get('grpo/groups', '-')}, kl {m.get('kl', 0):.4f}",
+              flush=True)
+        if k % max(1, iters // 2) == 0:
+            report(trainer.model, tok, algo, k)
+    print("\n| policy | iteration | mode | real success [95% CI] | M_exp success |\n|---|---|---|---|---|")
+    for r in rows:
+        sim = "" if r["sim_success_rate"] is None else f"{r['sim_success_rate']:.2f}"
+        print(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {r['success_rate']:.2f} "
+              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {sim} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
