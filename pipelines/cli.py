@@ -120,11 +120,11 @@ def cmd_demo(args) -> int:
     # the demo's sizes: the assets' defaults are the measured runs (README), the demo trims the
     # evaluations and real-env budgets so the whole loop fits in about a quarter of an hour on 2 cores
     ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
-           "experience_model_eval": {"config": {"max_transitions": 200, "drift_trajectories": 20, "gap_tasks": 25}},
+           "experience_model_eval": {"config": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 20}},
            "policy_init": {"config": {"time_budget_s": args.policy_budget}},
-           "real_rl_policy": {"config": {"budget": 1000, "rounds": 4}},
+           "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
            "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
-           "policy_eval": {"config": {"sim_eval_tasks": 0}}}
+           "policy_eval": {"config": {"sim_eval_tasks": 0, "sampled": False}}}
     with dg.DagsterInstance.get() as instance:
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key

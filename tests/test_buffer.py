@@ -315,6 +315,15 @@ def test_minilm_embedder_and_buffer(tmp_path):
     np.testing.assert_allclose(again.encode(texts), v[:3], atol=1e-6)
     assert again.encoded == 0 and again._model is None   # served from the disk cache, no model load
 
+    # bf16 autocast and fp32 give the same directions (they share model_name and the cache)
+    fp32, bf16 = Embedder(precision="fp32"), Embedder(precision="bf16")
+    fp32._model = bf16._model = emb.model
+    a, b = fp32.encode(texts), bf16.encode(texts)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)    # bf16 really ran
+    assert (a * b).sum(axis=1).min() > 0.999
+    with pytest.raises(ValueError, match="precision must be"):
+        Embedder(precision="fp16")
+
     buf = ReplayBuffer(str(tmp_path / "db"), emb)
     data = pa.Table.from_pylist([
         dict(traj_id="a", task_id="t", env="twx", step_idx=0, state="kitchen. you see a red apple on the counter",
