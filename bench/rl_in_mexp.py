@@ -1,7 +1,7 @@
 """RL inside M_exp from the SFT policy, with real held-out success before, midway and after.
 
     python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
-                               [epochs=2] [max_steps=12] [eval=50]
+                               [epochs=2] [max_steps=12] [eval=50] [mexp=DIR] [sft=DIR]
 
 DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
 ``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
@@ -9,7 +9,9 @@ iteration is the paper's step, read as in ``rl.trainer.train_iteration``: rollou
 policy in M_exp on train tasks (GRPO: groups per task) -> advantages -> one PPO/GRPO update, KL to
 the SFT policy. Evaluation: greedy and sampled real success on the held-out test games with Wilson
 intervals, and greedy success in M_exp on the same games (the sim-real gap). The README's policy
-learning table was produced with this program. Nothing is written to DATA.
+learning table was produced with this program. Nothing is written to DATA. With several
+checkpoints under DATA (different configs), ``mexp=`` / ``sft=`` name the ones to use; otherwise
+the last by name is taken.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def main(argv: list[str]) -> int:
         return found[-1]
 
     exp = Experiment()
-    mexp, mtok, meta = load_checkpoint(one("experience_model/*/final"))
+    mexp, mtok, meta = load_checkpoint(kw.get("mexp") or one("experience_model/*/final"))
     prompt = PromptConfig(**meta.get("prompt", {}))
-    sft_dir = one("policy_init/*")
+    sft_dir = kw.get("sft") or one("policy_init/*")
     train = tasks_from_arrow(read_parquet(os.path.join(data, "parquet", "seed_tasks.parquet")))
     test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:neval]
     starts = {**offline_start_states(read_parquet(os.path.join(data, "parquet", "offline_trajectories.parquet"))),

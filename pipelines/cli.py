@@ -109,7 +109,13 @@ def cmd_demo(args) -> int:
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
 
     defs = build_defs(data)
-    resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+    from assets.loop import LoopSettings
+
+    # the demo's sizes: the assets' defaults are the measured runs (README); the demo trims the
+    # evaluations, the per-iteration batch and the real-env budgets so that set-up plus the whole loop
+    # fit in a quarter of an hour on 2 cores. Every policy is evaluated on the same first 30 test games.
+    resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm),
+                 "loop": LoopSettings(tasks_per_iteration=12, eval_tasks=30, sim_eval_tasks=15)}
     started = time.perf_counter()
     plan = _demo_plan(args.iterations)
     print(f"[dreamgym] data: {data}  (Dagster run history: {os.environ['DAGSTER_HOME']})", flush=True)
@@ -117,14 +123,12 @@ def cmd_demo(args) -> int:
           "finished steps are skipped, so an interrupted demo resumes", flush=True)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    # the demo's sizes: the assets' defaults are the measured runs (README), the demo trims the
-    # evaluations and real-env budgets so the whole loop fits in about a quarter of an hour on 2 cores
     ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
-           "experience_model_eval": {"config": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 20}},
+           "experience_model_eval": {"config": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15}},
            "policy_init": {"config": {"time_budget_s": args.policy_budget}},
            "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
            "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
-           "policy_eval": {"config": {"sim_eval_tasks": 0, "sampled": False}}}
+           "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
     with dg.DagsterInstance.get() as instance:
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
-    s.add_argument("--mexp-budget", type=float, default=300.0, help="M_exp training budget in seconds (default 300)")
+    s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
     s.add_argument("--policy-budget", type=float, default=90.0, help="SFT policy training budget in seconds")
     s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
