@@ -116,7 +116,9 @@ def _config_key(cfg: dg.Config, rows: int) -> str:
     import hashlib
     import json
 
-    blob = json.dumps({**cfg.model_dump(), "rows": rows}, sort_keys=True).encode()
+    # "format": bumped when the SFT examples change shape for the same config (a stale checkpoint
+    # would otherwise be reused): v2 = M_task examples in pointer form
+    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 2}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -157,7 +159,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         trajs = trajectories_from_arrow(cot_annotations.select(TRAJECTORY_ROWS_SCHEMA.names))
         tasks = list({t.task.task_id: t.task for t in trajs}.values())
         starts = {t.task.task_id: t.steps[0].state for t in trajs if t.steps and t.steps[0].step_idx == 0}
-        task_ex = task_writing_examples(tasks, starts, m=2, n=config.task_writing_examples, seed=config.seed)
+        task_ex = task_writing_examples(tasks, starts, m=2, n=config.task_writing_examples, seed=config.seed,
+                                        pointers=config.pointers)
         examples += task_ex
         weights += [config.task_writing_weight] * len(task_ex)
         context.log.info(f"{len(task_ex)} task-writing examples mixed in (M_task)")

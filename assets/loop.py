@@ -122,7 +122,8 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
     sims = SimulatorFactory(experience_model, experiment)
     buffer = _buffer(context, offline_trajectories) if config.replay_buffer else None
-    writer = cur.TaskWriter(sims.model, sims.tokenizer, seed=config.seed + k) if config.curriculum else None
+    writer = cur.TaskWriter(sims.model, sims.tokenizer, seed=config.seed + k, pointers=sims.prompt.pointers) \
+        if config.curriculum else None
     inp = IterationInputs(
         k=k, prev_policy_dir=prev_policy.path if prev_policy else policy_init.path, ref_policy_dir=policy_init.path,
         pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,

@@ -19,6 +19,11 @@ Departures from the paper, and why:
 - A from-scratch M_exp has never seen a task-writing prompt, so ``task_writing_examples`` builds
   SFT examples (m sibling seed tasks -> a held-out sibling with at least as many loose items) that
   are mixed into M_exp's SFT: the same weights then serve as M_task.
+- Pointer form (the default when M_exp uses pointers): the prompt lists the objects already seen
+  in the seeds' location (``object_catalogue``) as @1..@n and M_task writes the new state's objects
+  as pointers into that list, so a variant recombines the world's objects instead of spelling new
+  ones (a from-scratch 3.4M model spelling names freely wrote "coat duvet | laundry room empty").
+  The filter still drops names no existing task has (literal form).
 - Feasibility also rejects variants that M_exp itself declares unplayable (every rollout ends on
   an invalid or unparseable step): the paper's "feasible" is judged by its LLM; ours is measured.
 
@@ -27,9 +32,10 @@ Usage (one curriculum step)::
     scores = task_reward_variance(trajs)                              # Eq. 7 per task
     sel = select_seed_tasks(scores, threshold=0.0, top_m=4)
     seeds = [tasks_by_id[t] for t in sel.selected]
-    prompts = [build_task_prompt(seeds[i:i + 2], states, 2) for i in range(len(seeds))]
+    cats = [catalogues[location_of(states[t.task_id])] for t in seeds]   # object_catalogue(...)
+    prompts = [build_task_prompt(seeds[i:i + 2], states, 2, cats[i]) for i in range(len(seeds))]
     texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts)   # M_task
-    kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg)
+    kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg, cats)
     pool = build_task_pool(original_tasks, old_synthetic + kept, cfg.lam, size, seed=k)
 """
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
@@ -50,7 +57,7 @@ from dreamgym_core.schema import Task, Trajectory
 from dreamgym_core.state import AbstractState
 
 TASK_OPEN, TASK_CLOSE = "## seed tasks", "## new task"
-DROP_REASONS = ("parse", "duplicate", "format", "trivial", "invalid")
+DROP_REASONS = ("parse", "duplicate", "format", "unknown", "trivial", "invalid")
 
 
 @dataclass(frozen=True)
@@ -171,12 +178,44 @@ def _task_block(task: Task, state: str) -> str:
     return f"instruction: {task.instruction}\n{state}"
 
 
-def build_task_prompt(seeds: Sequence[Task], states: Mapping[str, str], m: int) -> str:
-    """m seed tasks (instruction + initial state), then the header M_task continues after."""
+def location_of(state: str) -> str:
+    try:
+        return AbstractState.parse(state).location
+    except ValueError:
+        return ""
+
+
+def object_catalogue(states: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """location -> the sorted distinct object facts its parseable states show (what M_task recombines)."""
+    out: dict[str, set[str]] = {}
+    for text in states:
+        try:
+            st = AbstractState.parse(text)
+        except ValueError:
+            continue
+        out.setdefault(st.location, set()).update(st.objects)
+    return {loc: tuple(sorted(objs)) for loc, objs in out.items()}
+
+
+def build_task_prompt(seeds: Sequence[Task], states: Mapping[str, str], m: int,
+                      catalogue: Sequence[str] | None = None) -> str:
+    """m seed tasks (instruction + initial state), the catalogue as @1..@n (pointer form), then the
+    header M_task continues after."""
     if not seeds:
         raise ValueError("build_task_prompt: no seed tasks")
     blocks = [f"# seed {i + 1}\n" + _task_block(t, states[t.task_id]) for i, t in enumerate(seeds[:m])]
+    if catalogue is not None:
+        blocks.append("# objects\n" + "\n".join(f"@{i} {o}" for i, o in enumerate(catalogue, 1)))
     return f"{TASK_OPEN}\n" + "\n".join(blocks) + f"\n{TASK_CLOSE}"
+
+
+def _pointer_block(task: Task, state: str, catalogue: Sequence[str]) -> str:
+    """A task block whose objects are @k pointers into ``catalogue`` (every object must be in it)."""
+    st = AbstractState.parse(state)
+    index = {o: i for i, o in enumerate(catalogue, 1)}
+    objs = " | ".join(f"@{index[o]}" for o in st.objects)
+    return "\n".join([f"instruction: {task.instruction}", f"feedback: {st.feedback}", f"location: {st.location}",
+                      f"objects: {objs}", "exits: " + " | ".join(st.exits), "inventory: " + " | ".join(st.inventory)])
 
 
 @dataclass(frozen=True)
@@ -192,15 +231,20 @@ class ParseFailure:
     reason: str
 
 
-def parse_task_output(text: str) -> TaskProposal | ParseFailure:
-    """M_task's output -> a proposal, or a failure with a short reason. Never raises."""
+def parse_task_output(text: str, catalogue: Sequence[str] | None = None) -> TaskProposal | ParseFailure:
+    """M_task's output -> a proposal, or a failure with a short reason. Never raises.
+
+    With ``catalogue`` (pointer form) every object must be a pointer @k into it (1-based)."""
     try:
-        return _parse_task(text)
+        return _parse_task(text, catalogue)
     except Exception as exc:  # untrusted model text: any surprise is a parse failure, not a crash
         return ParseFailure(f"error:{type(exc).__name__}")
 
 
-def _parse_task(text: str) -> TaskProposal | ParseFailure:
+_POINTER = re.compile(r"@([0-9]{1,4})")
+
+
+def _parse_task(text: str, catalogue: Sequence[str] | None = None) -> TaskProposal | ParseFailure:
     if not isinstance(text, str):
         return ParseFailure("not-text")
     body, reasoning = text.strip(), ""
@@ -222,6 +266,14 @@ def _parse_task(text: str) -> TaskProposal | ParseFailure:
         state = AbstractState.parse("\n".join(state_lines))
     except ValueError as exc:
         return ParseFailure("bad-state:" + str(exc).split(":")[0][:40])
+    if catalogue is not None:
+        objects = []
+        for o in state.objects:
+            m = _POINTER.fullmatch(o)
+            if m is None or not 1 <= int(m.group(1)) <= len(catalogue):
+                return ParseFailure("bad-pointer")
+            objects.append(catalogue[int(m.group(1)) - 1])
+        state = AbstractState.make(state.feedback, state.location, objects, state.exits, state.inventory)
     return TaskProposal(instruction, state.render(), reasoning)
 
 
@@ -234,11 +286,14 @@ def loose_items(state: str) -> list[str]:
     return [o for o in s.objects if ":" not in o and not o.endswith(("(open)", "(closed)"))] + list(s.inventory)
 
 
-def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: int, n: int, seed: int = 0):
+def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: int, n: int, seed: int = 0,
+                          pointers: bool = True):
     """SFT examples that teach M_exp's weights to write tasks (then they serve as M_task).
 
     Prompt: m seed tasks of one location; target: a short rationale + another task of the same
     location with at least as many loose items as the hardest seed (a harder-or-equal sibling).
+    ``pointers``: the prompt carries the location's ``object_catalogue`` of ``states`` and the
+    target's objects are pointers into it.
     """
     from dreamgym_core.experience_model import SFTExample
 
@@ -251,6 +306,7 @@ def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: i
             continue
         by_loc.setdefault(loc, []).append(t)
     pools = [ts for ts in by_loc.values() if len(ts) > m]
+    catalogues = object_catalogue([states[t.task_id] for ts in pools for t in ts]) if pointers else {}
     out = []
     for _ in range(n if pools else 0):
         group = rng.choice(pools)
@@ -261,10 +317,17 @@ def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: i
         if len(items) < hardest:
             continue
         loc = AbstractState.parse(states[target.task_id]).location
-        reasoning = (f"<think>The seeds are in the {loc} with at most {hardest} items to put away; "
-                     f"the new task has {len(items)}: {', '.join(items)}.</think>\n")
-        out.append(SFTExample(build_task_prompt(seeds, states, m), reasoning,
-                              _task_block(target, states[target.task_id])))
+        if pointers:
+            cat = catalogues[loc]
+            reasoning = (f"<think>The seeds are in the {loc} with at most {hardest} items to put away; "
+                         f"the new task has {len(items)}.</think>\n")
+            out.append(SFTExample(build_task_prompt(seeds, states, m, cat), reasoning,
+                                  _pointer_block(target, states[target.task_id], cat)))
+        else:
+            reasoning = (f"<think>The seeds are in the {loc} with at most {hardest} items to put away; "
+                         f"the new task has {len(items)}: {', '.join(items)}.</think>\n")
+            out.append(SFTExample(build_task_prompt(seeds, states, m), reasoning,
+                                  _task_block(target, states[target.task_id])))
     return out
 
 
@@ -272,8 +335,10 @@ class TaskWriter:
     """M_task: M_exp's weights prompted to write task variants (batched, left-padded, seeded sampling)."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 160, temperature: float = 1.0,
-                 batch_size: int = 16, seed: int = 0):
+                 batch_size: int = 16, seed: int = 0, pointers: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.pointers = pointers
+        """Pointer form: prompts carry an object catalogue and outputs point into it (as trained)."""
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.batch_size, self.seed = batch_size, seed
 
@@ -315,6 +380,25 @@ def _norm(state: str) -> str:
         return state.strip().lower()
 
 
+def _vocabulary(states: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Locations and entity names (objects, contents, inventory) of parseable states."""
+    places, names = set(), set()
+    for text in states:
+        try:
+            st = AbstractState.parse(text)
+        except ValueError:
+            continue
+        places.add(st.location)
+        names.update(st.entities())
+    return places, names
+
+
+def _unknown(state: str, places: set[str], names: set[str]) -> list[str]:
+    """What ``state`` names that the vocabulary does not (empty = all known)."""
+    st = AbstractState.parse(state)
+    return ([st.location] if st.location not in places else []) + [e for e in st.entities() if e not in names]
+
+
 def synthetic_task_id(iteration: int, proposal: TaskProposal) -> str:
     h = hashlib.sha256((proposal.instruction + "\n" + proposal.state).encode()).hexdigest()[:10]
     return f"syn/{iteration:03d}/{h}"
@@ -327,14 +411,18 @@ def feasibility_filter(proposals: Sequence[TaskProposal | ParseFailure], parents
     """Keep feasible variants; every proposal gets a row (kept or the drop reason).
 
     Drops: ``parse`` (did not parse), ``duplicate`` (same state as an existing task or an earlier
-    proposal), ``format`` (no item to act on, or too long), ``trivial`` (every simulated rollout
-    won), ``invalid`` (every rollout ended on an invalid or unparseable M_exp step).
+    proposal), ``format`` (no item to act on, or too long), ``unknown`` (a location or object that no
+    existing task's state names: M_task may recombine the world's objects, not invent them; M_exp
+    knows nothing of an invented one), ``trivial`` (every simulated rollout won), ``invalid`` (every
+    rollout ended on an invalid or unparseable M_exp step). Rows carry the proposed state.
     """
     if len(proposals) != len(parents):
         raise ValueError(f"feasibility_filter: {len(proposals)} proposals but {len(parents)} parents")
     rows: list[dict] = []
     seen = {_norm(existing_states[t.task_id]) for t in existing_tasks if t.task_id in existing_states}
     seen |= {_norm(t.initial_state) for t in existing_tasks if t.initial_state}
+    places, names = _vocabulary(list(existing_states.values()) + [t.initial_state for t in existing_tasks
+                                                                  if t.initial_state])
     candidates: list[tuple[int, Task]] = []
     for i, (p, parent) in enumerate(zip(proposals, parents)):
         row = {"index": i, "parent_task_id": parent.task_id, "task_id": None, "kept": False, "reason": ""}
@@ -347,8 +435,12 @@ def feasibility_filter(proposals: Sequence[TaskProposal | ParseFailure], parents
             row["reason"] = "duplicate"
             continue
         seen.add(key)
+        row["state"] = p.state
         if not loose_items(p.state) or len(p.state) > cfg.max_state_chars:
             row["reason"] = "format"
+            continue
+        if names and _unknown(p.state, places, names):
+            row["reason"] = "unknown"
             continue
         task = Task(task_id=synthetic_task_id(iteration, p), env=parent.env, game=parent.game, split="train",
                     seed=parent.seed, instruction=p.instruction, params=parent.params, source="synthetic",
@@ -375,9 +467,15 @@ def feasibility_filter(proposals: Sequence[TaskProposal | ParseFailure], parents
 
 def synthesize(texts: Sequence[str], parents: Sequence[Task], existing_tasks: Sequence[Task],
                existing_states: Mapping[str, str], simulate, iteration: int,
-               cfg: CurriculumConfig = CurriculumConfig()) -> tuple[list[Task], dict]:
-    """Parse M_task's texts and filter them -> (kept tasks, report with counts per drop reason)."""
-    proposals = [parse_task_output(t) for t in texts]
+               cfg: CurriculumConfig = CurriculumConfig(),
+               catalogues: Sequence[Sequence[str] | None] | None = None) -> tuple[list[Task], dict]:
+    """Parse M_task's texts and filter them -> (kept tasks, report with counts per drop reason).
+
+    ``catalogues``: per text, the object catalogue its prompt carried (pointer form), or None."""
+    if catalogues is not None and len(catalogues) != len(texts):
+        raise ValueError(f"synthesize: {len(catalogues)} catalogues for {len(texts)} texts")
+    cats = catalogues if catalogues is not None else [None] * len(texts)
+    proposals = [parse_task_output(t, c) for t, c in zip(texts, cats)]
     kept, rows = feasibility_filter(proposals, parents, existing_tasks, existing_states, simulate, iteration, cfg)
     drops = Counter(r["reason"] for r in rows if not r["kept"])
     parse_reasons = Counter(p.reason for p in proposals if isinstance(p, ParseFailure))

@@ -360,11 +360,18 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
         if cur_cfg.enabled and seeds and inp.task_writer is not None:
             states = {t.task_id: init_state(t) for t in seeds}
-            prompts = [cur.build_task_prompt(seeds[i:i + cur_cfg.seeds_per_prompt], states, cur_cfg.seeds_per_prompt)
+            existing = list(inp.pool) + list(inp.original)
+            existing_states = {t.task_id: init_state(t) for t in existing}
+            # pointer form: each prompt lists the objects seen in its seed's location; M_task points into it
+            known = cur.object_catalogue(list(existing_states.values())) if inp.task_writer.pointers else {}
+            cats = [known.get(cur.location_of(states[t.task_id]), ()) if inp.task_writer.pointers else None
+                    for t in seeds]
+            prompts = [cur.build_task_prompt(seeds[i:i + cur_cfg.seeds_per_prompt], states, cur_cfg.seeds_per_prompt,
+                                             cats[i])
                        for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
             texts = inp.task_writer.write(prompts)
             parents = [seeds[i] for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
-            existing = list(inp.pool) + list(inp.original)
+            prompt_cats = [cats[i] for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
 
             def simulate(tasks: list[Task]) -> list[Trajectory]:
                 from dreamgym_core.rollout import RandomPolicy
@@ -374,8 +381,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                     history_window=cfg.history_window, source="synthetic", iteration=k, seed=k))
                 return out
 
-            kept, report = cur.synthesize(texts, parents, existing, {t.task_id: init_state(t) for t in existing},
-                                          simulate, k, cur_cfg)
+            kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats)
         store.put_record("synthesis", report)
         log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
             f"drops {report.get('drops', {})}")

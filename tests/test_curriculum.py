@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from dreamgym_core.curriculum import (CurriculumConfig, ParseFailure, TaskProposal, build_task_pool,
                                       build_task_prompt, cluster_groups, cluster_variance, feasibility_filter,
-                                      loose_items, parse_task_output, select_seed_tasks, synthesize,
+                                      loose_items, object_catalogue, parse_task_output, select_seed_tasks,
+                                      synthesize,
                                       task_reward_variance, task_writing_examples)
 from dreamgym_core.schema import Task, Trajectory, Transition
 from dreamgym_core.state import AbstractState
@@ -98,28 +99,58 @@ def test_parser_never_raises(text):
     assert isinstance(out, (TaskProposal, ParseFailure))
 
 
-def test_task_writing_examples_teach_harder_siblings():
+def test_pointer_form_prompt_and_parser():
+    cat = ("bed: empty", "blue hat", "red hat", "wardrobe (closed)")
+    prompt = build_task_prompt([_task(1)], {"t/1": STATE}, 2, cat)
+    assert "# objects\n@1 bed: empty\n@2 blue hat\n@3 red hat\n@4 wardrobe (closed)\n## new task" in prompt
+    head = "instruction: Put.\nfeedback: x\nlocation: bedroom\n"
+    p = parse_task_output(head + "objects: @3 | @1 | @2\nexits: \ninventory: ", cat)
+    assert isinstance(p, TaskProposal)
+    assert p.state == AbstractState.make("x", "bedroom", ["bed: empty", "red hat", "blue hat"]).render()
+    for objs, reason in [("@5", "bad-pointer"), ("@0", "bad-pointer"), ("red hat", "bad-pointer"), ("@2 x", "bad-pointer")]:
+        out = parse_task_output(head + f"objects: {objs}\nexits: \ninventory: ", cat)
+        assert isinstance(out, ParseFailure) and out.reason == reason, objs
+    assert object_catalogue([STATE, "junk", AbstractState.make("y", "kitchen", ["sink: empty"]).render()]) == {
+        "bedroom": ("bed: empty", "clean blue T-shirt", "long coat", "wardrobe (closed)"), "kitchen": ("sink: empty",)}
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=500, deadline=None)
+def test_pointer_parser_never_raises(text):
+    out = parse_task_output(text, ("bed: empty", "red hat"))
+    assert isinstance(out, (TaskProposal, ParseFailure))
+
+
+@pytest.mark.parametrize("pointers", [False, True])
+def test_task_writing_examples_teach_harder_siblings(pointers):
     tasks = [_task(i) for i in range(6)]
     states = {t.task_id: AbstractState.make("x", "bedroom", ["bed: empty"] + [f"item {j}" for j in range(1 + i % 3)]).render()
               for i, t in enumerate(tasks)}
-    ex = task_writing_examples(tasks, states, m=2, n=20, seed=0)
+    ex = task_writing_examples(tasks, states, m=2, n=20, seed=0, pointers=pointers)
     assert ex and all(e.prompt.endswith("## new task") and e.reasoning.startswith("<think>") for e in ex)
     for e in ex:
-        target = parse_task_output(e.reasoning + e.prediction)
-        seeds_max = max(len(loose_items(b.split("\n", 1)[1])) for b in e.prompt.split("# seed ")[1:])
+        cat = object_catalogue(list(states.values()))["bedroom"] if pointers else None
+        assert ("# objects\n@1 bed: empty" in e.prompt) == pointers and ("@" in e.prediction) == pointers
+        target = parse_task_output(e.reasoning + e.prediction, cat)
+        seeds_max = max(len(loose_items(b.split("\n# objects")[0].split("\n", 1)[1]))
+                        for b in e.prompt.split("# seed ")[1:])
         assert isinstance(target, TaskProposal) and len(loose_items(target.state)) >= seeds_max
+        assert target.state in states.values()           # the sibling, resolved back from its pointers
 
 
 def test_feasibility_filter_reasons():
     parent = _task(1)
-    existing = {"t/1": STATE}
+    hats = AbstractState.make("x", "bedroom", ["bed: empty", "red hat", "blue hat: green hat, grey hat"]).render()
+    existing = {"t/1": STATE, "t/9": hats}         # t/9: a known state that names the hats
     new = AbstractState.make("x", "bedroom", ["bed: empty", "red hat", "blue hat"]).render()
     trivial = AbstractState.make("x", "bedroom", ["bed: empty", "green hat"]).render()
     broken = AbstractState.make("x", "bedroom", ["bed: empty", "grey hat"]).render()
     no_items = AbstractState.make("x", "bedroom", ["bed: empty"]).render()
+    invented = AbstractState.make("x", "bedroom", ["bed: empty", "coat duvet"]).render()
+    elsewhere = AbstractState.make("x", "moon base", ["bed: empty", "red hat"]).render()
     props = [ParseFailure("missing-instruction"), TaskProposal("Put.", STATE), TaskProposal("Put.", new),
              TaskProposal("Put.", new), TaskProposal("Put.", no_items), TaskProposal("Put.", trivial),
-             TaskProposal("Put.", broken)]
+             TaskProposal("Put.", broken), TaskProposal("Put.", invented), TaskProposal("Put.", elsewhere)]
 
     def simulate(tasks):
         out = []
@@ -134,7 +165,9 @@ def test_feasibility_filter_reasons():
         return out
 
     kept, rows = feasibility_filter(props, [parent] * len(props), [parent], existing, simulate, 2)
-    assert [r["reason"] for r in rows] == ["parse", "duplicate", "", "duplicate", "format", "trivial", "invalid"]
+    assert [r["reason"] for r in rows] == ["parse", "duplicate", "", "duplicate", "format", "trivial", "invalid",
+                                           "unknown", "unknown"]
+    assert rows[7]["state"] == invented and "state" not in rows[0]
     assert len(kept) == 1 and kept[0].parent_task_id == "t/1" and kept[0].iteration == 2
     assert kept[0].source == "synthetic" and kept[0].initial_state == new and kept[0].task_id.startswith("syn/002/")
     kept2, report = synthesize(["junk", "instruction: Put.\n" + new], [parent, parent], [parent], existing, simulate, 2)
