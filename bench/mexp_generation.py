@@ -1,6 +1,6 @@
 """M_exp generation: synthetic steps/s of the batched simulator against one-at-a-time ``generate``.
 
-    flock /tmp/dreamgym-heavy.lock .venv/bin/python -m bench.mexp_generation [--model DIR] [--batch-sizes 1,8,32,64]
+    .venv/bin/python -m bench.mexp_generation [--model DIR] [--batch-sizes 1,8,32,64]
 
 Workload: ``--prompts`` real M_exp prompts (default 64) built from the transitions of a few TWX twc
 train episodes collected here (``collect``), exactly as the simulator builds them: history window of

@@ -1,6 +1,6 @@
 """Policy-update throughput: our PPO/GRPO trainer against TRL's GRPOTrainer, and CPU training MFU.
 
-    flock /tmp/dreamgym-heavy.lock .venv/bin/python -m bench.policy_update [--repeats 5] [--skip-trl]
+    .venv/bin/python -m bench.policy_update [--repeats 5] [--skip-trl]
 
 Workload (the same for both, one process, the same torch threads): the embedded CPU default policy
 (``build_tiny_llama`` with the default ``TinyLlamaConfig``, a locally trained byte-level BPE), a
