@@ -32,10 +32,12 @@ Usage (one curriculum step)::
     scores = task_reward_variance(trajs)                              # Eq. 7 per task
     sel = select_seed_tasks(scores, threshold=0.0, top_m=4)
     seeds = [tasks_by_id[t] for t in sel.selected]
-    cats = [catalogues[location_of(states[t.task_id])] for t in seeds]   # object_catalogue(...)
-    prompts = [build_task_prompt(seeds[i:i + 2], states, 2, cats[i]) for i in range(len(seeds))]
+    cats = [catalogues[location_of(existing_states[t.task_id])] for t in seeds]   # object_catalogue(...)
+    groups = seed_groups(seeds, existing_tasks, existing_states, 2, seed=k)
+    prompts = [build_task_prompt(g, existing_states, 2, c) for g, c in zip(groups, cats)]
     texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts)   # M_task
-    kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg, cats)
+    kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg, cats,
+                              [existing_states[t.task_id] for t in seeds])
     pool = build_task_pool(original_tasks, old_synthetic + kept, cfg.lam, size, seed=k)
 """
 
@@ -209,6 +211,25 @@ def build_task_prompt(seeds: Sequence[Task], states: Mapping[str, str], m: int,
     return f"{TASK_OPEN}\n" + "\n".join(blocks) + f"\n{TASK_CLOSE}"
 
 
+def seed_groups(seeds: Sequence[Task], pool: Sequence[Task], states: Mapping[str, str], m: int,
+                seed: int = 0) -> list[list[Task]]:
+    """Per seed, the m tasks its prompt shows: the seed, then other tasks of the same room (other
+    seeds first, then the pool, drawn with ``seed``), as ``task_writing_examples`` trained M_task on.
+    ``states`` must hold every task's start state."""
+    rng = random.Random(seed)
+    by_room: dict[str, list[Task]] = {}
+    for t in sorted({t.task_id: t for t in pool}.values(), key=lambda t: t.task_id):
+        by_room.setdefault(location_of(states.get(t.task_id, "")), []).append(t)
+    out = []
+    for t in seeds:
+        room = location_of(states[t.task_id])
+        others = [o for o in seeds if o.task_id != t.task_id and location_of(states[o.task_id]) == room]
+        rest = [o for o in by_room.get(room, []) if o.task_id != t.task_id and o not in others]
+        rng.shuffle(rest)
+        out.append([t, *(others + rest)[:m - 1]])
+    return out
+
+
 def _pointer_block(task: Task, state: str, catalogue: Sequence[str]) -> str:
     """A task block whose objects are @k pointers into ``catalogue`` (every object must be in it)."""
     st = AbstractState.parse(state)
@@ -231,12 +252,17 @@ class ParseFailure:
     reason: str
 
 
-def parse_task_output(text: str, catalogue: Sequence[str] | None = None) -> TaskProposal | ParseFailure:
+def parse_task_output(text: str, catalogue: Sequence[str] | None = None,
+                      template: str | None = None) -> TaskProposal | ParseFailure:
     """M_task's output -> a proposal, or a failure with a short reason. Never raises.
 
-    With ``catalogue`` (pointer form) every object must be a pointer @k into it (1-based)."""
+    With ``catalogue`` (pointer form) every object must be a pointer @k into it (1-based). With a
+    ``template`` too (the parent's start state, whose room the catalogue lists), only the
+    instruction and the objects line are read and only the loose items pointed at are taken: the
+    room (feedback, location, furniture, exits, inventory) is the template's, so a variant is the
+    parent's room holding other items of that room."""
     try:
-        return _parse_task(text, catalogue)
+        return _parse_task(text, catalogue, template)
     except Exception as exc:  # untrusted model text: any surprise is a parse failure, not a crash
         return ParseFailure(f"error:{type(exc).__name__}")
 
@@ -244,7 +270,18 @@ def parse_task_output(text: str, catalogue: Sequence[str] | None = None) -> Task
 _POINTER = re.compile(r"@([0-9]{1,4})")
 
 
-def _parse_task(text: str, catalogue: Sequence[str] | None = None) -> TaskProposal | ParseFailure:
+def _resolve(pointers: Sequence[str], catalogue: Sequence[str]) -> list[str] | None:
+    out = []
+    for o in pointers:
+        m = _POINTER.fullmatch(o)
+        if m is None or not 1 <= int(m.group(1)) <= len(catalogue):
+            return None
+        out.append(catalogue[int(m.group(1)) - 1])
+    return out
+
+
+def _parse_task(text: str, catalogue: Sequence[str] | None = None,
+                template: str | None = None) -> TaskProposal | ParseFailure:
     if not isinstance(text, str):
         return ParseFailure("not-text")
     body, reasoning = text.strip(), ""
@@ -260,6 +297,18 @@ def _parse_task(text: str, catalogue: Sequence[str] | None = None) -> TaskPropos
     if not instruction:
         return ParseFailure("empty-instruction")
     state_lines = lines[1:6]
+    if catalogue is not None and template is not None:
+        objs = next((ln[len("objects:"):] for ln in state_lines if ln.startswith("objects:")), None)
+        if objs is None:
+            return ParseFailure("missing-objects")
+        resolved = _resolve([o.strip() for o in objs.split("|") if o.strip()], catalogue)
+        if resolved is None:
+            return ParseFailure("bad-pointer")
+        base = AbstractState.parse(template)
+        furniture = [o for o in base.objects if not _is_loose(o)]
+        state = AbstractState.make(base.feedback, base.location, furniture + [o for o in resolved if _is_loose(o)],
+                                   base.exits, base.inventory)
+        return TaskProposal(instruction, state.render(), reasoning)
     if len(state_lines) < 5:
         return ParseFailure("short-state")
     try:
@@ -267,14 +316,15 @@ def _parse_task(text: str, catalogue: Sequence[str] | None = None) -> TaskPropos
     except ValueError as exc:
         return ParseFailure("bad-state:" + str(exc).split(":")[0][:40])
     if catalogue is not None:
-        objects = []
-        for o in state.objects:
-            m = _POINTER.fullmatch(o)
-            if m is None or not 1 <= int(m.group(1)) <= len(catalogue):
-                return ParseFailure("bad-pointer")
-            objects.append(catalogue[int(m.group(1)) - 1])
+        objects = _resolve(state.objects, catalogue)
+        if objects is None:
+            return ParseFailure("bad-pointer")
         state = AbstractState.make(state.feedback, state.location, objects, state.exits, state.inventory)
     return TaskProposal(instruction, state.render(), reasoning)
+
+
+def _is_loose(fact: str) -> bool:
+    return ":" not in fact and not fact.endswith(("(open)", "(closed)"))
 
 
 def loose_items(state: str) -> list[str]:
@@ -283,7 +333,7 @@ def loose_items(state: str) -> list[str]:
         s = AbstractState.parse(state)
     except ValueError:
         return []
-    return [o for o in s.objects if ":" not in o and not o.endswith(("(open)", "(closed)"))] + list(s.inventory)
+    return [o for o in s.objects if _is_loose(o)] + list(s.inventory)
 
 
 def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: int, n: int, seed: int = 0,
@@ -468,14 +518,18 @@ def feasibility_filter(proposals: Sequence[TaskProposal | ParseFailure], parents
 def synthesize(texts: Sequence[str], parents: Sequence[Task], existing_tasks: Sequence[Task],
                existing_states: Mapping[str, str], simulate, iteration: int,
                cfg: CurriculumConfig = CurriculumConfig(),
-               catalogues: Sequence[Sequence[str] | None] | None = None) -> tuple[list[Task], dict]:
+               catalogues: Sequence[Sequence[str] | None] | None = None,
+               templates: Sequence[str | None] | None = None) -> tuple[list[Task], dict]:
     """Parse M_task's texts and filter them -> (kept tasks, report with counts per drop reason).
 
-    ``catalogues``: per text, the object catalogue its prompt carried (pointer form), or None."""
-    if catalogues is not None and len(catalogues) != len(texts):
-        raise ValueError(f"synthesize: {len(catalogues)} catalogues for {len(texts)} texts")
+    ``catalogues`` / ``templates``: per text, the object catalogue its prompt carried and the
+    parent's start state (pointer form; see ``parse_task_output``), or None."""
+    for name, seq in (("catalogues", catalogues), ("templates", templates)):
+        if seq is not None and len(seq) != len(texts):
+            raise ValueError(f"synthesize: {len(seq)} {name} for {len(texts)} texts")
     cats = catalogues if catalogues is not None else [None] * len(texts)
-    proposals = [parse_task_output(t, c) for t, c in zip(texts, cats)]
+    temps = templates if templates is not None else [None] * len(texts)
+    proposals = [parse_task_output(t, c, tp) for t, c, tp in zip(texts, cats, temps)]
     kept, rows = feasibility_filter(proposals, parents, existing_tasks, existing_states, simulate, iteration, cfg)
     drops = Counter(r["reason"] for r in rows if not r["kept"])
     parse_reasons = Counter(p.reason for p in proposals if isinstance(p, ParseFailure))

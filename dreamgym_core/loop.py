@@ -359,19 +359,22 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         seeds = [by_id[i] for i in selected if i in by_id]
         kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
         if cur_cfg.enabled and seeds and inp.task_writer is not None:
-            states = {t.task_id: init_state(t) for t in seeds}
             existing = list(inp.pool) + list(inp.original)
-            existing_states = {t.task_id: init_state(t) for t in existing}
-            # pointer form: each prompt lists the objects seen in its seed's location; M_task points into it
-            known = cur.object_catalogue(list(existing_states.values())) if inp.task_writer.pointers else {}
+            states = {t.task_id: init_state(t) for t in [*existing, *seeds]}
+            # each prompt shows its seed with tasks of the same room (as M_task was trained); in pointer
+            # form it lists the objects seen in that room and the variant keeps the seed's room
+            groups = cur.seed_groups(seeds, existing, states, cur_cfg.seeds_per_prompt, seed=cfg.seed + k)
+            known = cur.object_catalogue(list(states.values())) if inp.task_writer.pointers else {}
             cats = [known.get(cur.location_of(states[t.task_id]), ()) if inp.task_writer.pointers else None
                     for t in seeds]
-            prompts = [cur.build_task_prompt(seeds[i:i + cur_cfg.seeds_per_prompt], states, cur_cfg.seeds_per_prompt,
-                                             cats[i])
-                       for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
+            n = cur_cfg.variants_per_seed
+            prompts = [cur.build_task_prompt(g, states, cur_cfg.seeds_per_prompt, c)
+                       for g, c in zip(groups, cats) for _ in range(n)]
             texts = inp.task_writer.write(prompts)
-            parents = [seeds[i] for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
-            prompt_cats = [cats[i] for i in range(len(seeds)) for _ in range(cur_cfg.variants_per_seed)]
+            parents = [t for t in seeds for _ in range(n)]
+            prompt_cats = [c for c in cats for _ in range(n)]
+            templates = [states[t.task_id] if c is not None else None for t, c in zip(parents, prompt_cats)]
+            existing_states = {t.task_id: states[t.task_id] for t in existing}
 
             def simulate(tasks: list[Task]) -> list[Trajectory]:
                 from dreamgym_core.rollout import RandomPolicy
@@ -381,7 +384,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                     history_window=cfg.history_window, source="synthetic", iteration=k, seed=k))
                 return out
 
-            kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats)
+            kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats,
+                                          templates)
         store.put_record("synthesis", report)
         log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
             f"drops {report.get('drops', {})}")

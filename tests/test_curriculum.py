@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from dreamgym_core.curriculum import (CurriculumConfig, ParseFailure, TaskProposal, build_task_pool,
                                       build_task_prompt, cluster_groups, cluster_variance, feasibility_filter,
-                                      loose_items, object_catalogue, parse_task_output, select_seed_tasks,
-                                      synthesize,
+                                      loose_items, object_catalogue, parse_task_output, seed_groups,
+                                      select_seed_tasks, synthesize,
                                       task_reward_variance, task_writing_examples)
 from dreamgym_core.schema import Task, Trajectory, Transition
 from dreamgym_core.state import AbstractState
@@ -114,11 +114,37 @@ def test_pointer_form_prompt_and_parser():
         "bedroom": ("bed: empty", "clean blue T-shirt", "long coat", "wardrobe (closed)"), "kitchen": ("sink: empty",)}
 
 
+def test_pointer_form_with_a_template_keeps_the_parents_room():
+    cat = ("bed: empty", "blue hat", "red hat", "wardrobe (open): empty")
+    # the model's feedback/location lines are ignored; only loose items come from its pointers
+    text = "instruction: Put.\nfeedback: You are in the moon.\nlocation: moon\nobjects: @4 | @2 | @3\n"
+    p = parse_task_output(text, cat, template=STATE)
+    assert isinstance(p, TaskProposal)
+    assert p.state == AbstractState.make("You are in the bedroom.", "bedroom",
+                                         ["bed: empty", "wardrobe (closed)", "blue hat", "red hat"]).render()
+    for bad, reason in [("instruction: Put.\nlocation: x\n", "missing-objects"),
+                        ("instruction: Put.\nobjects: @9\n", "bad-pointer")]:
+        out = parse_task_output(bad, cat, template=STATE)
+        assert isinstance(out, ParseFailure) and out.reason == reason
+
+
+def test_seed_groups_pair_each_seed_with_its_room():
+    kitchen = AbstractState.make("x", "kitchen", ["sink: empty", "fork"]).render()
+    tasks = [_task(i) for i in range(6)]
+    states = {t.task_id: (kitchen if i % 2 else STATE) for i, t in enumerate(tasks)}
+    groups = seed_groups([tasks[0], tasks[1], tasks[2]], tasks, states, 2, seed=0)
+    assert [g[0].task_id for g in groups] == ["t/0", "t/1", "t/2"] and all(len(g) == 2 for g in groups)
+    assert groups[0][1].task_id == "t/2" and groups[2][1].task_id == "t/0"   # other seeds of the room first
+    assert groups[1][1].task_id in ("t/3", "t/5")                           # then the pool's same-room tasks
+    assert seed_groups([tasks[0]], [tasks[0]], states, 2) == [[tasks[0]]]   # alone in its room
+
+
 @given(st.text(max_size=300))
 @settings(max_examples=500, deadline=None)
 def test_pointer_parser_never_raises(text):
-    out = parse_task_output(text, ("bed: empty", "red hat"))
-    assert isinstance(out, (TaskProposal, ParseFailure))
+    for template in (None, STATE):
+        out = parse_task_output(text, ("bed: empty", "red hat"), template)
+        assert isinstance(out, (TaskProposal, ParseFailure))
 
 
 @pytest.mark.parametrize("pointers", [False, True])
