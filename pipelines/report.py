@@ -51,13 +51,16 @@ def success_plot(rows: list[dict]) -> bytes:
         base = [r for r in rows if r["policy"] == name and r["mode"] in ("greedy", "sampled")]
         if base:
             r = next((b for b in base if b["mode"] == "greedy"), base[0])
-            ax.axhline(r["success_rate"], linestyle=style, color="gray", linewidth=1)
-            ax.text(0.02, r["success_rate"], f" {name} {r['success_rate']:.2f}", fontsize=8, va="bottom",
-                    transform=ax.get_yaxis_transform())
+            # in the legend, not as text on the lines: baselines often sit within a point of each other
+            ax.axhline(r["success_rate"], linestyle=style, color="gray", linewidth=1,
+                       label=f"{name} {r['success_rate']:.2f}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # iterations are whole numbers
     ax.set_xlabel("iteration")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes, off the lines
     ax.set_title("Held-out success (greedy)")
     return _fig_png(fig)
 
