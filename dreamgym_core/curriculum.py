@@ -234,9 +234,8 @@ def _pointer_block(task: Task, state: str, catalogue: Sequence[str]) -> str:
     """A task block whose objects are @k pointers into ``catalogue`` (every object must be in it)."""
     st = AbstractState.parse(state)
     index = {o: i for i, o in enumerate(catalogue, 1)}
-    objs = " | ".join(f"@{index[o]}" for o in st.objects)
-    return "\n".join([f"instruction: {task.instruction}", f"feedback: {st.feedback}", f"location: {st.location}",
-                      f"objects: {objs}", "exits: " + " | ".join(st.exits), "inventory: " + " | ".join(st.inventory)])
+    # replace, not make: make would re-sort the pointers as text
+    return _task_block(task, replace(st, objects=tuple(f"@{index[o]}" for o in st.objects)).render())
 
 
 @dataclass(frozen=True)

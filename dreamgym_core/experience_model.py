@@ -280,10 +280,12 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
             t = float(broadcast(torch.tensor([t], dtype=torch.float64, device=acc.device), from_process=0)[0])
         return t
 
+    clock = [elapsed()]  # read once per step: the lr, the record and the stop test see one time (one DDP sync)
+
     def lr_at(s: int) -> float:
         frac = min(s, cfg.steps) / cfg.steps
         if cfg.time_budget_s:  # a positive budget: anneal by time too
-            frac = max(frac, min(1.0, elapsed() / cfg.time_budget_s))
+            frac = max(frac, min(1.0, clock[0] / cfg.time_budget_s))
         return min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1 if start else -1)
@@ -306,15 +308,16 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
         acc.backward(out["loss"])
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        clock[0] = elapsed()
         sched.step()
         tokens += int(attn.sum())
         rec = {"step": step + 1, "loss": out["loss"].item(), "loss/reasoning": out["loss/reasoning"].item(),
                "loss/state": out["loss/state"].item(), "lr": sched.get_last_lr()[0],
-               "seconds": round(time.perf_counter() - t0, 2), "elapsed": round(elapsed(), 2)}
+               "seconds": round(time.perf_counter() - t0, 2), "elapsed": round(clock[0], 2)}
         history.append(rec)
         if progress and acc.is_main_process:
             progress(step + 1, rec)
-        done = cfg.time_budget_s is not None and elapsed() >= cfg.time_budget_s
+        done = cfg.time_budget_s is not None and clock[0] >= cfg.time_budget_s
         if checkpoint_dir and acc.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or done or step + 1 == cfg.steps):
             _save_checkpoint(acc.unwrap_model(model), tokenizer, opt, checkpoint_dir, {"step": step + 1, "history": history})
         if done:
@@ -350,7 +353,6 @@ class FormatConstraint:
         self._texts: dict[int, tuple[int, str]] = {}      # row -> (tokens decoded, text)
         self._pending: dict[int, tuple[list[list[int]], int]] = {}  # row -> (allowed sequences, position)
         self.triggers = self._trigger_ids(tokenizer)
-        self.forced = 0
 
     @classmethod
     def _trigger_ids(cls, tok) -> frozenset[int]:
@@ -400,7 +402,6 @@ class FormatConstraint:
             masked = torch.full_like(scores[b], float("-inf"))
             masked[keep] = scores[b, keep]
             scores[b] = masked
-            self.forced += 1
         return scores
 
 
