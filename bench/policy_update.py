@@ -1,6 +1,6 @@
 """Policy-update throughput: our PPO/GRPO trainer against TRL's GRPOTrainer, and CPU training MFU.
 
-    .venv/bin/python -m bench.policy_update [--repeats 5] [--skip-trl]
+    .venv/bin/python -m bench.policy_update [--repeats 5] [--skip-trl] [--no-share] [--distinct-prompts]
 
 Workload (the same for both, one process, the same torch threads): the embedded CPU default policy
 (``build_tiny_llama`` with the default ``TinyLlamaConfig``, a locally trained byte-level BPE), a
@@ -20,12 +20,20 @@ What is timed
   timed apart and subtracted for the "TRL update" row, which then covers the same work as ours.
 Each row is the median over ``--repeats`` steps after ``--warmup`` steps; the two trainers alternate
 step by step so that load from other processes hits both alike. Tokens/s counts real (non-pad)
-tokens only.
+tokens per sample (prompt + action tokens), the same logical work on both sides.
 
-MFU: achieved FLOP/s of our update = 6 x parameters x tokens / update time (forward 2N, backward 4N
-per token; attention scores and the reference forward are not counted, so this understates the work
-done), over the peak of a torch fp32 matmul (``--peak-n`` square, best of several) measured in the
-same run on the same threads.
+Group sharing: as in GRPO (and in TRL's workload, where each group is one prompt repeated
+``--group`` times), the samples of a group share their prompt, here also the candidates (the task's
+initial state), and differ in the action taken and the reward. Ours scores each distinct decision
+once (``RLConfig.share_decisions``, exact: same loss and gradient, see tests/test_trainer.py); TRL
+runs every sample's prompt + completion. ``--no-share`` turns the sharing off,
+``--distinct-prompts`` gives every sample its own prompt (nothing to share).
+
+MFU: achieved FLOP/s over the peak of a torch fp32 matmul (``--peak-n`` square, best of several)
+measured in the same run on the same threads, counting only the tokens actually run (a shared
+decision once). Two rows: the policy's forward + backward (6 x parameters x tokens: forward 2N,
+backward 4N) and all model FLOPs of the update (+ the reference model's forward, 2N per token).
+Attention scores are not counted in either, so both understate the work done.
 """
 
 from __future__ import annotations
@@ -89,12 +97,15 @@ def build_workload(args, workdir: str):
     trajs, trl_prompts = [], []
     for i in range(args.batch):
         task = Task(f"bench/{i // args.group}", "bench", "g", "train", i // args.group, "put the apple in the fridge")
-        state = _text_of_tokens(tok, rng, args.prompt_tokens, corpus)
-        cands = tuple(dict.fromkeys(_action_of_tokens(tok, rng, args.cand_tokens, words) for _ in range(args.candidates)))
+        if args.distinct_prompts or i % args.group == 0:  # a GRPO group starts from its task's initial state
+            state = _text_of_tokens(tok, rng, args.prompt_tokens, corpus)
+            cands = tuple(dict.fromkeys(_action_of_tokens(tok, rng, args.cand_tokens, words)
+                                        for _ in range(args.candidates)))
         prompt = build_policy_prompt(PolicyContext(task.instruction, state, cands))
         trl_prompts.append(prompt)
         step = Transition(traj_id=f"{task.task_id}#{i}", task_id=task.task_id, env="bench", step_idx=0, state=state,
-                          action=cands[0], next_state="", reward=float(rng.random() < 0.5), score=0.0, done=True,
+                          action=cands[rng.randrange(len(cands))], next_state="", reward=float(rng.random() < 0.5),
+                          score=0.0, done=True,
                           won=False, lost=False, valid=True, action_kind="policy", candidates=cands, logprob=0.0)
         trajs.append(Trajectory(f"{task.task_id}#{i}", task, "bench", (step,)))
     return tok, model, trajs, trl_prompts
@@ -119,14 +130,15 @@ class OursRunner:
         from dreamgym_core.rl.trainer import PolicyTrainer, RLConfig
 
         self.cfg = RLConfig(algorithm="grpo", lr=1e-4, ppo_epochs=1, minibatch_size=args.batch, kl_coef=0.04,
-                            max_prompt_tokens=args.prompt_tokens + 64, history_window=0, seed=args.seed)
+                            max_prompt_tokens=args.prompt_tokens + 64, history_window=0, seed=args.seed,
+                            share_decisions=not args.no_share)
         self.trainer = PolicyTrainer(model, tok, self.cfg)
         self.trajs = _with_acting_logprobs(model, tok, trajs, self.cfg)
 
-    def step(self) -> tuple[float, int]:
+    def step(self) -> tuple[float, int, int]:
         t0 = time.perf_counter()
         m = self.trainer.update(self.trajs)
-        return time.perf_counter() - t0, int(m["tokens"])
+        return time.perf_counter() - t0, int(m["tokens"]), int(m["tokens_computed"])
 
 
 class TRLRunner:
@@ -202,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--peak-n", type=int, default=1024)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help="every sample its own prompt (no GRPO group sharing its initial state)")
+    ap.add_argument("--no-share", action="store_true", help="ours with RLConfig(share_decisions=False)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -222,24 +237,29 @@ def main(argv: list[str] | None = None) -> None:
             trl_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     # Alternate: one of ours, then one TRL step, so background load hits both alike.
-    our_s, our_tok = [], []
+    our_s, our_tok, our_run = [], [], []
     if trl is not None:
-        trl.trainer.add_callback(_Interleave(lambda: _record(ours, our_s, our_tok)))
+        trl.trainer.add_callback(_Interleave(lambda: _record(ours, our_s, our_tok, our_run)))
         trl.trainer.train()
         if len(our_s) < args.warmup + args.repeats:  # the callback runs once per TRL step
             raise RuntimeError("TRL ran fewer steps than asked")
     else:
         for _ in range(args.warmup + args.repeats):
-            _record(ours, our_s, our_tok)
+            _record(ours, our_s, our_tok, our_run)
     peak = statistics.median(matmul_peak(args.peak_n) for _ in range(3))
 
     w = args.warmup
     our_t = statistics.median(our_s[w:])
     our_tps = statistics.median(n / s for n, s in zip(our_tok[w:], our_s[w:]))
-    flops = statistics.median(6 * params * n / s for n, s in zip(our_tok[w:], our_s[w:]))
+    # MFU counts the tokens actually run (a shared decision once); minibatch = batch and one epoch, so
+    # the reference forward runs exactly the same tokens as the policy's forward + backward.
+    flops6 = statistics.median(6 * params * c / s for c, s in zip(our_run[w:], our_s[w:]))
+    flops8 = statistics.median(8 * params * c / s for c, s in zip(our_run[w:], our_s[w:]))
     print(f"\nworkload: {params / 1e6:.2f}M-param Llama, batch {args.batch} (groups of {args.group}), ~{args.prompt_tokens}"
           f"-token prompts + {args.candidates}x{args.cand_tokens} action tokens, {args.threads} torch threads, "
-          f"median of {args.repeats} after {w} warm-up\n")
+          f"median of {args.repeats} after {w} warm-up; "
+          f"{'distinct prompts' if args.distinct_prompts else 'each group shares its prompt and candidates'}, "
+          f"ours {'without' if args.no_share else 'with'} shared decisions\n")
     print("| trainer | step s | update s | tokens/step | update tokens/s | ratio (ours / this) |")
     print("|---|---|---|---|---|---|")
     print(f"| ours PolicyTrainer.update | {our_t:.3f} | {our_t:.3f} | {statistics.median(our_tok[w:]):.0f} | "
@@ -258,14 +278,20 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| MFU (ours) | value |")
     print("|---|---|")
     print(f"| fp32 matmul peak ({args.peak_n}^3, {args.threads} threads) | {peak / 1e9:.1f} GFLOP/s |")
-    print(f"| achieved (6 x {params / 1e6:.2f}M params x tokens / update s) | {flops / 1e9:.1f} GFLOP/s |")
-    print(f"| MFU | {100 * flops / peak:.1f}% |")
+    print(f"| tokens run per update (logical {statistics.median(our_tok[w:]):.0f}) | "
+          f"{statistics.median(our_run[w:]):.0f} |")
+    print(f"| achieved, policy forward + backward (6 x {params / 1e6:.2f}M params x tokens run / update s) | "
+          f"{flops6 / 1e9:.1f} GFLOP/s |")
+    print(f"| MFU, policy forward + backward | {100 * flops6 / peak:.1f}% |")
+    print(f"| achieved, + reference forward (8 x params x tokens run / update s) | {flops8 / 1e9:.1f} GFLOP/s |")
+    print(f"| MFU, all model FLOPs of the update | {100 * flops8 / peak:.1f}% |")
 
 
-def _record(ours: OursRunner, times: list[float], tokens: list[int]) -> None:
-    dt, n = ours.step()
+def _record(ours: OursRunner, times: list[float], tokens: list[int], computed: list[int]) -> None:
+    dt, n, c = ours.step()
     times.append(dt)
     tokens.append(n)
+    computed.append(c)
 
 
 class _Interleave:

@@ -219,6 +219,46 @@ def test_gradient_accumulation_gives_the_full_minibatch_step(tok):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_shared_decisions_give_the_same_update_with_fewer_tokens(tok, algorithm):
+    """A GRPO group's rollouts all start from the task's initial state: their first decisions are
+    copies. Scoring each distinct decision once must give the very same step (one minibatch, so the
+    order does not matter) while running fewer tokens through the model."""
+    trajs = _trajs(_model(tok), tok, group=4)
+    samples = decision_samples(trajs, 2)
+    assert len({(d.prompt, d.candidates) for d in samples}) < len(samples)  # the workload has copies
+    grads, metrics = [], []
+    for share in (False, True):
+        trainer = PolicyTrainer(_model(tok), tok, _cfg(algorithm=algorithm, kl_coef=0.1, minibatch_size=64,
+                                                       lr=1e-3, share_decisions=share))
+        batch = trainer.prepare(trajs)
+        trainer.model.train()
+        loss, _ = trainer._loss(batch, list(range(len(samples))), denom=len(samples))
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trainer._params()]))
+        trainer.optimizer.zero_grad()
+        metrics.append(trainer.optimize(batch))
+    # (Adam's first step is about lr * sign(grad), so compare the gradients, not the stepped weights)
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    plain, shared = metrics
+    assert plain["tokens"] == shared["tokens"] == plain["tokens_computed"]
+    assert shared["tokens_computed"] < plain["tokens"]
+    assert shared["loss/policy"] == pytest.approx(plain["loss/policy"], abs=1e-6)
+    assert shared["kl"] == pytest.approx(plain["kl"], abs=1e-6)
+
+
+def test_shared_decisions_shuffle_keeps_copies_together(tok):
+    trajs = _trajs(_model(tok), tok, group=4)
+    trainer = PolicyTrainer(_model(tok), tok, _cfg())
+    samples = decision_samples(trajs, 2)
+    order = trainer._order(samples)
+    assert sorted(order) == list(range(len(samples)))
+    keys = [(samples[i].prompt, samples[i].candidates) for i in order]
+    runs = [k for j, k in enumerate(keys) if j == 0 or k != keys[j - 1]]
+    assert len(runs) == len(set(keys))  # each distinct decision appears as one contiguous run
+
+
 def test_save_load_resumes_exactly(tok, tmp_path):
     trajs = _trajs(_model(tok), tok, group=1)
     cfg = _cfg(algorithm="ppo", kl_coef=0.05, ppo_epochs=2, minibatch_size=4, lr=3e-3)

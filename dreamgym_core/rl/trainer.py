@@ -118,6 +118,12 @@ class RLConfig:
     """(action, feedback) pairs in the prompt; must equal the rollout's ``RolloutConfig.history_window``."""
     seed: int = 0
     """Seeds the minibatch shuffling."""
+    share_decisions: bool = True
+    """Score each distinct decision (same prompt, same candidates) once per micro-batch and let its
+    copies share the result; minibatches are then shuffled by distinct decision, so the copies land
+    together. Exact (same loss, same gradient); the rollouts of a GRPO group all start from the
+    task's initial state, so their first decisions coincide. False: one score per decision row and a
+    per-row shuffle."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("ppo", "grpo"):
@@ -192,6 +198,19 @@ def decision_samples(trajectories: Sequence[Trajectory], history_window: int) ->
                                 float(s.reward), bool(s.done), e, traj.task.task_id, k, traj.traj_id))
             history.append((s.action, _feedback(s.next_state)))
     return out
+
+
+def _distinct(samples: Sequence[Decision]) -> tuple[list[int], list[int]]:
+    """Distinct decision contexts: (index of the first sample of each, context index of every sample)."""
+    key_of: dict[tuple[str, tuple[str, ...]], int] = {}
+    first, inverse = [], []
+    for i, d in enumerate(samples):
+        key = (d.prompt, d.candidates)
+        if key not in key_of:
+            key_of[key] = len(first)
+            first.append(i)
+        inverse.append(key_of[key])
+    return first, inverse
 
 
 def _episode_rows(samples: Sequence[Decision]) -> tuple[int, int, torch.Tensor]:
@@ -327,8 +346,53 @@ class PolicyTrainer:
 
     # -- phase 2 ------------------------------------------------------------------------------
     def _score(self, model, samples: Sequence[Decision], *, grad: bool, hidden: bool = False):
-        return score_candidates(model, self.tokenizer, [d.prompt for d in samples], [d.candidates for d in samples],
-                                max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+        """Candidate scores per decision (and the prompt's hidden state with ``hidden``); with
+        ``share_decisions`` each distinct (prompt, candidates) is run once and its copies share it."""
+        if not self.cfg.share_decisions:
+            return score_candidates(model, self.tokenizer, [d.prompt for d in samples], [d.candidates for d in samples],
+                                    max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+        first, inverse = _distinct(samples)
+        uniq = [samples[i] for i in first]
+        out = score_candidates(model, self.tokenizer, [d.prompt for d in uniq], [d.candidates for d in uniq],
+                               max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+        scores, h = out if hidden else (out, None)
+        scores = [scores[j] for j in inverse]
+        return (scores, h[torch.tensor(inverse, device=h.device)]) if hidden else scores
+
+    @torch.no_grad()
+    def _score_all(self, model, samples: Sequence[Decision], *, hidden: bool = False):
+        """``_score`` of every sample without gradient, in minibatch-sized chunks of distinct decisions
+        (all of them when not shared), expanded back to one entry per sample."""
+        first, inverse = _distinct(samples) if self.cfg.share_decisions else (list(range(len(samples))),
+                                                                              list(range(len(samples))))
+        uniq = [samples[i] for i in first]
+        scores, hs = [], []
+        for idx in self._chunks(len(uniq)):
+            chunk = [uniq[i] for i in idx]
+            out = score_candidates(model, self.tokenizer, [d.prompt for d in chunk], [d.candidates for d in chunk],
+                                   max_prompt_tokens=self.cfg.max_prompt_tokens, return_hidden=hidden)
+            scores.extend(out[0] if hidden else out)
+            if hidden:
+                hs.append(out[1])
+        scores = [scores[j] for j in inverse]
+        return (scores, torch.cat(hs)[torch.tensor(inverse, device=hs[0].device)]) if hidden else scores
+
+    def _computed_tokens(self, batch: "UpdateBatch", idx: Sequence[int]) -> int:
+        """Tokens actually run through the model for these decisions (distinct ones only when shared)."""
+        if not self.cfg.share_decisions:
+            return int(batch.tokens[list(idx)].sum())
+        first, _ = _distinct([batch.samples[i] for i in idx])
+        return int(sum(batch.tokens[idx[j]] for j in first))
+
+    def _order(self, samples: Sequence[Decision]) -> list[int]:
+        """One epoch's shuffled decision order (by distinct decision when shared, copies adjacent)."""
+        if not self.cfg.share_decisions:
+            return torch.randperm(len(samples), generator=self.generator).tolist()
+        first, inverse = _distinct(samples)
+        members: list[list[int]] = [[] for _ in first]
+        for i, j in enumerate(inverse):
+            members[j].append(i)
+        return [i for j in torch.randperm(len(first), generator=self.generator).tolist() for i in members[j]]
 
     def _chunks(self, n: int):
         step = max(1, self.cfg.minibatch_size // self.cfg.grad_accum_steps)
@@ -361,30 +425,22 @@ class PolicyTrainer:
                 metrics.update(m)
             case "ppo":
                 self.model.eval()
-                values, errs = [], []
-                for idx in self._chunks(len(samples)):
-                    chunk = [samples[i] for i in idx]
-                    scores, h = self._score(self.model, chunk, grad=False, hidden=True)
-                    values.append(self.value_head(h).float().cpu())
-                    lp, _ = choice_logprobs(scores, [d.chosen for d in chunk], cfg.temperature)
-                    errs.append((lp.cpu() - torch.tensor([d.old_logprob for d in chunk])).abs().max())
-                old_values = torch.cat(values)
+                scores, h = self._score_all(self.model, samples, hidden=True)
+                old_values = self.value_head(h).float().cpu()
+                lp, _ = choice_logprobs(scores, [d.chosen for d in samples], cfg.temperature)
+                err = (lp.cpu() - torch.tensor([d.old_logprob for d in samples])).abs().max()
                 adv, returns = gae_advantages(samples, old_values, cfg.gamma, cfg.gae_lambda)
                 metrics["value/mean"] = old_values.mean().item()
-                metrics["check/old_logprob_err"] = torch.stack(errs).max().item()
+                metrics["check/old_logprob_err"] = err.item()
                 adv = masked_whiten(adv.unsqueeze(0), torch.ones(1, len(adv), dtype=torch.bool)).squeeze(0)
         metrics["adv/mean"] = adv.mean().item()
         metrics["adv/std"] = adv.std(unbiased=False).item()
         ref = None
         if self.ref_model is not None:
             t0 = time.perf_counter()
-            parts = []
-            for idx in self._chunks(len(samples)):
-                chunk = [samples[i] for i in idx]
-                lp, _ = choice_logprobs(self._score(self.ref_model, chunk, grad=False), [d.chosen for d in chunk],
-                                        cfg.temperature)
-                parts.append(lp.float().cpu())
-            ref = torch.cat(parts)
+            lp, _ = choice_logprobs(self._score_all(self.ref_model, samples), [d.chosen for d in samples],
+                                    cfg.temperature)
+            ref = lp.float().cpu()
             metrics["timing/ref_s"] = time.perf_counter() - t0
         old = torch.tensor([d.old_logprob for d in samples], dtype=torch.float32)
         return UpdateBatch(samples, old, adv.float(), returns, old_values, ref, self._token_counts(samples), metrics)
@@ -441,10 +497,10 @@ class PolicyTrainer:
         n = len(batch.samples)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        tokens, first = 0, None
+        tokens, computed, first = 0, 0, None
         self.model.train()
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n, generator=self.generator).tolist()
+            order = self._order(batch.samples)
             for start in range(0, n, cfg.minibatch_size):
                 mb = order[start:start + cfg.minibatch_size][acc.process_index::acc.num_processes]
                 if not mb:
@@ -457,6 +513,7 @@ class PolicyTrainer:
                     loss, m = self._loss(batch, micro, denom=len(mb))
                     acc.backward(loss)
                     tokens += int(batch.tokens[micro].sum())
+                    computed += self._computed_tokens(batch, micro)
                     w = len(micro) / len(mb)
                     for k, v in m.items():
                         # losses are already divided by the minibatch size; the rest are micro means
@@ -480,7 +537,7 @@ class PolicyTrainer:
         metrics.setdefault("loss/value", 0.0)
         metrics.setdefault("kl", 0.0)
         metrics.update(first or {})
-        metrics.update({"tokens": float(tokens), "optimizer_steps": float(self.optimizer_steps),
+        metrics.update({"tokens": float(tokens), "tokens_computed": float(computed), "optimizer_steps": float(self.optimizer_steps),
                         "updates": float(self.updates)})
         return metrics
 
