@@ -97,6 +97,12 @@ class ExperienceModelConfig(dg.Config):
     """Ablation: False trains without the history window."""
     pointers: bool = True
     """Action arguments as @1/@2 pointers and item-level object edits (copy-free targets); False = literal."""
+    progress: bool = True
+    """The env's dense score as progress in the prompt and the output (the win follows when it reaches
+    100); False = the model decides the win alone, counting what is left from the object list."""
+    placements: bool = True
+    """Show what the training data says about the (item, receptacle) pair an action puts to the test
+    (``## known``); the knowledge is saved with the checkpoint for the simulator."""
     win_weight: float = 3.0
     """Sampling weight of winning transitions (about 2.5% of twc data); 1 = uniform. A bias knob on
     "this put finishes the task", measured at the demo's 300 s budget (README): 10 -> win recall 1.00
@@ -117,8 +123,9 @@ def _config_key(cfg: dg.Config, rows: int) -> str:
     import json
 
     # "format": bumped when the SFT examples change shape for the same config (a stale checkpoint
-    # would otherwise be reused): v2 = M_task examples in pointer form
-    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 2}, sort_keys=True).encode()
+    # would otherwise be reused): v2 = M_task examples in pointer form, v3 = the progress field and
+    # the placement knowledge
+    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 3}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -134,7 +141,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     """
     import os
 
-    from dreamgym_core.experience_model import PromptConfig, SFTConfig, sft_examples, train_sft
+    from dreamgym_core.experience_model import (PromptConfig, SFTConfig, has_progress, knowledge_of, knowledge_to_meta,
+                                                sft_examples, train_sft)
     from dreamgym_core.models import (TinyLlamaConfig, build_tiny_llama, load_causal_lm, load_checkpoint,
                                       save_checkpoint, train_tokenizer)
     from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
@@ -149,7 +157,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()
     pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot, use_history=config.use_history,
-                       pointers=config.pointers)
+                       pointers=config.pointers, progress=config.progress and has_progress(rows),
+                       placements=config.placements and has_progress(rows))
     examples = sft_examples(rows, pc_)
     weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
@@ -178,7 +187,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         model = build_tiny_llama(tok, TinyLlamaConfig(hidden=config.hidden, layers=config.layers), seed=config.seed)
     sft_cfg = SFTConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, max_len=config.max_len,
                         time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100)
-    meta = {"prompt": pc_.__dict__, "examples": len(examples)}
+    meta = {"prompt": pc_.__dict__, "examples": len(examples),
+            "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":
         reported = _launch_sft(context, launcher, root, examples, weights, model, tok, sft_cfg, meta)
         metrics, history = reported["metrics"], reported["history"]
@@ -261,7 +271,9 @@ fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap
 def ablation_name(prompt) -> str:
     """Which of the paper's M_exp ingredients this model drops (``full`` = none)."""
     off = [name for name, on in (("no_cot", prompt.use_cot), ("no_history", prompt.use_history and prompt.history_window > 0),
-                                 ("no_retrieval", prompt.num_demos > 0), ("literal", prompt.pointers)) if not on]
+                                 ("no_retrieval", prompt.num_demos > 0), ("literal", prompt.pointers),
+                                 ("no_progress", getattr(prompt, "progress", True)),
+                                 ("no_placements", getattr(prompt, "placements", True))) if not on]
     return "+".join(off) or "full"
 
 

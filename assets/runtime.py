@@ -55,11 +55,12 @@ class SimulatorFactory:
     """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
 
     def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 32):
-        from dreamgym_core.experience_model import PromptConfig, SimConfig
+        from dreamgym_core.experience_model import PromptConfig, SimConfig, knowledge_from_meta
         from dreamgym_core.models import load_checkpoint
 
         self.model, self.tokenizer, meta = load_checkpoint(experience_model.path)
-        self.prompt = PromptConfig(**meta.get("prompt", {}))
+        self.knowledge = knowledge_from_meta(meta)
+        self.prompt = PromptConfig.from_meta(meta)
         self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)
         self.propose = candidate_rule(experiment)
         self.retrieve = retrieve
@@ -69,7 +70,8 @@ class SimulatorFactory:
         from dreamgym_core.experience_model import ExperienceModel
 
         sim = ExperienceModel(self.model, self.tokenizer, initial_state=initial_state,
-                              propose_candidates=self.propose, retrieve=self.retrieve, cfg=self.cfg)
+                              propose_candidates=self.propose, retrieve=self.retrieve, cfg=self.cfg,
+                              knowledge=self.knowledge)
         self.stats.append(sim.stats)
         return sim
 

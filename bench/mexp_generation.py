@@ -39,36 +39,41 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from dreamgym_core.experience_model import (ExperienceModel, PromptConfig, SimConfig, _feedback, _ids, make_prompt,
-                                            parse_for, refs_for)
-from dreamgym_core.exp_format import Prediction
+from dreamgym_core.experience_model import (ExperienceModel, PromptConfig, SimConfig, _feedback, _ids,
+                                            knowledge_from_meta, make_prompt, parse_for, refs_for)
+from dreamgym_core.exp_format import Prediction, progress_percent
 from dreamgym_core.schema import Trajectory
 
 Context = tuple[str, Sequence[str] | None]
 
 
-def simulator_prompts(trajs: Sequence[Trajectory], cfg: PromptConfig) -> tuple[list[str], list[Context]]:
+def simulator_prompts(trajs: Sequence[Trajectory], cfg: PromptConfig,
+                      knowledge: Mapping | None = None) -> tuple[list[str], list[Context]]:
     """One M_exp prompt and (state, refs) context per transition, as ``ExperienceModel.step_batch`` builds them.
 
     No retrieval: demos are empty (the pipeline's M_exp uses ``num_demos=0``).
     """
     prompts, contexts = [], []
+    sim = ExperienceModel(None, None, initial_state=lambda t: "", propose_candidates=lambda s: [],
+                          cfg=SimConfig(prompt=cfg), knowledge=knowledge)
     for traj in trajs:
         history: list[tuple[str, str]] = []
         for t in traj.steps:
             refs = refs_for(t.state, t.action, cfg)
-            prompts.append(make_prompt(traj.task.instruction, history, t.state, t.action, [], cfg, refs))
+            before = progress_percent(t.obs.score if t.obs is not None else 0.0) if cfg.progress else None
+            prompts.append(make_prompt(traj.task.instruction, history, t.state, t.action, [], cfg, refs, before,
+                                       sim.hint(t.state, t.action)))
             contexts.append((t.state, refs))
             history.append((t.action, _feedback(t.next_state)))
     return prompts, contexts
 
 
 def collect_prompts(n: int, cfg: PromptConfig, tasks: int, game: str = "twc",
-                    seed: int = 0) -> tuple[list[str], list[Context], int]:
+                    seed: int = 0, knowledge: Mapping | None = None) -> tuple[list[str], list[Context], int]:
     """``n`` simulator prompts sampled from ``tasks`` collected TWX train episodes; also the pool size."""
     from dreamgym_core.collect import CollectConfig, collect
     from dreamgym_core.envs import EnvSpec, make_env
@@ -78,7 +83,7 @@ def collect_prompts(n: int, cfg: PromptConfig, tasks: int, game: str = "twc",
         trajs, _ = collect(env, env.tasks("train", tasks), CollectConfig(seed=seed))
     finally:
         env.close()
-    prompts, contexts = simulator_prompts(trajs, cfg)
+    prompts, contexts = simulator_prompts(trajs, cfg, knowledge)
     rng = random.Random(seed)
     idx = rng.sample(range(len(prompts)), n) if n <= len(prompts) else [rng.randrange(len(prompts)) for _ in range(n)]
     return [prompts[i] for i in idx], [contexts[i] for i in idx], len(prompts)
@@ -208,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         from dreamgym_core.models import load_checkpoint
 
         model, tok, meta = load_checkpoint(args.model)
-        pcfg = PromptConfig(**meta.get("prompt", {}))
-        prompts, contexts, pool = collect_prompts(args.prompts, pcfg, args.tasks, args.game, args.seed)
+        pcfg = PromptConfig.from_meta(meta)
+        prompts, contexts, pool = collect_prompts(args.prompts, pcfg, args.tasks, args.game, args.seed,
+                                                  knowledge_from_meta(meta))
         what = f"trained M_exp {args.model}"
     else:
         pcfg = PromptConfig()

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
 
     from assets.runtime import heldout, offline_start_states, real_env_factory, real_start_states
     from dreamgym_core.envs.twx import propose_candidates
-    from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig
+    from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig, knowledge_from_meta
     from dreamgym_core.io import read_parquet
     from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory, sample_tasks
     from dreamgym_core.models import load_checkpoint
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
 
     exp = Experiment()
     mexp, mtok, meta = load_checkpoint(kw.get("mexp") or one("experience_model/*/final"))
-    prompt = PromptConfig(**meta.get("prompt", {}))
+    prompt = PromptConfig.from_meta(meta)
     sft_dir = kw.get("sft") or one("policy_init/*")
     train = tasks_from_arrow(read_parquet(os.path.join(data, "parquet", "seed_tasks.parquet")))
     test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:neval]
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     def make_sim(initial_state=init):
         return ExperienceModel(mexp, mtok, initial_state=initial_state, propose_candidates=propose_candidates,
-                               cfg=SimConfig(prompt=prompt))
+                               cfg=SimConfig(prompt=prompt), knowledge=knowledge_from_meta(meta))
 
     lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=len(test), eval_max_steps=20)
     rows = []

@@ -16,7 +16,7 @@ which is what a small from-scratch M_exp can learn. The LLM annotators fall back
 (and count it in ``fallbacks``) when a model returns nothing usable.
 
 ``annotate_table`` adds three columns to a transition table: ``reasoning`` (R*), ``annotator``
-(who wrote it: ``rule-v3``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
+(who wrote it: ``rule-v4``, ``transformers:<path>``, ``openai:<model>``) and ``target`` (the
 M_exp training text ``exp_format.render_target(reasoning, diff(s, s'))``).
 """
 
@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.exp_format import StateDelta, diff, render_delta, render_target
+from dreamgym_core.exp_format import StateDelta, diff, progress_percent, render_delta, render_target
 from dreamgym_core.state import AbstractState
 
 MAX_WORDS = 80
@@ -236,6 +236,51 @@ def placement_knowledge(table: pa.Table) -> dict[tuple[str, str], bool]:
     return out
 
 
+def placement_evidence(rows: Iterable[dict]) -> dict[tuple[str, str], tuple[frozenset[str], frozenset[str]]]:
+    """(item, receptacle) -> (tasks where putting it there raised the env's score, tasks where it did
+    not): ``placement_knowledge`` by task, so a lookup can leave one task out (``placement_known``).
+    Rows need action, valid, score, obs (with its score) and task_id; empty without a dense score."""
+    rows = list(rows)
+    if not any(r.get("score") for r in rows):
+        return {}
+    right: dict[tuple[str, str], set[str]] = {}
+    wrong: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        verb, x, y = _split_action(r["action"])
+        before = _score_before(r)
+        if verb != "put" or not r["valid"] or not x or not y or before is None:
+            continue
+        (right if float(r["score"]) > before else wrong).setdefault((x, y), set()).add(r.get("task_id") or "")
+    return {k: (frozenset(right.get(k, ())), frozenset(wrong.get(k, ()))) for k in set(right) | set(wrong)}
+
+
+def placement_known(evidence: dict, pair: tuple[str, str], exclude_task: str | None = None) -> bool | None:
+    """What the evidence says about ``pair`` without ``exclude_task``'s own episodes: True (it belongs
+    there: seen right in some task), False (seen there, never right), None (never seen)."""
+    right, wrong = evidence.get(pair, (frozenset(), frozenset()))
+    right, wrong = right - {exclude_task}, wrong - {exclude_task}
+    return True if right else False if wrong else None
+
+
+def placement_pair(state: AbstractState, action: str) -> tuple[str, str] | None:
+    """The (item, receptacle) an action puts to the test: ``put X in Y`` -> (X, Y); ``take X`` with X
+    inside a receptacle Y -> (X, Y) (taking it from where it belongs lowers the score); else None."""
+    verb, x, y = _split_action(action)
+    if verb == "put" and x and y:
+        return x, y
+    if verb == "take" and x and (holder := _holder(x, state.objects)):
+        return x, _name(holder)
+    return None
+
+
+def placement_hint(pair: tuple[str, str] | None, known: bool | None) -> str | None:
+    """The prompt line for a pair: what the training data says about it (None: no pair)."""
+    if pair is None:
+        return None
+    verdict = {True: "belongs", False: "does not belong", None: "never seen"}[known]
+    return f"{pair[0]} in {pair[1]}: {verdict}"
+
+
 def _placement(item: AnnotationInput, verb: str, x: str, y: str) -> str:
     """For a valid put, whether the item went where it belongs, read off the env's dense score: a
     rise is a sub-goal reached (twc scores each item put in its place). Empty when unknown."""
@@ -252,7 +297,8 @@ def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[s
 
     Short and decision-first: why the action is valid or rejected (whether its objects are here,
     carried, open), what moves where, whether a put item belongs there (from the env's score, when
-    known), how many items are left to put away, then the reward. Names come from the action and
+    known), the env's progress when the data has a dense score ("Progress 25 -> 50."; without one, how
+    many items are left to put away, counted from the next state), then the reward. Names come from the action and
     the state only, so the pointer form (``exp_format.delex``) turns them into ``@1``/``@2`` and a
     model never has to copy a name it has not seen.
     """
@@ -270,8 +316,12 @@ def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[s
     head = (f"Valid: {why}." if why else "Valid.") if item.valid \
         else "Not a listed action, yet it changes the state."
     placed = _placement(item, verb, x, y)
-    tail = ((placed + " " if placed else "") + (_progress(s2, portable, placements) + " " if d.changes_state else "")
-            + _reward_sentence(item.reward, item.done))
+    if item.progress is not None and item.next_progress is not None:  # the env's score: no counting needed
+        a, b = progress_percent(item.progress), progress_percent(item.next_progress)
+        left = f"Progress {a} -> {b}. " if a != b else ""
+    else:
+        left = _progress(s2, portable, placements) + " " if d.changes_state else ""
+    tail = (placed + " " if placed else "") + left + _reward_sentence(item.reward, item.done)
     budget = max_words - len(head.split()) - len(tail.split()) - 4  # room for "Other facts change too."
     kept: list[str] = []
     for sentence in _changes(s, d):
@@ -288,7 +338,7 @@ class RuleAnnotator:
     the count of items left to put away skips fixtures; ``placements``: which receptacle items
     belong in (``placement_knowledge`` of the data), so misplaced items count as left too."""
 
-    name = "rule-v3"
+    name = "rule-v4"
 
     def __init__(self, portable: Iterable[str] | None = None,
                  placements: dict[tuple[str, str], bool] | None = None):
@@ -540,9 +590,13 @@ ANNOTATION_COLUMNS = ("reasoning", "annotator", "target")
 _NEEDED = ("state", "action", "next_state", "reward", "valid", "done")
 
 
-def _target_for(row: dict, reasoning: str) -> str:
+def _target_for(row: dict, reasoning: str, scored: bool = False) -> str:
+    before = _score_before(row) if scored else None
+    after = row.get("score") if scored else None
     delta = diff(AbstractState.parse(row["state"]), AbstractState.parse(row["next_state"]),
-                 valid=row["valid"], reward=row["reward"], done=row["done"])
+                 valid=row["valid"], reward=row["reward"], done=row["done"],
+                 progress=progress_percent(0.0 if before is None and scored else before),
+                 next_progress=progress_percent(None if after is None else float(after)))
     return render_target(reasoning, delta)[0]
 
 
@@ -592,7 +646,7 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
         if progress:
             progress(min(i + batch_size, len(unique)), len(unique))
     reasoning = [traces[x] for x in inputs]
-    targets = [_target_for(r, t) for r, t in zip(rows, reasoning)]
+    targets = [_target_for(r, t, scored) for r, t in zip(rows, reasoning)]
     keep = [c for c in table.column_names if c not in ANNOTATION_COLUMNS]
     out_table = table.select(keep)
     out_table = out_table.append_column("reasoning", pa.array(reasoning, pa.string()))

@@ -20,10 +20,17 @@ Output format (one field per line, fixed order, reasoning first as in Eq. 5)::
     objects: -apple
     exits:
     inventory: +apple
+    progress: 25
     reward: 0
     done: no
 
 - ``valid`` / ``done``: ``yes`` | ``no``; ``reward``: ``0`` | ``1`` (outcome reward).
+- ``progress``: the env's dense score after the step in integer percent (twc: +25 for taking an
+  item that is out of place, +25 / -25 for putting it where it belongs / elsewhere), ``=`` when
+  unchanged. The prompt shows the score before the step (``## progress``), so M_exp predicts a
+  change and never has to count what is still out of place; the simulator carries the value from
+  step to step and the task is won when it reaches 100 (``ExperienceModel``). Data without a dense
+  score has no progress section and always writes ``=``.
 - ``feedback``: the new feedback line, always written in full.
 - ``location``: ``=`` for unchanged, else the new location (``\\`` escapes a location that is
   literally ``=`` or starts with ``\\``; empty means "no location").
@@ -61,13 +68,14 @@ refs).delta == d`` for every transition (tested over collected data).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from dreamgym_core.state import SEP, AbstractState, clean_text
 
-FIELDS = ("valid", "feedback", "location", "objects", "exits", "inventory", "reward", "done")
+FIELDS = ("valid", "feedback", "location", "objects", "exits", "inventory", "progress", "reward", "done")
 LIST_FIELDS = ("objects", "exits", "inventory")
 ROOM_FIELDS = ("objects", "exits")
 """Lists that a new location replaces instead of editing."""
@@ -75,6 +83,18 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 UNCHANGED = "="
 _YES_NO = {"yes": True, "no": False}
 _REWARDS = {"0": 0.0, "1": 1.0}
+PROGRESS_RANGE = range(-100, 101)
+"""Progress values, in percent of the env's dense score (-100: ScienceWorld's failed task)."""
+
+
+def progress_percent(score: float | None) -> int | None:
+    """The env's dense score (0..1, -1 on a ScienceWorld failure) as the integer percent M_exp reads
+    and writes; None stays None (data without a dense score)."""
+    if score is None:
+        return None
+    if not math.isfinite(score):
+        raise ValueError(f"progress: the dense score must be finite, got {score!r}")
+    return max(-100, min(100, round(100 * float(score))))
 
 
 def _canon(items) -> tuple[str, ...]:
@@ -104,6 +124,8 @@ class StateDelta:
     reward: float = 0.0
     """Outcome reward, 0.0 or 1.0 (paper §4.1)."""
     done: bool = False
+    progress: int | None = None
+    """The env's dense score after the step, in percent (``progress_percent``); None = unchanged."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -119,6 +141,11 @@ class StateDelta:
             raise ValueError(f"StateDelta.reward must be the outcome reward 0 or 1, got {self.reward!r}; "
                              "dense scores belong in Transition.score")
         set_(self, "reward", float(self.reward))
+        if self.progress is not None:
+            if isinstance(self.progress, bool) or not isinstance(self.progress, int) \
+                    or self.progress not in PROGRESS_RANGE:
+                raise ValueError(f"StateDelta.progress must be an integer percent in -100..100 or None, "
+                                 f"got {self.progress!r}")
 
     @property
     def changes_state(self) -> bool:
@@ -153,8 +180,12 @@ def failure_delta(error: str = "") -> StateDelta:
 # diff / apply
 
 
-def diff(state: AbstractState, next_state: AbstractState, *, valid: bool, reward: float, done: bool) -> StateDelta:
-    """The delta that turns ``state`` into ``next_state`` (both canonical, as ``make``/``parse`` give)."""
+def diff(state: AbstractState, next_state: AbstractState, *, valid: bool, reward: float, done: bool,
+         progress: int | None = None, next_progress: int | None = None) -> StateDelta:
+    """The delta that turns ``state`` into ``next_state`` (both canonical, as ``make``/``parse`` give).
+
+    ``progress`` / ``next_progress``: the dense score before and after, in percent (None when the
+    data has none); the delta carries the new value only when it changed."""
     location = None if next_state.location == state.location else next_state.location
     kw = {}
     for name in LIST_FIELDS:
@@ -163,8 +194,9 @@ def diff(state: AbstractState, next_state: AbstractState, *, valid: bool, reward
             before = set()  # a new room is listed in full
         kw[name + "_add"] = after - before
         kw[name + "_remove"] = before - after
+    changed = next_progress is not None and next_progress != progress
     return StateDelta(valid=valid, feedback=next_state.feedback, location=location,
-                      reward=reward, done=done, **kw)
+                      reward=reward, done=done, progress=next_progress if changed else None, **kw)
 
 
 def apply(state: AbstractState, delta: StateDelta) -> AbstractState:
@@ -237,7 +269,8 @@ def render_delta(delta: StateDelta) -> str:
     lines = [_line("valid", _yes_no(delta.valid)), _line("feedback", delta.feedback),
              _line("location", _render_location(delta.location))]
     lines += [_line(n, _render_list(getattr(delta, n + "_add"), getattr(delta, n + "_remove"))) for n in LIST_FIELDS]
-    lines += [_line("reward", str(int(delta.reward))), _line("done", _yes_no(delta.done))]
+    lines += [_line("progress", UNCHANGED if delta.progress is None else str(delta.progress)),
+              _line("reward", str(int(delta.reward))), _line("done", _yes_no(delta.done))]
     return "\n".join(lines)
 
 
@@ -302,6 +335,12 @@ def _parse_delta_lines(lines: list[str]) -> tuple[StateDelta | None, str, int]:
         return None, "bad:reward", len(FIELDS)
     if clean_text(values["feedback"]) != values["feedback"]:
         return None, "bad:feedback", len(FIELDS)
+    progress = None
+    if values["progress"] != UNCHANGED:
+        if not re.fullmatch(r"0|-?[1-9][0-9]{0,2}", values["progress"]) \
+                or int(values["progress"]) not in PROGRESS_RANGE:
+            return None, "bad:progress", len(FIELDS)
+        progress = int(values["progress"])
     kw = {}
     for name in LIST_FIELDS:
         parsed = _parse_list(values[name])
@@ -310,7 +349,7 @@ def _parse_delta_lines(lines: list[str]) -> tuple[StateDelta | None, str, int]:
         kw[name + "_add"], kw[name + "_remove"] = parsed
     delta = StateDelta(valid=_YES_NO[values["valid"]], feedback=values["feedback"],
                        location=_parse_location(values["location"]), reward=_REWARDS[values["reward"]],
-                       done=_YES_NO[values["done"]], **kw)
+                       done=_YES_NO[values["done"]], progress=progress, **kw)
     return delta, "", len(FIELDS)
 
 
@@ -532,7 +571,7 @@ def _parse_pointer_output(text: str, state: AbstractState, refs: Sequence[str]) 
     delta = StateDelta(valid=d.valid, feedback=d.feedback, location=d.location, objects_add=after - before,
                        objects_remove=before - after, exits_add=d.exits_add, exits_remove=d.exits_remove,
                        inventory_add=d.inventory_add, inventory_remove=d.inventory_remove, reward=d.reward,
-                       done=d.done)
+                       done=d.done, progress=d.progress)
     return Prediction(pred.reasoning, delta, True, "", pred.ignored_tail)
 
 
@@ -541,7 +580,8 @@ def _parse_pointer_output(text: str, state: AbstractState, refs: Sequence[str]) 
 
 END = "<end>"
 """``next_constraint`` result: the output is complete, only the end-of-sequence token may follow."""
-_CHOICES = {"valid": (" yes\n", " no\n"), "reward": (" 0\n", " 1\n"), "done": (" yes", " no")}  # done ends the text
+_CHOICES = {"valid": (" yes\n", " no\n"), "reward": (" 0\n", " 1\n"), "done": (" yes", " no"),  # done ends the text
+            "progress": (f" {UNCHANGED}\n",) + tuple(f" {k}\n" for k in PROGRESS_RANGE)}
 
 
 def next_constraint(text: str) -> tuple[str, ...] | None:
@@ -597,7 +637,8 @@ def _demo_text(demo: Mapping) -> str:
 def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
                  demos: Sequence[Mapping], *, history_window: int = 4, max_demos: int = 4,
                  use_history: bool = True, use_demos: bool = True, demo_states: bool = False,
-                 refs: Sequence[str] | None = None) -> str:
+                 refs: Sequence[str] | None = None, progress: int | None = None,
+                 hints: Sequence[str] = ()) -> str:
     """The M_exp prompt of Eq. 4: task, retrieved demos, history window, state, action.
 
     ``refs`` (pointer form, see the module docstring): the history, state and action are
@@ -607,6 +648,9 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
 
     Pure and deterministic. Demos keep the caller's order (retrieval rank) and are shown compactly
     as their action and delta text; ``demo_states=True`` also shows each demo's state (longer).
+    ``progress``: the env's dense score before the step in percent (``## progress``); ``hints``: lines
+    of what the training data knows about the action (``## known``, e.g. whether the item was ever
+    seen to belong where it is put), delexicalized like the state.
     Ablations: ``use_history=False`` (or ``history_window=0``) drops the history, ``use_demos=False``
     (or ``max_demos=0``) drops retrieval. Empty sections are omitted. The target (``render_target``)
     follows the prompt directly.
@@ -627,7 +671,11 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
     if recent:
         parts.append("## history\n" + "\n".join(f"> {lex(clean_text(a))}\n{lex(clean_text(fb))}" for a, fb in recent))
     parts.append(f"## state\n{lex(state.strip())}")
+    if progress is not None:
+        parts.append(f"## progress\n{progress}")
     parts.append(f"## action\n{lex(clean_text(action))}")
+    if hints:
+        parts.append("## known\n" + "\n".join(lex(clean_text(h)) for h in hints))
     if refs:
         parts.append("## refs\n" + SEP.join(f"@{i} {n}" for i, n in enumerate(refs, 1)))
     return "\n".join(parts) + "\n## outcome\n"

@@ -22,6 +22,15 @@ Departures from the paper (and why):
   (``exp_format`` "Pointer form"). Held-out games use items never seen in training and a tiny
   model cannot copy unseen multi-token names; with pointers it never has to. Predictions are
   relexicalized before they are applied, so callers always see real abstract states.
+* Progress (``PromptConfig.progress``, default on): the prompt shows the env's dense score before
+  the step and M_exp predicts it after (``exp_format`` ``progress``); the simulator carries it and
+  the episode is won when it reaches 100 (``outcome``). Without it a small model decided the win by
+  counting what was still out of place from the object list, and granted wins with items left.
+* Placement knowledge (``PromptConfig.placements``, default on): for a put (or a take out of a
+  receptacle) the prompt says what the training data knows about that (item, receptacle) pair:
+  an exact-key lookup of past experience, next to the paper's embedding retrieval of demonstrations.
+  SFT examples see only the other training tasks' evidence, so "never seen" is trained as it occurs
+  on unseen games; the table is saved with the checkpoint (``dreamgym.json`` "placements").
 * Retrieval is a function argument (``retrieve(state, action, k) -> demos``), so M_exp works with
   or without the replay buffer.
 """
@@ -41,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamgym_core.envs.base import Observation, StepResult
-from dreamgym_core.exp_format import (Prediction, action_refs, apply, build_prompt, diff, parse_output,
-                                      parse_pointer_output, render_pointer_target, render_target)
+from dreamgym_core.exp_format import (Prediction, StateDelta, action_refs, apply, build_prompt, diff, parse_output,
+                                      parse_pointer_output, progress_percent, render_pointer_target, render_target)
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
 
@@ -71,6 +80,23 @@ class PromptConfig:
     use_history: bool = True
     pointers: bool = True
     """Copy-free prompts and targets (``exp_format`` pointer form); False = literal names (ablation)."""
+    progress: bool = True
+    """Show the env's dense score before the step (``## progress``) and predict it after; the
+    simulator wins an episode when it reaches 100. Data without a dense score leaves it out."""
+    placements: bool = True
+    """For an action that puts an item somewhere (or takes it out of a receptacle), show what the
+    training data says about that (item, receptacle) pair (``## known``: belongs / does not belong /
+    never seen; ``annotate.placement_evidence``). SFT examples see the evidence of the *other*
+    training tasks only, so "never seen" is trained as often as it happens on unseen games."""
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> "PromptConfig":
+        """The config a checkpoint's ``dreamgym.json`` records; inputs added since (progress, placements)
+        count as off for a checkpoint that does not record them: it was trained without them."""
+        saved = dict(meta.get("prompt") or {})
+        saved.setdefault("progress", False)
+        saved.setdefault("placements", False)
+        return cls(**saved)
 
     def __post_init__(self) -> None:
         if self.history_window < 0 or self.num_demos < 0:
@@ -95,10 +121,57 @@ def refs_for(state: str, action: str, cfg: PromptConfig) -> tuple[str, ...] | No
 
 
 def make_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
-                demos: Sequence[Mapping], cfg: PromptConfig, refs: Sequence[str] | None = None) -> str:
+                demos: Sequence[Mapping], cfg: PromptConfig, refs: Sequence[str] | None = None,
+                progress: int | None = None, hint: str | None = None) -> str:
     return build_prompt(instruction, history, state, action, demos, history_window=cfg.history_window,
                         max_demos=cfg.num_demos, use_history=cfg.use_history and cfg.history_window > 0,
-                        use_demos=cfg.num_demos > 0, refs=refs)
+                        use_demos=cfg.num_demos > 0, refs=refs, progress=progress if cfg.progress else None,
+                        hints=(hint,) if (hint and cfg.placements) else ())
+
+
+Knowledge = Mapping[tuple[str, str], bool]
+"""(item, receptacle) -> whether the item belongs there, from the training data (``knowledge_of``)."""
+
+
+def knowledge_of(rows: Sequence[Mapping]) -> dict[tuple[str, str], bool]:
+    """What all of ``rows`` say about each (item, receptacle) pair they put to the test."""
+    from dreamgym_core.annotate import placement_evidence
+
+    return {pair: bool(right) for pair, (right, _) in placement_evidence(rows).items()}
+
+
+def knowledge_to_meta(knowledge: Knowledge) -> list[list]:
+    return [[x, y, bool(b)] for (x, y), b in sorted(knowledge.items())]
+
+
+def knowledge_from_meta(meta: Mapping) -> dict[tuple[str, str], bool]:
+    """The knowledge a checkpoint's ``dreamgym.json`` carries (empty for a model trained without it)."""
+    return {(str(x), str(y)): bool(b) for x, y, b in meta.get("placements") or []}
+
+
+def _hint(state: str, action: str, known: Callable[[tuple[str, str]], bool | None]) -> str | None:
+    from dreamgym_core.annotate import placement_hint, placement_pair
+
+    try:
+        pair = placement_pair(AbstractState.parse(state), action)
+    except ValueError:
+        return None
+    return placement_hint(pair, known(pair)) if pair else None
+
+
+def has_progress(rows: Sequence[Mapping]) -> bool:
+    """The rows carry the env's dense score (``score`` and the observation's ``obs.score``); imported
+    logs with zeros only do not."""
+    return any(r.get("score") for r in rows) and all(isinstance(r.get("obs"), Mapping) for r in rows[:1])
+
+
+def row_progress(r: Mapping, scored: bool) -> tuple[int | None, int | None]:
+    """(progress before, progress after) of a transition row in percent; (None, None) unscored."""
+    if not scored:
+        return None, None
+    obs = r.get("obs") if isinstance(r.get("obs"), Mapping) else {}
+    before = obs.get("score")
+    return progress_percent(0.0 if before is None else float(before)), progress_percent(float(r.get("score") or 0.0))
 
 
 def parse_for(text: str, state: str, refs: Sequence[str] | None) -> Prediction:
@@ -123,12 +196,22 @@ def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve 
     out: list[SFTExample] = []
     history: list[tuple[str, str]] = []
     prev_traj = None
+    scored = cfg.progress and has_progress(rows)
+    evidence = {}
+    if cfg.placements:
+        from dreamgym_core.annotate import placement_evidence, placement_known
+
+        evidence = placement_evidence(rows)
     for r in rows:
         if r["traj_id"] != prev_traj:
             history, prev_traj = [], r["traj_id"]
         state = AbstractState.parse(r["state"])
+        hint = _hint(r["state"], r["action"], lambda p: placement_known(evidence, p, r.get("task_id"))) \
+            if cfg.placements else None
+        before, after = row_progress(r, scored)
         delta = diff(state, AbstractState.parse(r["next_state"]), valid=bool(r["valid"]),
-                     reward=float(r["reward"]), done=bool(r["won"] or r["lost"]))
+                     reward=float(r["reward"]), done=bool(r["won"] or r["lost"]), progress=before,
+                     next_progress=after)
         reasoning = r["reasoning"] if cfg.use_cot else ""
         refs = refs_for(r["state"], r["action"], cfg)
         if refs is None:
@@ -139,7 +222,8 @@ def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve 
         demos = [d for d in retrieve(r["state"], r["action"], cfg.num_demos + 1)
                  if not (d.get("state") == r["state"] and d.get("action") == r["action"])][:cfg.num_demos] \
             if (retrieve and cfg.num_demos) else []
-        prompt = make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg, refs)
+        prompt = make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg, refs, before,
+                             hint)
         out.append(SFTExample(prompt, text[rs[0]:rs[1]], text[ps[0]:ps[1]]))
         history.append((r["action"], _feedback(r["next_state"])))
     return out
@@ -441,9 +525,12 @@ class ExperienceModel:
 
     def __init__(self, model, tokenizer, *, initial_state: Callable[[Task], str],
                  propose_candidates: Callable[[str], list[str]], retrieve: Retrieve | None = None,
-                 cfg: SimConfig = SimConfig()):
+                 cfg: SimConfig = SimConfig(), initial_progress: Callable[[Task], int] | None = None,
+                 knowledge: Knowledge | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.knowledge = dict(knowledge or {})
         self.initial_state, self.propose, self.retrieve = initial_state, propose_candidates, retrieve
+        self.initial_progress = initial_progress or (lambda task: 0)
         self.stats = SimStats()
         self._calls = 0
 
@@ -510,6 +597,7 @@ class ExperienceModel:
         self._states = [self.initial_state(t) for t in tasks]
         self._history: list[list[tuple[str, str]]] = [[] for _ in tasks]
         self._live = [True] * len(tasks)
+        self._progress = [self.initial_progress(t) if self.cfg.prompt.progress else None for t in tasks]
         return [self._obs(s) for s in self._states]
 
     def _obs(self, state: str) -> Observation:
@@ -524,7 +612,8 @@ class ExperienceModel:
                 if (self.retrieve and self.cfg.prompt.num_demos) else []
             refs = refs_for(self._states[i], actions[i], self.cfg.prompt)
             prompts.append(make_prompt(self._tasks[i].instruction, self._history[i], self._states[i], actions[i],
-                                       demos, self.cfg.prompt, refs))
+                                       demos, self.cfg.prompt, refs, self._progress[i], self.hint(self._states[i],
+                                                                                                  actions[i])))
             contexts.append((self._states[i], refs))
         preds = self.predict(prompts, contexts) if prompts else []
         out: list[StepResult | None] = [None] * len(actions)
@@ -532,20 +621,44 @@ class ExperienceModel:
             delta = pred.effective_delta()
             state = AbstractState.parse(self._states[i])
             nxt = apply(state, delta).render()
-            ended_invalid = not delta.valid and self.cfg.invalid_ends_episode
-            done = bool(delta.done or not pred.ok or ended_invalid)
-            won = bool(pred.ok and delta.done and delta.reward > 0)
+            self._progress[i], won, done = outcome(pred, self._progress[i])
+            done = done or (not delta.valid and self.cfg.invalid_ends_episode)
             reward = 1.0 if won else 0.0
             self._states[i] = nxt
             self._history[i].append((actions[i], _feedback(nxt)))
             self._live[i] = not done
             self.stats.steps += 1
-            out[i] = StepResult(obs=self._obs(nxt), reward=reward, score=reward, done=done, won=won,
+            score = reward if self._progress[i] is None else self._progress[i] / 100
+            out[i] = StepResult(obs=self._obs(nxt), reward=reward, score=score, done=done, won=won,
                                 lost=done and not won, valid=bool(delta.valid and pred.ok), crashed=False)
         return out
 
+    def hint(self, state: str, action: str) -> str | None:
+        """The ``## known`` line for this step from the model's training-data knowledge (PromptConfig.placements)."""
+        return _hint(state, action, self.knowledge.get) if self.cfg.prompt.placements else None
+
     def close(self) -> None:
         pass
+
+
+def outcome(pred: Prediction, progress: int | None) -> tuple[int | None, bool, bool]:
+    """(progress after, won, done) of one simulated step from ``progress`` before it.
+
+    Without progress (None: a model or data without a dense score) the model's own ``reward`` and
+    ``done`` decide. With it, the predicted progress (unchanged when the delta leaves it out) decides
+    the win: the episode is won exactly when it reaches 100, whatever the reward field says (a
+    "reward 1" short of 100 is overruled and the episode goes on); a predicted end without reward is
+    a loss. An unusable prediction ends the episode as a failure either way.
+    """
+    delta: StateDelta = pred.effective_delta()
+    if not pred.ok:
+        return progress, False, True
+    if progress is None:
+        won = bool(delta.done and delta.reward > 0)
+        return None, won, bool(delta.done)
+    after = progress if delta.progress is None else delta.progress
+    won = after >= 100
+    return after, won, bool(won or (delta.done and delta.reward == 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,25 +697,30 @@ def score_transitions(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: R
     """
     cfg = sim.cfg.prompt
     select = [True] * len(rows) if select is None else list(select)
-    prompts, contexts, history, prev, chosen = [], [], [], None, []
+    scored = cfg.progress and has_progress(rows)
+    prompts, contexts, history, prev, chosen, before = [], [], [], None, [], []
     for r, keep in zip(rows, select):
         if r["traj_id"] != prev:
             history, prev = [], r["traj_id"]
         if keep:
             demos = retrieve(r["state"], r["action"], cfg.num_demos) if (retrieve and cfg.num_demos) else []
             refs = refs_for(r["state"], r["action"], cfg)
-            prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg, refs))
+            p0 = row_progress(r, scored)[0]
+            prompts.append(make_prompt(r.get("instruction") or "", history, r["state"], r["action"], demos, cfg,
+                                       refs, p0, sim.hint(r["state"], r["action"])))
             contexts.append((r["state"], refs))
             chosen.append(r)
+            before.append(p0)
         history.append((r["action"], _feedback(r["next_state"])))
     preds = sim.predict(prompts, contexts)
     out = []
-    for r, p in zip(chosen, preds):
+    for r, p, p0 in zip(chosen, preds, before):
         d = p.effective_delta()
+        _, pred_win, _ = outcome(p, p0)
         out.append({"action_type": action_type(r["action"]), "state": r["state"], "next_state": r["next_state"],
                     "pred_state": apply(AbstractState.parse(r["state"]), d).render(),
                     "real_win": bool(r["won"]) and float(r["reward"]) > 0, "real_reward": float(r["reward"]),
-                    "real_valid": bool(r["valid"]), "pred_win": bool(p.ok and d.done and d.reward > 0),
+                    "real_valid": bool(r["valid"]), "pred_win": pred_win,
                     "pred_valid": bool(p.ok and d.valid), "parsed": bool(p.ok)})
     return out
 

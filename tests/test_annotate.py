@@ -9,7 +9,7 @@ import pytest
 from dreamgym_core.annotate import (AnnotationError, AnnotationInput, OpenAIAnnotator, RuleAnnotator, TokenBucket,
                                     TransformersAnnotator, annotate_table, clean_trace, rule_trace)
 from dreamgym_core.collect import CollectConfig, collect
-from dreamgym_core.exp_format import diff, parse_output
+from dreamgym_core.exp_format import diff, parse_output, progress_percent
 from dreamgym_core.schema import trajectories_to_arrow
 from dreamgym_core.state import AbstractState
 
@@ -45,7 +45,8 @@ def test_rule_traces_explain_the_change_and_reward():
         "Items left to put away: 0. Every item is now in place: reward 1, the episode ends.")
     # with the env's dense score the trace says whether a put item went where it belongs
     scored = AnnotationInput(won.instruction, won.state, won.action, won.next_state, 1.0, True, True, 0.75, 1.0)
-    assert "The knife belongs in the table. Items left to put away: 0." in rule_trace(scored)
+    assert "The knife belongs in the table. Progress 75 -> 100. Every item" in rule_trace(scored)
+    assert "Items left" not in rule_trace(scored)  # the score says it: no counting from the object list
     wrong = AnnotationInput(won.instruction, won.state, won.action, won.next_state, 0.0, True, False, 0.75, 0.5)
     assert "The knife does not belong in the table." in rule_trace(wrong)
     moved = _item("move west", AbstractState.make("You are in the corridor.", "corridor", ["hat rack: empty"],
@@ -71,13 +72,14 @@ def table(twx_env):
 def test_rule_annotations_on_real_twx(table):
     out = annotate_table(table, RuleAnnotator(), batch_size=50)
     assert out.num_rows == table.num_rows and out.column_names[-3:] == ["reasoning", "annotator", "target"]
-    assert set(out["annotator"].to_pylist()) == {"rule-v3"}
+    assert set(out["annotator"].to_pylist()) == {"rule-v4"}
     for row in out.to_pylist():
         words = row["reasoning"].split()
         assert 6 <= len(words) <= 60
         pred = parse_output(row["target"])
         want = diff(AbstractState.parse(row["state"]), AbstractState.parse(row["next_state"]),
-                    valid=row["valid"], reward=row["reward"], done=row["done"])
+                    valid=row["valid"], reward=row["reward"], done=row["done"],
+                    progress=progress_percent(row["obs"]["score"]), next_progress=progress_percent(row["score"]))
         assert pred.ok and pred.delta == want and pred.reasoning == row["reasoning"]
         assert row["reasoning"].startswith("Rejected:") == (not row["valid"])
         assert ("reward 1," in row["reasoning"]) == (row["reward"] == 1.0)
@@ -315,6 +317,8 @@ def test_placement_knowledge_from_the_dense_score_counts_misplaced_items():
     # the apple lies on the table, where it does not belong: it is still to put away
     after = AbstractState.make("You put the knife in the table.", "kitchen", ["table: apple, knife"])
     carried = AbstractState.make("", "kitchen", ["table: apple"], [], ["knife"])
-    item = AnnotationInput("", carried.render(), "put knife in table", after.render(), 0.0, True, False, 0.5, 0.75)
+    item = AnnotationInput("", carried.render(), "put knife in table", after.render(), 0.0, True, False, None, None)
     assert "Items left to put away: 1." in rule_trace(item, placements=know)
     assert "Items left to put away: 0." in rule_trace(item)  # without the knowledge it cannot tell
+    scored = AnnotationInput("", carried.render(), "put knife in table", after.render(), 0.0, True, False, 0.5, 0.75)
+    assert "The knife belongs in the table. Progress 50 -> 75. The task is not complete" in rule_trace(scored)

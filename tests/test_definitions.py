@@ -55,7 +55,7 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
     assert meta["path"].value.endswith("offline_trajectories.parquet")
     assert res.asset_materializations_for_node("eval_tasks")[0].metadata["rows"].value == 5
     cot = res.asset_materializations_for_node("cot_annotations")[0].metadata
-    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v3"
+    assert cot["rows"].value == meta["rows"].value and cot["annotator"].value == "rule-v4"
     assert "<think>" in cot["example"].value
     mexp = res.asset_materializations_for_node("experience_model")[0].metadata
     assert mexp["steps"].value == 3 and mexp["parent_checkpoint"].value == "<fresh>"

@@ -17,7 +17,9 @@ _loc = st.one_of(st.sampled_from(["kitchen", "pantry", "", "=", "\\x", "\\"]), _
 _facts = st.lists(_fact, max_size=6)
 _state = st.builds(AbstractState.make, feedback=st.text(max_size=30), location=_loc, objects=_facts,
                    exits=st.lists(_fact, max_size=3), inventory=st.lists(_fact, max_size=4))
-_outcome = st.fixed_dictionaries({"valid": st.booleans(), "reward": st.sampled_from([0.0, 1.0]), "done": st.booleans()})
+_progress = st.one_of(st.none(), st.integers(-100, 100))
+_outcome = st.fixed_dictionaries({"valid": st.booleans(), "reward": st.sampled_from([0.0, 1.0]), "done": st.booleans(),
+                                  "progress": _progress, "next_progress": _progress})
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -92,7 +94,7 @@ def test_example_target_is_exact():
     text, rspan, pspan = render_target("The apple is on the counter.", diff(s, s2, valid=True, reward=0.0, done=False))
     assert text == ("<think>The apple is on the counter.</think>\n"
                     "valid: yes\nfeedback: You take the apple.\nlocation: =\n"
-                    "objects: -counter: apple | +counter: empty\nexits:\ninventory: +apple\nreward: 0\ndone: no")
+                    "objects: -counter: apple | +counter: empty\nexits:\ninventory: +apple\nprogress: =\nreward: 0\ndone: no")
     assert text[slice(*rspan)] == "<think>The apple is on the counter.</think>\n"
     assert text[slice(*pspan)].startswith("valid: yes") and text[slice(*pspan)].endswith("done: no")
 
@@ -281,7 +283,7 @@ def test_item_level_edits_are_short_and_exact():
         ["laundry basket: dirty hoodie, dirty jeans", "washing machine (open): empty", "dirty polo shirt",
          "dirty jeans jacket"]))
     assert put == ["<think>r @1</think>", "valid: yes", "feedback: You put the @1 in the @2.", "location: =",
-                   "objects: @2 += @1", "exits:", "inventory: -@1", "reward: 0", "done: no"]
+                   "objects: @2 += @1", "exits:", "inventory: -@1", "progress: =", "reward: 0", "done: no"]
     took = target("take dirty jeans", AbstractState.make(
         "You take the dirty jeans.", "laundry room", ["laundry basket: empty", "washing machine (open): empty",
                                                       "dirty polo shirt", "dirty jeans jacket"], [], ["dirty hoodie", "dirty jeans"]))
@@ -305,8 +307,10 @@ def test_object_edits_semantics():
 
 def test_pointer_parse_errors():
     refs = ("dirty hoodie",)
-    ok = "<think>r</think>\nvalid: yes\nfeedback: x\nlocation: =\nobjects: -@1\nexits:\ninventory: +@1\nreward: 0\ndone: no"
+    ok = ("<think>r</think>\nvalid: yes\nfeedback: x\nlocation: =\nobjects: -@1\nexits:\ninventory: +@1\n"
+          "progress: 25\nreward: 0\ndone: no")
     assert parse_pointer_output(ok, _ROOM, ("dirty polo shirt",)).delta.inventory_add == ("dirty polo shirt",)
+    assert parse_pointer_output(ok, _ROOM, refs).delta.progress == 25
     assert parse_pointer_output(ok.replace("-@1", "-@2"), _ROOM, refs).error == "bad:pointer"
     assert parse_pointer_output(ok.replace("-@1", "@1"), _ROOM, refs).error == "bad:objects"
     assert parse_pointer_output(ok.replace("objects: -@1\n", ""), _ROOM, refs).error == "missing:objects"
@@ -359,6 +363,10 @@ def test_next_constraint_walks_the_output_grammar():
     assert next_constraint("<think>ok</think>\nvalid: yes\n") == ("feedback:",)
     assert next_constraint("<think>ok</think>\nvalid: yes\nfeedback: You take") is None
     text = "<think>ok</think>\nvalid: yes\nfeedback: x\nlocation: =\nobjects: -@1\nexits:\ninventory: +@1\n"
+    assert next_constraint(text) == ("progress:",)
+    choices = next_constraint(text + "progress:")
+    assert choices[0] == " =\n" and " 25\n" in choices and " -100\n" in choices and " 101\n" not in choices
+    text += "progress: 50\n"
     assert next_constraint(text) == ("reward:",)
     assert next_constraint(text + "reward:") == (" 0\n", " 1\n")
     assert next_constraint(text + "reward: 0\ndone:") == (" yes", " no")
@@ -371,3 +379,35 @@ def test_next_constraint_walks_the_output_grammar():
         allowed = next_constraint(target[:cut])
         if allowed is not None and allowed[0] != END:
             assert any(target[cut:].startswith(a) or a.startswith(target[cut:]) for a in allowed), (cut, allowed)
+
+
+def test_progress_field_round_trips_and_rejects_bad_values():
+    s = AbstractState.make("You see a sock.", "laundry room", ["sock", "basket: empty"])
+    s2 = AbstractState.make("You take the sock.", "laundry room", ["basket: empty"], [], ["sock"])
+    d = diff(s, s2, valid=True, reward=0.0, done=False, progress=25, next_progress=50)
+    assert d.progress == 50
+    assert diff(s, s2, valid=True, reward=0.0, done=False, progress=50, next_progress=50).progress is None
+    assert diff(s, s2, valid=True, reward=0.0, done=False).progress is None  # data without a dense score
+    text = render_target("r", d)[0]
+    assert "\nprogress: 50\nreward: 0\n" in text
+    assert parse_output(text).delta == d
+    for bad in ("progress: 101", "progress: 5.5", "progress: -0", "progress: 050", "progress: +25", "progress: half"):
+        p = parse_output(text.replace("progress: 50", bad))
+        assert not p.ok and p.error == "bad:progress", bad
+    assert parse_output(text.replace("progress: 50", "progress: -100")).delta.progress == -100
+    with pytest.raises(ValueError, match="progress"):
+        StateDelta(valid=True, feedback="x", progress=150)
+    with pytest.raises(ValueError, match="progress"):
+        StateDelta(valid=True, feedback="x", progress=0.5)
+
+
+def test_progress_percent_and_prompt_section():
+    from dreamgym_core.exp_format import progress_percent
+
+    assert [progress_percent(x) for x in (0.0, 0.25, 0.5, 1.0, -1.0, 1 / 3, None)] == [0, 25, 50, 100, -100, 33, None]
+    with pytest.raises(ValueError, match="finite"):
+        progress_percent(float("nan"))
+    state = AbstractState.make("x", "kitchen", ["apple"]).render()
+    with_p = build_prompt("t", [], state, "take apple", [], progress=25)
+    assert "## state\n" in with_p and "\n## progress\n25\n## action\ntake apple\n" in with_p
+    assert "## progress" not in build_prompt("t", [], state, "take apple", [])

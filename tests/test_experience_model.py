@@ -52,6 +52,38 @@ def tiny(tmp_path_factory):
     return build, tok
 
 
+def _scored(r, task, before, after):
+    return {**r, "task_id": task, "obs": {"score": before}, "score": after}
+
+
+def test_examples_show_progress_and_leave_one_task_out_placement_knowledge():
+    put = row("A", 1, S1, "put apple in fridge", S2, 1.0, True)
+    rows = [_scored(row("A", 0, S0, "take apple", S1), "t/a", 0.5, 0.75), _scored(put, "t/a", 0.75, 1.0),
+            _scored({**row("B", 0, S0, "take apple", S1), "traj_id": "B"}, "t/b", 0.5, 0.75),
+            _scored({**put, "traj_id": "B"}, "t/b", 0.75, 1.0),
+            _scored({**put, "traj_id": "C", "reward": 0.0, "won": False}, "t/c", 0.75, 0.5)]
+    ex = sft_examples(rows, PromptConfig())
+    assert "## progress\n50\n" in ex[0].prompt and "progress: 75" in ex[0].prediction
+    assert "## progress\n75\n" in ex[1].prompt and "progress: 100" in ex[1].prediction
+    # task t/a's own put is not evidence for it: t/b's is. t/c's wrong put still sees the others' right ones
+    assert "## known\n@1 in @2: belongs\n" in ex[1].prompt and "## known\n@1 in @2: belongs\n" in ex[4].prompt
+    assert "progress: 50" in ex[4].prediction
+    alone = sft_examples([rows[0], rows[1], rows[4]], PromptConfig())
+    assert "## known\n@1 in @2: does not belong\n" in alone[1].prompt   # only t/c's wrong put remains
+    assert "## known\n@1 in @2: belongs\n" in alone[2].prompt
+    assert "## known\n@1 in counter: never seen\n" in ex[0].prompt      # taken out of a receptacle: a pair too
+    assert "## known" not in sft_examples([_scored(row("D", 0, S1, "look", S1), "t/d", 0.0, 0.0), rows[1]],
+                                          PromptConfig())[0].prompt   # no item-receptacle pair: no line
+    off = sft_examples(rows, PromptConfig(progress=False, placements=False))
+    assert "## progress" not in off[1].prompt and "## known" not in off[1].prompt and "progress: =" in off[1].prediction
+    from dreamgym_core.experience_model import knowledge_from_meta, knowledge_of, knowledge_to_meta
+
+    know = knowledge_of(rows)
+    assert know == {("apple", "fridge"): True} and knowledge_from_meta({"placements": knowledge_to_meta(know)}) == know
+    assert PromptConfig.from_meta({"prompt": {"history_window": 2}}) == PromptConfig(history_window=2, progress=False,
+                                                                                    placements=False)
+
+
 def test_examples_carry_history_and_split_the_target():
     ex = sft_examples(ROWS, PromptConfig())
     assert "> take @1" in ex[1].prompt.split("## state")[0]       # history of step 1 holds step 0
@@ -59,7 +91,8 @@ def test_examples_carry_history_and_split_the_target():
     assert ex[0].reasoning.startswith("<think>because") and ex[0].prediction.startswith("valid: yes")
     assert "reward: 1" in ex[1].prediction and "done: yes" in ex[1].prediction
     # pointer form (default): names are @1/@2 in prompt and target, bound once under "## refs"
-    assert ex[1].prompt.endswith("## action\nput @1 in @2\n## refs\n@1 apple | @2 fridge\n## outcome\n")
+    assert ex[1].prompt.endswith("## action\nput @1 in @2\n## known\n@1 in @2: never seen\n## refs\n"
+                                 "@1 apple | @2 fridge\n## outcome\n")
     assert "> take @1\nYou take the @1." in ex[1].prompt and "objects: -@1 | +@1 (open): @1" not in ex[1].prediction
     assert "objects: -@2 | +@2 (open): @1" in ex[1].prediction and "inventory: -@1" in ex[1].prediction
     assert "## action\ntake zebra\n## outcome" in ex[2].prompt                      # absent: no pointer
@@ -139,8 +172,10 @@ TASK = Task("t/0", "twx", "twc", "train", 0, "tidy up")
 
 
 def test_simulator_applies_deltas_and_ends_episodes():
-    sim = Scripted([_target(S0, S1, "take apple", valid=True, reward=0.0, done=False), "garbage",
-                    _target(S1, S2, "put apple in fridge", valid=True, reward=1.0, done=True)])
+    sim = Scripted([_target(S0, S1, "take apple", valid=True, reward=0.0, done=False, progress=0, next_progress=50),
+                    "garbage",
+                    _target(S1, S2, "put apple in fridge", valid=True, reward=1.0, done=True, progress=50,
+                            next_progress=100)])
     obs = sim.reset_batch([TASK, TASK])
     assert obs[0].state == S0 and obs[0].candidates == ("look around",)
     r = sim.step_batch(["take apple", "dance"])
@@ -148,6 +183,41 @@ def test_simulator_applies_deltas_and_ends_episodes():
     assert r[1].done and r[1].lost and not r[1].valid and sim.stats.parse_failures == 1  # unparseable -> failure
     r = sim.step_batch(["put apple in fridge", "look around"])
     assert r[1] is None and r[0].won and r[0].reward == 1.0 and r[0].done and r[0].obs.state == S2
+
+
+class Recording(Scripted):
+    def _generate_chunk(self, prompts):
+        self.prompts = getattr(self, "prompts", []) + list(prompts)
+        return super()._generate_chunk(prompts)
+
+
+def test_progress_decides_the_win_and_is_carried_between_steps():
+    take = _target(S0, S1, "take apple", valid=True, reward=0.0, done=False, progress=0, next_progress=50)
+    # "reward 1, done" while progress stays at 50: overruled, the episode goes on
+    early = _target(S1, S2, "put apple in fridge", valid=True, reward=1.0, done=True)
+    # progress reaching 100 wins even where the reward field says 0
+    finish = _target(S2, S2, "look around", valid=True, reward=0.0, done=False, progress=50, next_progress=100)
+    sim = Recording([take, early, finish])
+    sim.reset_batch([TASK])
+    r = sim.step_batch(["take apple"])[0]
+    assert not r.done and r.score == 0.5
+    r = sim.step_batch(["put apple in fridge"])[0]
+    assert not r.done and not r.won and r.reward == 0.0 and r.score == 0.5
+    r = sim.step_batch(["look around"])[0]
+    assert r.done and r.won and r.reward == 1.0 and r.score == 1.0
+    assert [p.split("## progress\n")[1].split("\n")[0] for p in sim.prompts] == ["0", "50", "50"]
+    # a predicted end without reward is a loss; the task's own start progress is used
+    lost = _target(S0, S0, "look around", valid=True, reward=0.0, done=True)
+    sim = Recording([lost], initial_progress=lambda t: 25)
+    sim.reset_batch([TASK])
+    r = sim.step_batch(["look around"])[0]
+    assert r.done and r.lost and not r.won and "## progress\n25\n" in sim.prompts[0]
+    # without progress (a model trained on data without a dense score) the model's reward decides
+    legacy = Recording([_target(S0, S1, "take apple", valid=True, reward=1.0, done=True)],
+                       cfg=SimConfig(prompt=PromptConfig(progress=False)))
+    legacy.reset_batch([TASK])
+    r = legacy.step_batch(["take apple"])[0]
+    assert r.won and r.done and "## progress" not in legacy.prompts[0]
 
 
 def test_invalid_action_keeps_state_unless_configured_to_end():
