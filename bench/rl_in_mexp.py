@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(kw.get("threads", os.cpu_count() or 2)))
 
     def one(pattern: str) -> str:
-        found = sorted(glob.glob(os.path.join(data, "checkpoints", pattern)))
+        found = sorted(p for p in glob.glob(os.path.join(data, "checkpoints", pattern)) if os.path.isdir(p))
         if not found:
             raise SystemExit(f"bench.rl_in_mexp: no {pattern} under {data}/checkpoints; materialize it first")
         return found[-1]

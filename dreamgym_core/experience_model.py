@@ -463,29 +463,38 @@ class FormatConstraint:
         return text
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.constrain(input_ids, scores)
+
+    def constrain(self, input_ids: torch.Tensor, scores: torch.Tensor,
+                  rows: Sequence[int] | None = None) -> torch.Tensor:
+        """``rows``: the original row id of each batch row when finished rows have been dropped from
+        the batch (``ExperienceModel._decode``); the per-row state follows the id, not the position."""
         from dreamgym_core.exp_format import next_constraint
 
-        gen = input_ids[:, self.prompt_len:].tolist()
-        for b, row in enumerate(gen):
+        n_gen = input_ids.shape[1] - self.prompt_len
+        last = input_ids[:, -1].tolist() if n_gen > 0 else [None] * input_ids.shape[0]
+        for j, tok in enumerate(last):  # only the last token per row, unless at a grammar point
+            b = j if rows is None else rows[j]
             pending = self._pending.pop(b, None)
             if pending is not None:  # advance along the allowed sequences by the token just chosen
                 seqs, pos = pending
-                seqs = [q for q in seqs if row and q[pos] == row[-1]]
+                seqs = [q for q in seqs if tok is not None and q[pos] == tok]
                 pos += 1
                 if seqs and all(len(q) > pos for q in seqs):
                     self._pending[b] = (seqs, pos)
             if b not in self._pending:
-                if row and row[-1] not in self.triggers:
+                if tok is not None and tok not in self.triggers:
                     continue  # mid-word or mid-value: no grammar point here, the model is free
+                row = input_ids[j, self.prompt_len:].tolist() if n_gen > 0 else []
                 allowed = next_constraint(self._text(b, row))
                 if allowed is None:
                     continue
                 self._pending[b] = ([self._ids(a) for a in allowed], 0)
             seqs, pos = self._pending[b]
             keep = torch.tensor(sorted({q[pos] for q in seqs}), device=scores.device)
-            masked = torch.full_like(scores[b], float("-inf"))
-            masked[keep] = scores[b, keep]
-            scores[b] = masked
+            masked = torch.full_like(scores[j], float("-inf"))
+            masked[keep] = scores[j, keep]
+            scores[j] = masked
         return scores
 
 
@@ -503,6 +512,10 @@ class SimConfig:
     """Paper's variant: an action predicted invalid ends the episode as a failure."""
     batch_size: int = 32
     seed: int = 0
+    drop_finished: bool = True
+    """Decode with our own KV-cache loop that drops a row from the batch as soon as it ends, so a
+    batch costs the sum of its rows' lengths instead of rows x the longest (same greedy text up to
+    float ties; ``bench.mexp_generation`` reports agreement). False: transformers ``generate``."""
 
 
 @dataclass
@@ -574,14 +587,17 @@ class ExperienceModel:
             processors = LogitsProcessorList([FormatConstraint(
                 tok, P, prefix="" if self.cfg.prompt.use_cot else "<think></think>\n")])
         with torch.no_grad():
-            gen = model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
-                                 max_new_tokens=self.cfg.max_new_tokens, do_sample=not self.cfg.greedy,
-                                 temperature=self.cfg.temperature if not self.cfg.greedy else None,
-                                 top_p=None, top_k=None, logits_processor=processors,
-                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        new = gen[:, P:]
+            if self.cfg.drop_finished:
+                rows = self._decode(inp.to(device), attn.to(device), P, processors[0] if processors else None)
+            else:
+                gen = model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
+                                     max_new_tokens=self.cfg.max_new_tokens, do_sample=not self.cfg.greedy,
+                                     temperature=self.cfg.temperature if not self.cfg.greedy else None,
+                                     top_p=None, top_k=None, logits_processor=processors,
+                                     pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                rows = gen[:, P:].tolist()
         texts = []
-        for row in new.tolist():
+        for row in rows:
             if tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id)]
             self.stats.generated_tokens += len(row)
@@ -590,6 +606,44 @@ class ExperienceModel:
             texts = ["<think></think>\n" + t for t in texts]
         self.stats.seconds += time.perf_counter() - t0
         return texts
+
+    def _decode(self, inp: torch.Tensor, attn: torch.Tensor, P: int, constraint: "FormatConstraint | None") -> list[list[int]]:
+        """Greedy or sampled KV-cache decoding of a left-padded batch; a row leaves the batch (and
+        its KV cache) at its end-of-sequence token, so later steps only run the live rows.
+        Returns each row's generated ids (the EOS included when reached)."""
+        model, eos, cfg = self.model, self.tokenizer.eos_token_id, self.cfg
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        live = list(range(inp.shape[0]))
+        seqs: list[list[int]] = [[] for _ in live]
+        ids, next_pos = inp, attn.sum(-1, keepdim=True)
+        for t in range(cfg.max_new_tokens):
+            scores = logits.float()
+            if constraint is not None:
+                scores = constraint.constrain(ids, scores, rows=live)
+            if cfg.greedy:
+                nxt = scores.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(scores / cfg.temperature, dim=-1), 1).squeeze(1)
+            for j, b in enumerate(live):
+                seqs[b].append(int(nxt[j]))
+            if t == cfg.max_new_tokens - 1:
+                break
+            going = nxt != eos
+            if not bool(going.any()):
+                break
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(1)
+                cache.reorder_cache(keep)
+                live = [live[int(i)] for i in keep]
+                nxt, ids, attn, next_pos = nxt[keep], ids[keep], attn[keep], next_pos[keep]
+            ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :], next_pos + 1
+        return seqs
 
     # -- BatchEnv -----------------------------------------------------------------------------
     def reset_batch(self, tasks: Sequence[Task]) -> list[Observation]:
