@@ -91,8 +91,10 @@ class PromptConfig:
 
     @classmethod
     def from_meta(cls, meta: Mapping) -> "PromptConfig":
-        """The config a checkpoint's ``dreamgym.json`` records; inputs added since (progress, placements)
-        count as off for a checkpoint that does not record them: it was trained without them."""
+        """The config a checkpoint's ``dreamgym.json`` records; ``placements`` (added after ``progress``)
+        counts as off for a checkpoint that does not record it: it was trained without it. Checkpoints
+        from before the progress field (``experience_model`` format 2) do not write its output line
+        and must be retrained (the asset's config key changed, so it retrains them)."""
         saved = dict(meta.get("prompt") or {})
         saved.setdefault("progress", False)
         saved.setdefault("placements", False)
@@ -206,7 +208,7 @@ def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve 
         if r["traj_id"] != prev_traj:
             history, prev_traj = [], r["traj_id"]
         state = AbstractState.parse(r["state"])
-        hint = _hint(r["state"], r["action"], lambda p: placement_known(evidence, p, r.get("task_id"))) \
+        hint = _hint(r["state"], r["action"], lambda p: placement_known(evidence, p, r.get("task_id") or "")) \
             if cfg.placements else None
         before, after = row_progress(r, scored)
         delta = diff(state, AbstractState.parse(r["next_state"]), valid=bool(r["valid"]),
@@ -626,8 +628,8 @@ class ExperienceModel:
                 nxt = scores.argmax(-1)
             else:
                 nxt = torch.multinomial(torch.softmax(scores / cfg.temperature, dim=-1), 1).squeeze(1)
-            for j, b in enumerate(live):
-                seqs[b].append(int(nxt[j]))
+            for b, tok in zip(live, nxt.tolist()):  # one device-to-host copy per step
+                seqs[b].append(tok)
             if t == cfg.max_new_tokens - 1:
                 break
             going = nxt != eos
