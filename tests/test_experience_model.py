@@ -364,3 +364,49 @@ def test_format_constraint_makes_a_random_model_write_the_fields_in_order(tiny):
     body = text.split("</think>", 1)[1].split("\n")[1:]
     assert [ln.split(":")[0] for ln in body[:len(FIELDS)]] == list(FIELDS), text
     assert body[0] in ("valid: yes", "valid: no") and body[-1] in ("done: yes", "done: no")
+
+
+class _RowCache:
+    """Stands in for a KV cache: remembers which original row each batch row is."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def reorder_cache(self, keep):
+        self.rows = self.rows[keep]
+
+
+class _CountingModel:
+    """Row r (its id is the prompt's last token) writes token 10 + r, r + 1 times, then EOS (0)."""
+
+    vocab, eos = 40, 0
+
+    def __init__(self, prompt_len):
+        self.P, self.batch_sizes = prompt_len, []
+
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        import types
+
+        cache = past_key_values or _RowCache(input_ids[:, -1].clone())
+        self.batch_sizes.append(input_ids.shape[0])
+        step = position_ids[:, -1] - (self.P - 1)  # tokens generated before the one predicted now
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        for j, (r, t) in enumerate(zip(cache.rows.tolist(), step.tolist())):
+            logits[j, -1, self.eos if t == r + 1 else 10 + r] = 1.0
+        return types.SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def test_decoding_drops_finished_rows_and_keeps_each_row_its_own():
+    import types
+
+    P = 3
+    model = _CountingModel(P)
+    sim = ExperienceModel(model, types.SimpleNamespace(eos_token_id=0), initial_state=lambda t: S0,
+                          propose_candidates=lambda s: [], cfg=SimConfig(max_new_tokens=10))
+    inp = torch.tensor([[5, 5, 2], [5, 5, 0 + 1], [5, 5, 0]])  # row ids 2, 1, 0 (last prompt token)
+    seqs = sim._decode(inp, torch.ones_like(inp), P, None)
+    assert seqs == [[12, 12, 12, 0], [11, 11, 0], [10, 0]]
+    assert model.batch_sizes == [3, 3, 2, 1]  # prefill, then each row leaves after its EOS
+    capped = ExperienceModel(_CountingModel(P), types.SimpleNamespace(eos_token_id=0), initial_state=lambda t: S0,
+                             propose_candidates=lambda s: [], cfg=SimConfig(max_new_tokens=2))
+    assert capped._decode(inp, torch.ones_like(inp), P, None) == [[12, 12], [11, 11], [10, 0]]
