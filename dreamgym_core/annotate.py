@@ -223,17 +223,7 @@ def placement_knowledge(table: pa.Table) -> dict[tuple[str, str], bool]:
     cols = [c for c in ("action", "valid", "score", "obs") if c in table.column_names]
     if len(cols) < 4:
         return {}
-    rows = table.select(cols).to_pylist()
-    if not any(r["score"] for r in rows):
-        return {}
-    out: dict[tuple[str, str], bool] = {}
-    for r in rows:
-        verb, x, y = _split_action(r["action"])
-        before = _score_before(r)
-        if verb != "put" or not r["valid"] or not x or not y or before is None:
-            continue
-        out[(x, y)] = out.get((x, y), False) or float(r["score"]) > before
-    return out
+    return {pair: bool(right) for pair, (right, _) in placement_evidence(table.select(cols).to_pylist()).items()}
 
 
 def placement_evidence(rows: Iterable[dict]) -> dict[tuple[str, str], tuple[frozenset[str], frozenset[str]]]:

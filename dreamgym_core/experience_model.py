@@ -430,12 +430,15 @@ class FormatConstraint:
     """Last characters of "\\n", "</think>", "field:", "yes", "no": the grammar can only constrain
     after a token ending in one of them (markers may span several tokens), other steps skip the check."""
     _trigger_cache: dict[int, frozenset[int]] = {}
+    _enc_cache: dict[int, dict[str, list[int]]] = {}
+    """Allowed strings -> token ids, per tokenizer: built once, not once per generated chunk (the
+    progress field alone allows 202 strings)."""
 
     def __init__(self, tokenizer, prompt_len: int, prefix: str = ""):
         from dreamgym_core.exp_format import END
 
         self.tok, self.prompt_len, self.prefix, self.end = tokenizer, prompt_len, prefix, END
-        self._enc: dict[str, list[int]] = {}
+        self._enc = self._enc_cache.setdefault(hash((id(tokenizer), len(tokenizer))), {})
         self._texts: dict[int, tuple[int, str]] = {}      # row -> (tokens decoded, text)
         self._pending: dict[int, tuple[list[list[int]], int]] = {}  # row -> (allowed sequences, position)
         self.triggers = self._trigger_ids(tokenizer)
