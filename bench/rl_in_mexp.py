@@ -1,7 +1,7 @@
 """RL inside M_exp from the SFT policy, with real held-out success before, midway and after.
 
     python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
-                               [epochs=2] [max_steps=12] [eval=50] [mexp=DIR] [sft=DIR]
+                               [epochs=2] [max_steps=12] [eval=50] [sim_eval=50] [mexp=DIR] [sft=DIR]
 
 DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
 ``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
@@ -11,7 +11,10 @@ the SFT policy. Evaluation: greedy and sampled real success on the held-out test
 intervals, and greedy success in M_exp on the same games (the sim-real gap). The README's policy
 learning table was produced with this program. Nothing is written to DATA. With several
 checkpoints under DATA (different configs), ``mexp=`` / ``sft=`` name the ones to use; otherwise
-the last by name is taken.
+the last by name is taken. ``eval=N`` above the materialized test games adds held-out games of the
+training fold from the seeds just below ``heldout_start`` (never the train tasks: checked). Each evaluated policy is
+also compared with the SFT policy on the same games, per mode: games only it won, games only SFT
+won, and the exact McNemar p-value (``evaluation.paired_comparison``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def main(argv: list[str]) -> int:
     import torch
 
     from assets.runtime import heldout, offline_start_states, real_env_factory, real_start_states
+    from dreamgym_core.envs import make_env
     from dreamgym_core.envs.twx import propose_candidates
+    from dreamgym_core.evaluation import paired_comparison
     from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig, knowledge_from_meta
     from dreamgym_core.io import read_parquet
     from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory, sample_tasks
@@ -45,6 +50,7 @@ def main(argv: list[str]) -> int:
     lr, kl = float(kw.get("lr", 5e-5)), float(kw.get("kl", 0.1))
     ntasks, group, epochs = int(kw.get("tasks", 16)), int(kw.get("group", 4)), int(kw.get("epochs", 2))
     max_steps, neval = int(kw.get("max_steps", 12)), int(kw.get("eval", 50))
+    nsim = int(kw.get("sim_eval", min(neval, 50)))
     torch.set_num_threads(int(kw.get("threads", os.cpu_count() or 2)))
 
     def one(pattern: str) -> str:
@@ -59,6 +65,19 @@ def main(argv: list[str]) -> int:
     sft_dir = kw.get("sft") or one("policy_init/*")
     train = tasks_from_arrow(read_parquet(os.path.join(data, "parquet", "seed_tasks.parquet")))
     test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:neval]
+    if len(test) < neval:  # more held-out games of the training fold: the seeds just below the dev games
+        if exp.eval_fold != "train":
+            raise SystemExit(f"bench.rl_in_mexp: eval={neval} needs eval_fold=train (the test fold is materialized)")
+        more = neval - len(test)
+        env = make_env(exp.env_spec())
+        try:
+            extra = env.tasks("train", more, start=exp.heldout_start - more)
+        finally:
+            env.close()
+        used = {t.task_id for t in train} | {t.task_id for t in test}
+        if any(t.task_id in used for t in extra):
+            raise SystemExit(f"bench.rl_in_mexp: eval={neval} would reach into the {len(train)} train tasks; lower it")
+        test = test + extra
     starts = {**offline_start_states(read_parquet(os.path.join(data, "parquet", "offline_trajectories.parquet"))),
               **real_start_states(exp, test)}
     init = initial_state_fn(starts)
@@ -67,16 +86,25 @@ def main(argv: list[str]) -> int:
         return ExperienceModel(mexp, mtok, initial_state=initial_state, propose_candidates=propose_candidates,
                                cfg=SimConfig(prompt=prompt), knowledge=knowledge_from_meta(meta))
 
-    lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=len(test), eval_max_steps=20)
-    rows = []
+    lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=nsim, eval_max_steps=20)
+    rows, base = [], {}
 
     def report(model, tok, name: str, k: int) -> None:
+        episodes: dict = {}
         table = evaluate(lm_policy_factory(model, tok, name), name, k, test, real_env_factory(exp), make_sim, init,
-                         lc, real_transitions=0, modes=("greedy", "sampled"), log=lambda s: None)
-        rows.extend(table.to_pylist())
-        print("  ".join(f"{r['policy']}@{k} {r['mode']}: real {r['success_rate']:.2f} [{r['ci_low']:.2f}, "
-                        f"{r['ci_high']:.2f}]" + (f" M_exp {r['sim_success_rate']:.2f}" if r["sim_success_rate"]
-                                                   is not None else "") for r in table.to_pylist()), flush=True)
+                         lc, real_transitions=0, modes=("greedy", "sampled"), log=lambda s: None, episodes=episodes)
+        for r in table.to_pylist():
+            if not base.get(r["mode"]):
+                base[r["mode"]] = episodes[r["mode"]]
+                r["vs_sft"] = ""
+            else:
+                c = paired_comparison(base[r["mode"]], episodes[r["mode"]])
+                r["vs_sft"] = f"+{c.better} / -{c.worse}, p={c.p_value:.3f}"
+            rows.append(r)
+            print(f"{r['policy']}@{k} {r['mode']}: real {r['success_rate']:.2f} [{r['ci_low']:.2f}, "
+                  f"{r['ci_high']:.2f}]" + (f" M_exp {r['sim_success_rate']:.2f}" if r["sim_success_rate"]
+                                            is not None else "") + (f"  vs SFT {r['vs_sft']}" if r["vs_sft"] else ""),
+                  flush=True)
 
     ref, _, _ = load_checkpoint(sft_dir)
     model, tok, _ = load_checkpoint(sft_dir)
@@ -95,11 +123,14 @@ def main(argv: list[str]) -> int:
               flush=True)
         if k % max(1, iters // 2) == 0:
             report(trainer.model, tok, algo, k)
-    print("\n| policy | iteration | mode | real success [95% CI] | M_exp success |\n|---|---|---|---|---|")
+    print(f"\n{len(test)} held-out games, M_exp success on the first {nsim}; vs SFT: games only this policy won /"
+          " games only SFT won, exact McNemar p\n"
+          "| policy | iteration | mode | real success [95% CI] | vs SFT (same games) | M_exp success |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         sim = "" if r["sim_success_rate"] is None else f"{r['sim_success_rate']:.2f}"
         print(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {r['success_rate']:.2f} "
-              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {sim} |")
+              f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['vs_sft']} | {sim} |")
     return 0
 
 

@@ -51,3 +51,37 @@ def summarize(trajs: Sequence[Trajectory]) -> EvalSummary:
                        mean_return=sum(t.ret for t in trajs) / n if n else 0.0,
                        mean_steps=steps / n if n else 0.0,
                        invalid_action_rate=invalid / steps if steps else 0.0)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two policies on the same tasks: ``better`` = tasks only B won, ``worse`` = tasks only A won."""
+
+    tasks: int
+    better: int
+    worse: int
+    p_value: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_comparison(a: Sequence[Trajectory], b: Sequence[Trajectory]) -> PairedComparison:
+    """Exact McNemar (two-sided sign test on the discordant tasks) of policy B against policy A.
+
+    a, b: one episode per task each, on the same task ids. Two success rates on the same held-out
+    games are paired data; their Wilson intervals overlap long before a paired test stops seeing a
+    difference, so this is the test for "did RL raise success over its init".
+    """
+    won_a = {t.task.task_id: bool(t.won) for t in a}
+    won_b = {t.task.task_id: bool(t.won) for t in b}
+    if len(won_a) != len(a) or len(won_b) != len(b):
+        raise ValueError("paired_comparison: one episode per task on each side (a task id repeats)")
+    if won_a.keys() != won_b.keys():
+        raise ValueError(f"paired_comparison: the two sides cover different tasks "
+                         f"({len(won_a.keys() - won_b.keys())} only in a, {len(won_b.keys() - won_a.keys())} only in b)")
+    better = sum(won_b[k] and not won_a[k] for k in won_a)
+    worse = sum(won_a[k] and not won_b[k] for k in won_a)
+    n = better + worse
+    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n if n else 1.0
+    return PairedComparison(tasks=len(won_a), better=better, worse=worse, p_value=min(1.0, 2 * tail))

@@ -453,9 +453,10 @@ def lm_policy_factory(model, tok, name: str) -> Callable[[str], object]:
 
 def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Sequence[Task], make_real, make_sim,
              init_state, cfg: LoopConfig, *, real_transitions: int, log: Log = print,
-             modes: Sequence[str] = ("greedy",)) -> pa.Table:
+             modes: Sequence[str] = ("greedy",), episodes: dict | None = None) -> pa.Table:
     """Success on held-out real tasks per mode; greedy success in M_exp on the first ``sim_eval_tasks``
-    of them (the same tasks, same start states) for ``sim_real_gap``."""
+    of them (the same tasks, same start states) for ``sim_real_gap``. ``episodes``, if given, receives
+    each mode's real trajectories (for a paired comparison of two policies on the same tasks)."""
     from dreamgym_core.rollout import RolloutConfig, rollout
 
     tasks = sorted(tasks, key=lambda t: t.task_id)[:cfg.eval_tasks]
@@ -469,6 +470,8 @@ def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Seq
             real, _ = rollout(real_env, pol, tasks, rc)
         finally:
             real_env.close()
+        if episodes is not None:
+            episodes[mode] = real
         sim = None
         if mode == modes[0] and cfg.sim_eval_tasks and make_sim is not None:
             sim, _ = rollout(make_sim(init_state), pol, tasks[:cfg.sim_eval_tasks],

@@ -1,7 +1,7 @@
 import pytest
 
 from dreamgym_core.envs import EnvSpec, Observation, SerialBatchEnv, StepResult, make_env
-from dreamgym_core.evaluation import summarize, wilson_interval
+from dreamgym_core.evaluation import paired_comparison, summarize, wilson_interval
 from dreamgym_core.rollout import ActionChoice, RandomPolicy, RolloutConfig, rollout
 from dreamgym_core.schema import Task
 from dreamgym_core.state import AbstractState
@@ -100,6 +100,28 @@ def test_wilson_interval_matches_published_values():
             assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def _episodes(wins):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(task=SimpleNamespace(task_id=f"t{i}"), won=w) for i, w in enumerate(wins)]
+
+
+def test_paired_comparison_is_the_exact_mcnemar_test():
+    # 9 tasks only B won, 1 only A won, 5 both, 5 neither: p = 2 * (C(10,0) + C(10,1)) / 2^10
+    a = _episodes([1] + [0] * 9 + [1] * 5 + [0] * 5)
+    b = _episodes([0] + [1] * 9 + [1] * 5 + [0] * 5)
+    c = paired_comparison(a, b)
+    assert (c.tasks, c.better, c.worse) == (20, 9, 1) and c.p_value == pytest.approx(22 / 1024)
+    assert paired_comparison(b, a).p_value == pytest.approx(22 / 1024)
+    assert paired_comparison(a, a).p_value == 1.0  # no discordant task
+    even = paired_comparison(_episodes([1, 0]), _episodes([0, 1]))
+    assert (even.better, even.worse, even.p_value) == (1, 1, 1.0)
+    with pytest.raises(ValueError, match="different tasks"):
+        paired_comparison(a, b[:-1])
+    with pytest.raises(ValueError, match="repeats"):
+        paired_comparison(a + a[:1], b + b[:1])
 
 
 def test_summarize():
