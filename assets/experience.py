@@ -109,6 +109,9 @@ class ExperienceModelConfig(dg.Config):
     but precision 0.84 and a random policy "wins" 96% of M_exp episodes (real 12%); 1 -> recall 0.00;
     3 -> recall 0.47, precision 0.91, random-policy sim-real gap +0.04, BC +0.24."""
     invalid_weight: float = 3.0
+    length_bucketing: bool = True
+    """Cut each pool of weighted draws into batches by length (``experience_model._bucketed_draw``):
+    the same sampling distribution with less padding, so more steps fit in ``time_budget_s``."""
     task_writing_examples: int = 400
     """SFT examples that teach the same weights to write task variants (M_task); 0 = none."""
     task_writing_weight: float = 1.0
@@ -186,7 +189,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
                                   vocab_size=config.vocab_size)
         model = build_tiny_llama(tok, TinyLlamaConfig(hidden=config.hidden, layers=config.layers), seed=config.seed)
     sft_cfg = SFTConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, max_len=config.max_len,
-                        time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100)
+                        time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100,
+                        length_bucketing=config.length_bucketing)
     meta = {"prompt": pc_.__dict__, "examples": len(examples),
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":

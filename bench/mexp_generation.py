@@ -16,8 +16,12 @@ generation runs to ``--max-new-tokens`` on both sides (the table shows tokens pe
 
 What is timed (the same model object, the same torch threads, greedy decoding, KV cache):
 - batched: ``ExperienceModel.predict(prompts, contexts)`` with ``SimConfig(batch_size=B)``, i.e.
-  tokenization, left padding, one ``generate`` per chunk of B prompts, EOS cut, decode and parse:
-  what the simulator does in ``step_batch``.
+  tokenization, left padding, one decoding loop per chunk of B prompts, EOS cut, decode and parse:
+  what the simulator does in ``step_batch``. Its defaults: a plain Llama runs through
+  ``lean_llama.LeanLlama`` (``SimConfig.forward``), keys and values go into the growing KV cache,
+  finished rows leave the batch. ``--ablate`` adds rows with transformers' forward and with
+  transformers' DynamicCache; batch size 1 in ``--batch-sizes`` shows how much of the ratio is the
+  forward alone and how much is batching.
 - one-at-a-time: for each prompt alone the same tokenization and truncation, ``model.generate`` at
   batch size 1 with ``use_cache=True`` and the same ``max_new_tokens``, the same EOS cut, decode and
   parse. It stops at its own EOS; a batch runs until its last row ends.
@@ -153,8 +157,11 @@ def one_at_a_time(model, tok, prompts: Sequence[str], contexts: Sequence[Context
 
 
 def compare(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg: SimConfig,
-            batch_sizes: Sequence[int], repeats: int = 3) -> dict[str, dict[str, float]]:
+            batch_sizes: Sequence[int], repeats: int = 3,
+            variants: Sequence[tuple[str, dict]] = ()) -> dict[str, dict[str, float]]:
     """Median timings of one-at-a-time and of batched predict at each batch size, alternating per repeat.
+    ``variants``: (label, SimConfig overrides) to time as well at each batch size (``batched_B <label>``),
+    e.g. ``("transformers forward", {"forward": "transformers"})``.
 
     Returns ``{"one_at_a_time": {...}, "batched_B": {...}}`` with seconds, steps_per_s, tokens_per_s,
     tokens_per_step, parse_ok, predictions and (batched) same_text / same_parse against one-at-a-time.
@@ -163,11 +170,14 @@ def compare(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg
     warm = list(prompts[:2]), list(contexts[:2])
     one_at_a_time(model, tok, *warm, cfg)
     batched(model, tok, *warm, replace(cfg, batch_size=2))
-    runs: dict[str, list[Run]] = {"one_at_a_time": []} | {f"batched_{b}": [] for b in batch_sizes}
+    configs = {f"batched_{b}": replace(cfg, batch_size=b) for b in batch_sizes}
+    configs |= {f"batched_{b} {label}": replace(cfg, batch_size=b, **over) for b in batch_sizes
+                for label, over in variants}
+    runs: dict[str, list[Run]] = {"one_at_a_time": []} | {name: [] for name in configs}
     for _ in range(repeats):
         runs["one_at_a_time"].append(one_at_a_time(model, tok, prompts, contexts, cfg))
-        for b in batch_sizes:
-            runs[f"batched_{b}"].append(batched(model, tok, prompts, contexts, replace(cfg, batch_size=b)))
+        for name, c in configs.items():
+            runs[name].append(batched(model, tok, prompts, contexts, c))
     ref = runs["one_at_a_time"][-1]
     out = {}
     for name, rs in runs.items():
@@ -182,6 +192,11 @@ def compare(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg
                      "same_text": sum(a == b for a, b in zip(last.texts, ref.texts)) / max(n, 1),
                      "same_parse": sum(a == b for a, b in zip(last.preds, ref.preds)) / max(n, 1)}
     return out
+
+
+ABLATIONS = (("transformers forward", {"forward": "transformers"}),
+             ("transformers forward + DynamicCache", {"forward": "transformers", "kv_cache": "dynamic"}))
+"""What ``--ablate`` times beside the default simulator (lean forward, growing KV cache)."""
 
 
 def _random_init_model(prompts: Sequence[str], workdir: str, seed: int):
@@ -201,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="", help="more batch sizes to show scaling, e.g. 1,8,32,64")
     ap.add_argument("--max-new-tokens", type=int, default=SimConfig().max_new_tokens)
     ap.add_argument("--free", action="store_true", help="free decoding (SimConfig.constrained=False) on both sides")
+    ap.add_argument("--ablate", action="store_true", help="also time the batched simulator with transformers' "
+                    "forward (SimConfig.forward) and with transformers' DynamicCache (SimConfig.kv_cache)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
@@ -227,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, constrained=False)
     decoding = "grammar-constrained" if getattr(cfg, "constrained", False) else "free"
     sizes = sorted({args.batch_size, *(int(b) for b in args.batch_sizes.split(",") if b.strip())})
-    res = compare(model, tok, prompts, contexts, cfg, sizes, args.repeats)
+    res = compare(model, tok, prompts, contexts, cfg, sizes, args.repeats,
+                  ABLATIONS if args.ablate else ())
 
     lens = [min(len(_ids(tok, p + "\n")), cfg.max_prompt_tokens) for p in prompts]
     params = sum(p.numel() for p in model.parameters())
@@ -235,14 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmodel: {what}, {params / 1e6:.2f}M params\n"
           f"workload: {len(prompts)} M_exp prompts from {pool} transitions of {args.tasks} TWX {args.game} train tasks "
           f"({pcfg}), prompt tokens median {statistics.median(lens):.0f} max {max(lens)}, "
-          f"max_new_tokens {cfg.max_new_tokens}, greedy {decoding} decoding, {args.threads} torch threads, "
+          f"max_new_tokens {cfg.max_new_tokens}, greedy {decoding} decoding, {cfg.forward} forward, {cfg.kv_cache} KV cache, {args.threads} torch threads, "
           f"median of {args.repeats} (alternating)\n")
     print("| method | batch | steps/s | gen tokens/s | s per run | tokens/step | parse ok | same text | same parse "
           "| ratio (steps/s vs 1-at-a-time) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in res.items():
+        head, _, variant = name.partition(" ")
         label, batch = ("one-at-a-time generate", "1") if name == "one_at_a_time" else \
-            ("ExperienceModel.predict", name.split("_")[1])
+            ("ExperienceModel.predict" + (f" ({variant})" if variant else ""), head.split("_")[1])
         print(f"| {label} | {batch} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['seconds']:.2f} | "
               f"{r['tokens_per_step']:.1f} | {r['parse_ok']:.0%} | {r['same_text']:.0%} | {r['same_parse']:.0%} | "
               f"{r['steps_per_s'] / base['steps_per_s']:.2f}x |")

@@ -37,6 +37,8 @@ Departures from the paper (and why):
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
@@ -163,8 +165,8 @@ def _hint(state: str, action: str, known: Callable[[tuple[str, str]], bool | Non
 
 def has_progress(rows: Sequence[Mapping]) -> bool:
     """The rows carry the env's dense score (``score`` and the observation's ``obs.score``); imported
-    logs with zeros only do not."""
-    return any(r.get("score") for r in rows) and all(isinstance(r.get("obs"), Mapping) for r in rows[:1])
+    logs with zeros only, or rows without the observation's score, do not."""
+    return any(r.get("score") for r in rows) and all(isinstance(r.get("obs"), Mapping) for r in rows)
 
 
 def row_progress(r: Mapping, scored: bool) -> tuple[int | None, int | None]:
@@ -327,13 +329,34 @@ def _save_checkpoint(model, tokenizer, opt, out_dir: str, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+BUCKET_POOL = 8
+"""Batches drawn together and cut by length in weighted SFT sampling (``_bucketed_draw``)."""
+
+
+def _bucketed_draw(cum_weights: Sequence[float], lengths: Sequence[int], batch_size: int, step: int,
+                   key: tuple[int, int]) -> list[int]:
+    """Step ``step``'s batch under weighted sampling with length bucketing: BUCKET_POOL x batch_size
+    examples are drawn i.i.d. with the weights (once per pool of BUCKET_POOL steps, from a seed of
+    ``key`` and the pool), sorted by length and cut into batches, which the pool's steps take in a
+    shuffled order. Every example keeps its sampling probability, a batch pads to a similar length
+    instead of the longest of a random draw, and a resumed run draws the same batches."""
+    pool = step // BUCKET_POOL
+    rng = random.Random(hash((key[0], -1 - pool, key[1])) & 0xFFFFFFFF)
+    drawn = rng.choices(range(len(lengths)), cum_weights=cum_weights, k=BUCKET_POOL * batch_size)
+    drawn.sort(key=lambda i: lengths[i])
+    batches = [drawn[j * batch_size:(j + 1) * batch_size] for j in range(BUCKET_POOL)]
+    rng.shuffle(batches)
+    return batches[step % BUCKET_POOL]
+
+
 def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, checkpoint_dir: str | None = None,
               progress: Callable[[int, dict], None] | None = None,
               sample_weights: Sequence[float] | None = None) -> SFTResult:
     """Train M_exp with Eq. 5; resumes from ``checkpoint_dir`` if a checkpoint is there.
 
     ``sample_weights`` (one per example) draws batches in proportion to them, e.g. to show rare
-    outcomes (wins are about 2% of twc transitions) often enough; it replaces length bucketing.
+    outcomes (wins are about 2% of twc transitions) often enough; with ``cfg.length_bucketing`` the
+    draws are cut into batches by length (``_bucketed_draw``).
     """
     from accelerate import Accelerator
 
@@ -345,6 +368,8 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     encoded = [encode_example(tokenizer, e, cfg.max_len) for e in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    lengths = [len(e[0]) for e in encoded]
+    cum_weights = list(itertools.accumulate(sample_weights)) if sample_weights is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start, history = 0, []
     if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
@@ -381,7 +406,9 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
     tokens, step = 0, start
     for step in range(start, cfg.steps):
         rng = random.Random(hash((cfg.seed, step, acc.process_index)) & 0xFFFFFFFF)
-        if sample_weights is not None:
+        if sample_weights is not None and cfg.length_bucketing:
+            idx = _bucketed_draw(cum_weights, lengths, cfg.batch_size, step, (cfg.seed, acc.process_index))
+        elif sample_weights is not None:
             idx = rng.choices(range(len(encoded)), weights=sample_weights, k=cfg.batch_size)
         elif cfg.length_bucketing:
             j = rng.randrange(max(1, len(order) - cfg.batch_size + 1))
@@ -503,6 +530,83 @@ class FormatConstraint:
         return scores
 
 
+@functools.lru_cache(maxsize=None)
+def _growing_cache_classes():
+    """GrowingCache / GrowingLayer, built once on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """One layer's KV cache in a buffer sized for the whole generation (prompt + new tokens):
+        a decode step writes its column in place and attention reads a view, where ``DynamicLayer``
+        concatenates (copies) the whole cache every step. Dropping finished rows moves only the
+        rows behind them, in place. The buffer doubles if a generation outgrows it."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = int(capacity), 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, n, d = key_states.shape
+            cap = max(self.capacity, n)
+            self._k = key_states.new_empty((b, h, cap, d))
+            self._v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:  # outgrown: double (amortized), keep what is written
+                grow = max(end, 2 * self._k.shape[-2]) - self._k.shape[-2]
+                self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[-1]))], 2)
+                self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[-1]))], 2)
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            """Keep rows ``beam_idx``. Strictly increasing indices (rows dropped, order kept) compact
+            in place; anything else gathers into a new buffer."""
+            if not self.is_initialized:
+                return
+            idx = beam_idx.tolist()
+            n, L = len(idx), self.length
+            if all(b > a for a, b in zip(idx, idx[1:])):
+                for j, i in enumerate(idx):  # i >= j: a source row is read before any later target writes it
+                    if i != j:
+                        self._k[j, :, :L] = self._k[i, :, :L]
+                        self._v[j, :, :L] = self._v[i, :, :L]
+                self._k, self._v = self._k[:n], self._v[:n]
+            else:
+                self._k, self._v = self._k[beam_idx], self._v[beam_idx]
+            self.keys, self.values = self._k[:, :, :L], self._v[:, :, :L]
+
+        batch_select_indices = reorder_cache
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("GrowingLayer: crop is not supported (no speculative decoding here)")
+
+    class GrowingCache(DynamicCache):
+        """A ``DynamicCache`` of ``GrowingLayer``s, each with room for ``capacity`` positions."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.layer_class_to_replicate = lambda: GrowingLayer(capacity)
+
+    return GrowingCache, GrowingLayer
+
+
+def GrowingCache(capacity: int):  # noqa: N802 - a class factory, used like the class
+    """A KV cache for ``_decode`` that writes in place into a preallocated buffer (``GrowingLayer``)."""
+    return _growing_cache_classes()[0](capacity)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     max_new_tokens: int = 160
@@ -521,6 +625,21 @@ class SimConfig:
     """Decode with our own KV-cache loop that drops a row from the batch as soon as it ends, so a
     batch costs the sum of its rows' lengths instead of rows x the longest (same greedy text up to
     float ties; ``bench.mexp_generation`` reports agreement). False: transformers ``generate``."""
+    kv_cache: str = "growing"
+    """KV cache of the ``drop_finished`` loop: "growing" writes each step in place into a buffer sized
+    for the generation (``GrowingLayer``); "dynamic" is transformers' ``DynamicCache``, which copies
+    the whole cache at every step."""
+
+    forward: str = "lean"
+    """Model forward of the ``drop_finished`` loop: "lean" runs a plain Llama (the embedded default,
+    SmolLM2) through ``lean_llama.LeanLlama`` (fused projections, one mask per step; the same logits
+    to float rounding), any other model through transformers; "transformers" always the latter."""
+
+    def __post_init__(self) -> None:
+        if self.forward not in ("lean", "transformers"):
+            raise ValueError(f"SimConfig.forward={self.forward!r}: use 'lean' or 'transformers'")
+        if self.kv_cache not in ("growing", "dynamic"):
+            raise ValueError(f"SimConfig.kv_cache={self.kv_cache!r}: use 'growing' or 'dynamic'")
 
 
 @dataclass
@@ -618,8 +737,23 @@ class ExperienceModel:
         Returns each row's generated ids (the EOS included when reached)."""
         model, eos, cfg = self.model, self.tokenizer.eos_token_id, self.cfg
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=inp, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        lean = self._lean()
+        if cfg.kv_cache == "growing":
+            cache = GrowingCache(P + cfg.max_new_tokens)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache() if lean is not None else None
+
+        def forward(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor):
+            """(B, V) logits of each row's last position (the prompt's other positions need no LM head)."""
+            if lean is not None:
+                return lean.forward(x, p, a.bool(), cache), cache
+            out = model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            return out.logits[:, -1, :], out.past_key_values
+
+        logits, cache = forward(inp, pos, attn)
         live = list(range(inp.shape[0]))
         seqs: list[list[int]] = [[] for _ in live]
         ids, next_pos = inp, attn.sum(-1, keepdim=True)
@@ -645,10 +779,23 @@ class ExperienceModel:
                 nxt, ids, attn, next_pos = nxt[keep], ids[keep], attn[keep], next_pos[keep]
             ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :], next_pos + 1
+            logits, cache = forward(nxt.unsqueeze(1), next_pos, attn)
+            next_pos = next_pos + 1
         return seqs
+
+    def _lean(self):
+        """The model's ``LeanLlama`` forward when ``cfg.forward`` is "lean" and the model is a plain
+        Llama (else None: transformers' forward); rebuilt when the weights have changed in place."""
+        if self.cfg.forward != "lean":
+            return None
+        from dreamgym_core.lean_llama import LeanLlama, supports
+
+        if not supports(self.model):
+            return None
+        version = sum(p._version for p in self.model.parameters())
+        if getattr(self, "_lean_cached", None) is None or self._lean_version != version:
+            self._lean_cached, self._lean_version = LeanLlama(self.model), version
+        return self._lean_cached
 
     # -- BatchEnv -----------------------------------------------------------------------------
     def reset_batch(self, tasks: Sequence[Task]) -> list[Observation]:

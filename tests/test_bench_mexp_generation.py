@@ -3,7 +3,7 @@ from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokeni
 from dreamgym_core.schema import Task, Trajectory, Transition
 from dreamgym_core.state import AbstractState
 
-from bench.mexp_generation import compare, simulator_prompts
+from bench.mexp_generation import ABLATIONS, compare, simulator_prompts
 
 
 def S(fb, objs, inv=()):
@@ -38,8 +38,10 @@ def test_both_methods_predict_every_prompt_with_positive_timings(tmp_path):
     prompts, contexts = simulator_prompts([TRAJ], PromptConfig())
     tok = train_tokenizer([p * 5 for p in prompts], str(tmp_path / "tok"), vocab_size=400, min_frequency=1)
     model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
-    res = compare(model, tok, prompts, contexts, SimConfig(max_new_tokens=8), batch_sizes=[1, 4], repeats=1)
-    assert set(res) == {"one_at_a_time", "batched_1", "batched_4"}
+    res = compare(model, tok, prompts, contexts, SimConfig(max_new_tokens=8), batch_sizes=[1, 4], repeats=1,
+                  variants=ABLATIONS[:1])
+    assert set(res) == {"one_at_a_time", "batched_1", "batched_4", "batched_1 transformers forward",
+                        "batched_4 transformers forward"}
     assert {r["predictions"] for r in res.values()} == {4.0}
     for r in res.values():
         assert r["seconds"] > 0 and r["steps_per_s"] > 0 and r["tokens_per_s"] > 0

@@ -384,10 +384,11 @@ class _CountingModel:
     def __init__(self, prompt_len):
         self.P, self.batch_sizes = prompt_len, []
 
-    def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
+                 logits_to_keep=0):
         import types
 
-        cache = past_key_values or _RowCache(input_ids[:, -1].clone())
+        cache = past_key_values if isinstance(past_key_values, _RowCache) else _RowCache(input_ids[:, -1].clone())
         self.batch_sizes.append(input_ids.shape[0])
         step = position_ids[:, -1] - (self.P - 1)  # tokens generated before the one predicted now
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
@@ -410,3 +411,109 @@ def test_decoding_drops_finished_rows_and_keeps_each_row_its_own():
     capped = ExperienceModel(_CountingModel(P), types.SimpleNamespace(eos_token_id=0), initial_state=lambda t: S0,
                              propose_candidates=lambda s: [], cfg=SimConfig(max_new_tokens=2))
     assert capped._decode(inp, torch.ones_like(inp), P, None) == [[12, 12], [11, 11], [10, 0]]
+
+
+@pytest.mark.parametrize("capacity", [64, 9])  # 9: smaller than the prompt, so the buffer has to grow
+def test_growing_kv_cache_gives_the_dynamic_caches_logits_through_drops_and_reorders(tiny, capacity):
+    from transformers import DynamicCache
+
+    from dreamgym_core.experience_model import GrowingCache
+
+    build, tok = tiny
+    model = build().eval()
+    torch.manual_seed(1)
+    inp = torch.randint(2, len(tok), (4, 12))
+    attn = torch.ones_like(inp)
+    attn[1, :5] = 0  # left padding
+    attn[3, :2] = 0
+
+    def decode(cache):
+        a, out_logits = attn.clone(), []
+        pos = (a.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(input_ids=inp, attention_mask=a, position_ids=pos, past_key_values=cache, use_cache=True)
+            nxt, npos = out.logits[:, -1].argmax(-1), a.sum(-1, keepdim=True)
+            out_logits.append(out.logits[:, -1])
+            for t in range(6):
+                keep = {2: torch.tensor([0, 2, 3]), 4: torch.tensor([2, 0, 1])}.get(t)  # a drop, then a permutation
+                if keep is not None:
+                    cache.reorder_cache(keep)
+                    nxt, a, npos = nxt[keep], a[keep], npos[keep]
+                a = torch.cat([a, a.new_ones((a.shape[0], 1))], 1)
+                out = model(input_ids=nxt.unsqueeze(1), attention_mask=a, position_ids=npos, past_key_values=cache,
+                            use_cache=True)
+                nxt, npos = out.logits[:, -1].argmax(-1), npos + 1
+                out_logits.append(out.logits[:, -1])
+        return out_logits, cache
+
+    want, dyn = decode(DynamicCache())
+    got, grown = decode(GrowingCache(capacity))
+    assert len(got) == len(want) == 7
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert grown.get_seq_length() == dyn.get_seq_length() == 12 + 6
+    torch.testing.assert_close(grown.layers[0].keys, dyn.layers[0].keys)
+
+
+def test_has_progress_needs_a_score_and_every_rows_observation():
+    from dreamgym_core.experience_model import has_progress
+
+    scored = [_scored(r, "t", 0.0, 0.5) for r in ROWS]
+    assert has_progress(scored)
+    assert not has_progress([{**r, "score": 0.0} for r in scored])  # zeros only: an unscored import
+    assert not has_progress(scored[:2] + [{k: v for k, v in scored[2].items() if k != "obs"}])  # a later row lacks it
+
+
+def test_weighted_length_bucketing_keeps_the_weights_and_cuts_each_pool_by_length():
+    import itertools
+    import random
+
+    from dreamgym_core.experience_model import BUCKET_POOL, _bucketed_draw
+
+    rnd = random.Random(0)
+    lengths = [rnd.randrange(20, 300) for _ in range(60)]
+    weights = [0.0 if i % 10 == 0 else (3.0 if i % 2 else 1.0) for i in range(60)]
+    cum = list(itertools.accumulate(weights))
+    pool = [_bucketed_draw(cum, lengths, 4, s, (0, 0)) for s in range(BUCKET_POOL)]
+    assert all(len(b) == 4 for b in pool)
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in pool)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # batches are length slices of one draw
+    assert [min(lengths[i] for i in b) for b in pool] != sorted(min(lengths[i] for i in b) for b in pool)  # shuffled
+    assert _bucketed_draw(cum, lengths, 4, 3, (0, 0)) == pool[3]  # a resumed run draws the same batch
+    assert _bucketed_draw(cum, lengths, 4, 3, (0, 1)) != pool[3]  # another rank does not
+    counts = [0] * 60
+    for s in range(4000):
+        for i in _bucketed_draw(cum, lengths, 4, s, (0, 0)):
+            counts[i] += 1
+    heavy = sum(c for i, c in enumerate(counts) if weights[i] == 3.0)
+    light = sum(c for i, c in enumerate(counts) if weights[i] == 1.0)
+    assert sum(counts[i] for i in range(60) if weights[i] == 0.0) == 0
+    # 30 examples of weight 3 (odd i), 24 of weight 1: an expected ratio of 90 / 24 over 16,000 draws
+    assert heavy / light == pytest.approx(90 / 24, rel=0.08)
+
+
+def test_lean_and_transformers_forwards_and_both_kv_caches_write_the_same_text(tiny):
+    from dreamgym_core.lean_llama import supports
+
+    build, tok = tiny
+    model = build().eval()
+    assert supports(model)
+    prompts = [e.prompt for e in sft_examples(ROWS, PromptConfig())] * 2
+    outs = {}
+    for fwd in ("lean", "transformers"):
+        for kv in ("growing", "dynamic"):
+            sim = ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
+                                  cfg=SimConfig(max_new_tokens=40, forward=fwd, kv_cache=kv))
+            outs[(fwd, kv)] = tuple(sim._generate_chunk(prompts))
+    assert len(set(outs.values())) == 1, outs
+    assert all(outs[("lean", "growing")])  # something was written
+    sim_lean = ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [])
+    first = sim_lean._lean()
+    assert sim_lean._lean() is first  # built once
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.5)  # weights changed in place (an optimizer step)
+    rebuilt = sim_lean._lean()
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt.layers[0]["qkv"][:32], model.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="forward"):
+        SimConfig(forward="fast")
