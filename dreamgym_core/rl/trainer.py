@@ -502,7 +502,9 @@ class PolicyTrainer:
         for _ in range(cfg.ppo_epochs):
             order = self._order(batch.samples)
             for start in range(0, n, cfg.minibatch_size):
-                mb = order[start:start + cfg.minibatch_size][acc.process_index::acc.num_processes]
+                full = order[start:start + cfg.minibatch_size]  # each rank a contiguous share: copies stay together
+                r, world = acc.process_index, acc.num_processes
+                mb = full[len(full) * r // world:len(full) * (r + 1) // world]
                 if not mb:
                     continue
                 size = math.ceil(len(mb) / cfg.grad_accum_steps)
