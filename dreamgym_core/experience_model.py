@@ -629,7 +629,6 @@ class SimConfig:
     """KV cache of the ``drop_finished`` loop: "growing" writes each step in place into a buffer sized
     for the generation (``GrowingLayer``); "dynamic" is transformers' ``DynamicCache``, which copies
     the whole cache at every step."""
-
     forward: str = "lean"
     """Model forward of the ``drop_finished`` loop: "lean" runs a plain Llama (the embedded default,
     SmolLM2) through ``lean_llama.LeanLlama`` (fused projections, one mask per step; the same logits
@@ -670,6 +669,7 @@ class ExperienceModel:
         self.initial_progress = initial_progress or (lambda task: 0)
         self.stats = SimStats()
         self._calls = 0
+        self._lean_cached, self._lean_version = None, -1  # LeanLlama of the weights at that version
 
     # -- one batched generation: prompts -> parsed predictions --------------------------------
     def predict(self, prompts: Sequence[str],
@@ -793,7 +793,7 @@ class ExperienceModel:
         if not supports(self.model):
             return None
         version = sum(p._version for p in self.model.parameters())
-        if getattr(self, "_lean_cached", None) is None or self._lean_version != version:
+        if self._lean_cached is None or self._lean_version != version:
             self._lean_cached, self._lean_version = LeanLlama(self.model), version
         return self._lean_cached
 
