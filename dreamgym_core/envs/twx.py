@@ -119,7 +119,7 @@ def abstract_state(observation: str, look: str, inventory: str) -> str:
 # Fixed furniture/appliances: shown as plain facts but never takeable in TWX games.
 FURNITURE = frozenset({
     "stove", "oven", "barbeque", "microwave", "sofa", "bed", "toilet", "sink", "bath tub",
-    "bathtub", "television", "washing machine", "clothes drier", "work table", "workbench", "bench",
+    "bathtub", "bath mat", "television", "washing machine", "clothes drier", "work table", "workbench", "bench",
 })
 _COOKERS = ("stove", "oven", "barbeque", "microwave")
 
