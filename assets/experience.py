@@ -103,6 +103,9 @@ class ExperienceModelConfig(dg.Config):
     placements: bool = True
     """Show what the training data says about the (item, receptacle) pair an action puts to the test
     (``## known``); the knowledge is saved with the checkpoint for the simulator."""
+    affordances: bool = True
+    """Also show, for each object the action names, what the state says it is (carried, closed / open
+    container, surface, loose here, inside Y): read off the prompt's own state; False = ablation."""
     win_weight: float = 3.0
     """Sampling weight of winning transitions (about 2.5% of twc data); 1 = uniform. A bias knob on
     "this put finishes the task", measured at the demo's 300 s budget (README): 10 -> win recall 1.00
@@ -161,7 +164,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     rows = cot_annotations.to_pylist()
     pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot, use_history=config.use_history,
                        pointers=config.pointers, progress=config.progress and has_progress(rows),
-                       placements=config.placements and has_progress(rows))
+                       placements=config.placements and has_progress(rows), affordances=config.affordances)
     examples = sft_examples(rows, pc_)
     weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
@@ -277,7 +280,8 @@ def ablation_name(prompt) -> str:
     off = [name for name, on in (("no_cot", prompt.use_cot), ("no_history", prompt.use_history and prompt.history_window > 0),
                                  ("no_retrieval", prompt.num_demos > 0), ("literal", prompt.pointers),
                                  ("no_progress", getattr(prompt, "progress", True)),
-                                 ("no_placements", getattr(prompt, "placements", True))) if not on]
+                                 ("no_placements", getattr(prompt, "placements", True)),
+                                 ("no_affordances", getattr(prompt, "affordances", True))) if not on]
     return "+".join(off) or "full"
 
 

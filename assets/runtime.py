@@ -54,7 +54,7 @@ def real_start_states(experiment, tasks: list[Task]) -> dict[str, str]:
 class SimulatorFactory:
     """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
 
-    def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 32):
+    def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 64):
         from dreamgym_core.experience_model import PromptConfig, SimConfig, knowledge_from_meta
         from dreamgym_core.models import load_checkpoint
 

@@ -19,8 +19,9 @@ What is timed (the same model object, the same torch threads, greedy decoding, K
   tokenization, left padding, one decoding loop per chunk of B prompts, EOS cut, decode and parse:
   what the simulator does in ``step_batch``. Its defaults: a plain Llama runs through
   ``lean_llama.LeanLlama`` (``SimConfig.forward``), keys and values go into the growing KV cache,
-  finished rows leave the batch. ``--ablate`` adds rows with transformers' forward and with
-  transformers' DynamicCache; batch size 1 in ``--batch-sizes`` shows how much of the ratio is the
+  finished rows leave the batch, the prompts are prefilled in groups of similar length
+  (``SimConfig.prefill_rows``). ``--ablate`` adds rows with one prefill forward over the whole batch,
+  with transformers' forward, and with none of the three (transformers' forward and DynamicCache); batch size 1 in ``--batch-sizes`` shows how much of the ratio is the
   forward alone and how much is batching.
 - one-at-a-time: for each prompt alone the same tokenization and truncation, ``model.generate`` at
   batch size 1 with ``use_cache=True`` and the same ``max_new_tokens``, the same EOS cut, decode and
@@ -194,9 +195,12 @@ def compare(model, tok, prompts: Sequence[str], contexts: Sequence[Context], cfg
     return out
 
 
-ABLATIONS = (("transformers forward", {"forward": "transformers"}),
-             ("transformers forward + DynamicCache", {"forward": "transformers", "kv_cache": "dynamic"}))
-"""What ``--ablate`` times beside the default simulator (lean forward, growing KV cache)."""
+ABLATIONS = (("one-forward prefill", {"prefill_rows": 0}),
+             ("transformers forward", {"forward": "transformers"}),
+             ("transformers forward + DynamicCache + one-forward prefill",
+              {"forward": "transformers", "kv_cache": "dynamic", "prefill_rows": 0}))
+"""What ``--ablate`` times beside the default simulator (lean forward, growing KV cache, prefill
+grouped by length); the last row has none of the three."""
 
 
 def _random_init_model(prompts: Sequence[str], workdir: str, seed: int):
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tasks", type=int, default=4, help="TWX train tasks collected for the prompts")
     ap.add_argument("--game", default="twc")
-    ap.add_argument("--batch-size", type=int, default=32, help="the simulator's batch size (the headline ratio)")
+    ap.add_argument("--batch-size", type=int, default=SimConfig().batch_size,
+                    help="the simulator's batch size (the headline ratio; default: SimConfig's)")
     ap.add_argument("--batch-sizes", default="", help="more batch sizes to show scaling, e.g. 1,8,32,64")
     ap.add_argument("--max-new-tokens", type=int, default=SimConfig().max_new_tokens)
     ap.add_argument("--free", action="store_true", help="free decoding (SimConfig.constrained=False) on both sides")
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmodel: {what}, {params / 1e6:.2f}M params\n"
           f"workload: {len(prompts)} M_exp prompts from {pool} transitions of {args.tasks} TWX {args.game} train tasks "
           f"({pcfg}), prompt tokens median {statistics.median(lens):.0f} max {max(lens)}, "
-          f"max_new_tokens {cfg.max_new_tokens}, greedy {decoding} decoding, {cfg.forward} forward, {cfg.kv_cache} KV cache, {args.threads} torch threads, "
+          f"max_new_tokens {cfg.max_new_tokens}, greedy {decoding} decoding, {cfg.forward} forward, {cfg.kv_cache} KV cache, prefill in groups of {cfg.prefill_rows}, {args.threads} torch threads, "
           f"median of {args.repeats} (alternating)\n")
     print("| method | batch | steps/s | gen tokens/s | s per run | tokens/step | parse ok | same text | same parse "
           "| ratio (steps/s vs 1-at-a-time) |")

@@ -263,6 +263,29 @@ def placement_pair(state: AbstractState, action: str) -> tuple[str, str] | None:
     return None
 
 
+def affordance_hints(state: AbstractState, names: Sequence[str]) -> tuple[str, ...]:
+    """What the state says about each object an action names, one line each: ``X: carried``,
+    ``X: closed container``, ``X: open container``, ``X: surface`` (a receptacle with no lid),
+    ``X: loose here``, ``X: inside Y`` (Y's own line says whether Y is open). A pure reading of the
+    state's own text (nothing the state does not show): the state already holds it, spread over a list
+    of a dozen facts; one line per named object makes "open an onion", "take what you carry" or "close
+    a shelf" as easy to reject as it is for the env. Names the state does not mention get no line."""
+    out = []
+    for n in names:
+        if n in state.inventory:
+            out.append(f"{n}: carried")
+            continue
+        fact = next((f for f in state.objects if _name(f) == n), None)
+        if fact is not None:
+            status = _STATUS.search(_head(fact))
+            kind = ("closed container" if "closed" in status.group(0) else "open container") if status else \
+                "surface" if ": " in fact else "loose here"
+            out.append(f"{n}: {kind}")
+        elif (holder := _holder(n, state.objects)) is not None:
+            out.append(f"{n}: inside {_name(holder)}")
+    return tuple(out)
+
+
 def placement_hint(pair: tuple[str, str] | None, known: bool | None) -> str | None:
     """The prompt line for a pair: what the training data says about it (None: no pair)."""
     if pair is None:

@@ -151,7 +151,8 @@ class LoopConfig:
     """Rollouts per task: the GRPO group (PPO uses 1 and clusters tasks for the curriculum)."""
     max_steps: int = 10
     """Synthetic episode cap."""
-    rollout_batch: int = 32
+    rollout_batch: int = 64
+    """Episodes run side by side: M_exp decodes their steps as one batch (``SimConfig.batch_size``)."""
     history_window: int = 2
     eval_max_steps: int = 20
     eval_tasks: int = 50

@@ -322,3 +322,41 @@ def test_placement_knowledge_from_the_dense_score_counts_misplaced_items():
     assert "Items left to put away: 0." in rule_trace(item)  # without the knowledge it cannot tell
     scored = AnnotationInput("", carried.render(), "put knife in table", after.render(), 0.0, True, False, 0.5, 0.75)
     assert "The knife belongs in the table. Progress 50 -> 75. The task is not complete" in rule_trace(scored)
+
+
+def test_affordance_hints_read_the_state_and_decide_open_close_take_on_real_twc_steps(tmp_path):
+    from collections import Counter
+
+    from dreamgym_core.annotate import affordance_hints
+    from dreamgym_core.envs import EnvSpec, make_env
+    from dreamgym_core.exp_format import action_refs
+    from dreamgym_core.state import AbstractState
+
+    st = AbstractState.make(objects=["coat hanger: empty", "shoe cabinet (closed)", "trash can (open): empty",
+                                     "umbrella stand: fleece jacket", "yellow onion"], inventory=["eyeliner"])
+    assert affordance_hints(st, ["fleece jacket", "shoe cabinet", "trash can", "coat hanger", "yellow onion",
+                                 "eyeliner", "unicorn"]) == (
+        "fleece jacket: inside umbrella stand", "shoe cabinet: closed container", "trash can: open container",
+        "coat hanger: surface", "yellow onion: loose here", "eyeliner: carried")
+    env = make_env(EnvSpec("twx", "twc", cache_dir=str(tmp_path)))
+    try:
+        trajs, _ = collect(env, env.tasks("train", 12), CollectConfig(invalid_rate=0.3, seed=1))
+    finally:
+        env.close()
+    seen: Counter = Counter()
+    for t in trajs:
+        for s in t.steps:
+            verb = s.action.split()[0]
+            st = AbstractState.parse(s.state)
+            hints = affordance_hints(st, action_refs(st, s.action))
+            if verb not in ("open", "close", "take") or not hints:
+                continue
+            kind = hints[0].split(": ", 1)[1]
+            seen[(verb, s.valid)] += 1
+            if verb == "open":  # the env opens exactly the closed containers
+                assert s.valid == (kind == "closed container"), (s.action, s.state)
+            elif verb == "close":
+                assert s.valid == (kind == "open container"), (s.action, s.state)
+            elif kind in ("carried", "surface", "open container", "closed container"):
+                assert not s.valid, (s.action, s.state)
+    assert seen[("open", True)] and seen[("close", True)] and seen[("take", True)] and seen[("take", False)]

@@ -38,9 +38,10 @@ def test_both_methods_predict_every_prompt_with_positive_timings(tmp_path):
     prompts, contexts = simulator_prompts([TRAJ], PromptConfig())
     tok = train_tokenizer([p * 5 for p in prompts], str(tmp_path / "tok"), vocab_size=400, min_frequency=1)
     model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
-    res = compare(model, tok, prompts, contexts, SimConfig(max_new_tokens=8), batch_sizes=[1, 4], repeats=1,
-                  variants=ABLATIONS[:1])
-    assert set(res) == {"one_at_a_time", "batched_1", "batched_4", "batched_1 transformers forward",
+    res = compare(model, tok, prompts, contexts, SimConfig(max_new_tokens=8, prefill_rows=2), batch_sizes=[1, 4],
+                  repeats=1, variants=ABLATIONS[:2])
+    assert set(res) == {"one_at_a_time", "batched_1", "batched_4", "batched_1 one-forward prefill",
+                        "batched_4 one-forward prefill", "batched_1 transformers forward",
                         "batched_4 transformers forward"}
     assert {r["predictions"] for r in res.values()} == {4.0}
     for r in res.values():

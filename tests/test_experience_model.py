@@ -67,21 +67,26 @@ def test_examples_show_progress_and_leave_one_task_out_placement_knowledge():
     assert "## progress\n75\n" in ex[1].prompt and "progress: 100" in ex[1].prediction
     # task t/a's own put is not evidence for it: t/b's is. t/c's wrong put still sees the others' right ones
     assert "## known\n@1 in @2: belongs\n" in ex[1].prompt and "## known\n@1 in @2: belongs\n" in ex[4].prompt
+    # then what the state shows each named object is (S1: the apple carried, the fridge closed)
+    assert "@1 in @2: belongs\n@1: carried\n@2: closed container\n## refs" in ex[1].prompt
+    assert "@1 in counter: never seen\n@1: inside counter\n## refs" in ex[0].prompt
     assert "progress: 50" in ex[4].prediction
     alone = sft_examples([rows[0], rows[1], rows[4]], PromptConfig())
     assert "## known\n@1 in @2: does not belong\n" in alone[1].prompt   # only t/c's wrong put remains
     assert "## known\n@1 in @2: belongs\n" in alone[2].prompt
     assert "## known\n@1 in counter: never seen\n" in ex[0].prompt      # taken out of a receptacle: a pair too
+    only = sft_examples(rows, PromptConfig(placements=False))
+    assert "## known\n@1: carried\n@2: closed container\n## refs" in only[1].prompt
     assert "## known" not in sft_examples([_scored(row("D", 0, S1, "look", S1), "t/d", 0.0, 0.0), rows[1]],
                                           PromptConfig())[0].prompt   # no item-receptacle pair: no line
-    off = sft_examples(rows, PromptConfig(progress=False, placements=False))
+    off = sft_examples(rows, PromptConfig(progress=False, placements=False, affordances=False))
     assert "## progress" not in off[1].prompt and "## known" not in off[1].prompt and "progress: =" in off[1].prediction
     from dreamgym_core.experience_model import knowledge_from_meta, knowledge_of, knowledge_to_meta
 
     know = knowledge_of(rows)
     assert know == {("apple", "fridge"): True} and knowledge_from_meta({"placements": knowledge_to_meta(know)}) == know
     assert PromptConfig.from_meta({"prompt": {"history_window": 2}}) == PromptConfig(history_window=2, progress=False,
-                                                                                    placements=False)
+                                                                                    placements=False, affordances=False)
 
 
 def test_examples_carry_history_and_split_the_target():
@@ -91,8 +96,8 @@ def test_examples_carry_history_and_split_the_target():
     assert ex[0].reasoning.startswith("<think>because") and ex[0].prediction.startswith("valid: yes")
     assert "reward: 1" in ex[1].prediction and "done: yes" in ex[1].prediction
     # pointer form (default): names are @1/@2 in prompt and target, bound once under "## refs"
-    assert ex[1].prompt.endswith("## action\nput @1 in @2\n## known\n@1 in @2: never seen\n## refs\n"
-                                 "@1 apple | @2 fridge\n## outcome\n")
+    assert ex[1].prompt.endswith("## action\nput @1 in @2\n## known\n@1 in @2: never seen\n@1: carried\n"
+                                 "@2: closed container\n## refs\n@1 apple | @2 fridge\n## outcome\n")
     assert "> take @1\nYou take the @1." in ex[1].prompt and "objects: -@1 | +@1 (open): @1" not in ex[1].prediction
     assert "objects: -@2 | +@2 (open): @1" in ex[1].prediction and "inventory: -@1" in ex[1].prediction
     assert "## action\ntake zebra\n## outcome" in ex[2].prompt                      # absent: no pointer
@@ -517,3 +522,49 @@ def test_lean_and_transformers_forwards_and_both_kv_caches_write_the_same_text(t
     torch.testing.assert_close(rebuilt.layers[0]["qkv"][:32], model.model.layers[0].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="forward"):
         SimConfig(forward="fast")
+
+
+@pytest.mark.parametrize("fwd", ["lean", "transformers"])
+def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_and_text(tiny, fwd):
+    from transformers import DynamicCache
+
+    from dreamgym_core.experience_model import GrowingCache, _ids
+
+    build, tok = tiny
+    model = build().eval()
+    prompts = [e.prompt for e in sft_examples(ROWS, PromptConfig())]
+    prompts = [p[:n] for p in prompts for n in (len(p), len(p) // 2, len(p) // 3)]  # mixed lengths
+    ids = [_ids(tok, p) for p in prompts]
+    P = max(len(x) for x in ids)
+    assert len({len(x) for x in ids}) > 3
+    inp = torch.zeros(len(ids), P, dtype=torch.long)
+    attn = torch.zeros(len(ids), P, dtype=torch.long)
+    for b, x in enumerate(ids):
+        inp[b, P - len(x):], attn[b, P - len(x):] = torch.tensor(x), 1
+    sim = ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
+                          cfg=SimConfig(max_new_tokens=40, forward=fwd, prefill_rows=2))
+    lean = sim._lean()
+    assert (lean is None) == (fwd == "transformers")
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        if lean is not None:
+            whole = GrowingCache(P)
+            want = lean.forward(inp, pos, attn.bool(), whole)
+        else:
+            whole = DynamicCache()
+            want = model(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=whole,
+                         use_cache=True).logits[:, -1]
+        grouped = GrowingCache(P) if lean is not None else DynamicCache()
+        got = sim._grouped_prefill(inp, attn, grouped, lean)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    real = attn.bool()
+    for a, b in zip(grouped.layers, whole.layers):  # every row's real keys and values where they belong
+        torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real],
+                                   rtol=1e-4, atol=1e-4)
+    texts = {rows: tuple(ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
+                                         cfg=SimConfig(max_new_tokens=40, forward=fwd, prefill_rows=rows)
+                                         )._generate_chunk(prompts)) for rows in (0, 2, 4)}
+    assert texts[0] == texts[2] == texts[4] and all(texts[0])
+    with pytest.raises(ValueError, match="prefill_rows"):
+        SimConfig(prefill_rows=-1)
