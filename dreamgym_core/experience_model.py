@@ -791,13 +791,12 @@ class ExperienceModel:
                         logits_to_keep=1)
             return out.logits[:, -1, :], out.past_key_values
 
-        if 0 < cfg.prefill_rows < inp.shape[0]:
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache()
+        # grouped prefill needs a cache we own (growing, or DynamicCache with the lean forward); with
+        # transformers' forward and no cache given, the model builds its own kind, so it prefills whole
+        logits = None
+        if 0 < cfg.prefill_rows < inp.shape[0] and cache is not None:
             logits = self._grouped_prefill(inp, attn, cache, lean)
-        else:
+        if logits is None:
             logits, cache = forward(inp, pos, attn)
         live = list(range(inp.shape[0]))
         seqs: list[list[int]] = [[] for _ in live]
@@ -835,10 +834,15 @@ class ExperienceModel:
 
         Row b's real keys, values and logits are the same function of its own tokens as in one
         forward over the batch (causal attention over real keys only, positions from its own mask);
-        only padding differs, and padding keys are masked. So the result differs by float rounding."""
+        only padding differs, and padding keys are masked. So the result differs by float rounding.
+        Returns None (the caller then prefills in one forward) when every prompt has the same length
+        or the model's cache layers are not plain full-length key/value tensors."""
         B, P = inp.shape
         lengths = attn.sum(-1)
-        order = sorted(range(B), key=lambda b: int(lengths[b]))
+        per_row = lengths.tolist()
+        if len(set(per_row)) == 1:  # nothing to save: one forward (the caller's)
+            return None
+        order = sorted(range(B), key=per_row.__getitem__)
         logits = None
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
@@ -857,6 +861,9 @@ class ExperienceModel:
                 out = self.model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=part,
                                  use_cache=True, logits_to_keep=1).logits[:, -1, :]
             if logits is None:
+                if not all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == n
+                           for layer in part.layers):  # a cache of another shape (e.g. sliding window)
+                    return None
                 logits = out.new_empty((B, out.shape[-1]))
             logits[rows] = out
             for i, layer in enumerate(part.layers):

@@ -562,9 +562,12 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
         torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real],
                                    rtol=1e-4, atol=1e-4)
-    texts = {rows: tuple(ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
-                                         cfg=SimConfig(max_new_tokens=40, forward=fwd, prefill_rows=rows)
-                                         )._generate_chunk(prompts)) for rows in (0, 2, 4)}
-    assert texts[0] == texts[2] == texts[4] and all(texts[0])
+    texts = {(rows, kv): tuple(ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
+                                               cfg=SimConfig(max_new_tokens=40, forward=fwd, prefill_rows=rows,
+                                                             kv_cache=kv))._generate_chunk(prompts))
+             for rows in (0, 2, 4) for kv in ("growing", "dynamic")}
+    assert len(set(texts.values())) == 1 and all(texts[(0, "growing")])
+    same = torch.stack([inp[0]] * 3), torch.ones(3, P, dtype=torch.long)
+    assert sim._grouped_prefill(*same, GrowingCache(P), lean) is None  # equal lengths: one forward instead
     with pytest.raises(ValueError, match="prefill_rows"):
         SimConfig(prefill_rows=-1)
