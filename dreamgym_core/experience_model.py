@@ -783,19 +783,23 @@ class ExperienceModel:
 
             cache = DynamicCache() if lean is not None else None
 
-        def forward(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor):
-            """(B, V) logits of each row's last position (the prompt's other positions need no LM head)."""
+        def step(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, c):
+            """(B, V) logits of each row's last position (the prompt's other positions need no LM head)
+            and the cache ``c`` (None: the model makes one) holding this step's keys and values."""
             if lean is not None:
-                return lean.forward(x, p, a.bool(), cache), cache
-            out = model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=cache, use_cache=True,
+                return lean.forward(x, p, a.bool(), c), c
+            out = model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=c, use_cache=True,
                         logits_to_keep=1)
             return out.logits[:, -1, :], out.past_key_values
+
+        def forward(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor):
+            return step(x, p, a, cache)
 
         # grouped prefill needs a cache we own (growing, or DynamicCache with the lean forward); with
         # transformers' forward and no cache given, the model builds its own kind, so it prefills whole
         logits = None
         if 0 < cfg.prefill_rows < inp.shape[0] and cache is not None:
-            logits = self._grouped_prefill(inp, attn, cache, lean)
+            logits = self._grouped_prefill(inp, attn, cache, step, lean is not None)
         if logits is None:
             logits, cache = forward(inp, pos, attn)
         live = list(range(inp.shape[0]))
@@ -827,10 +831,12 @@ class ExperienceModel:
             next_pos = next_pos + 1
         return seqs
 
-    def _grouped_prefill(self, inp: torch.Tensor, attn: torch.Tensor, cache, lean) -> torch.Tensor:
+    def _grouped_prefill(self, inp: torch.Tensor, attn: torch.Tensor, cache, step, growing_parts: bool):
         """Prefill ``cfg.prefill_rows`` prompts at a time, grouped by length; every group's keys and
         values go into ``cache`` at the batch's left-padded positions (a row's real tokens end at P,
-        as in the one-forward prefill). Returns the (B, V) last-position logits.
+        as in the one-forward prefill). ``step(x, p, a, part_cache)`` is ``_decode``'s forward; each group
+        runs into its own ``GrowingCache`` (``growing_parts``, the lean forward) or ``DynamicCache``.
+        Returns the (B, V) last-position logits.
 
         Row b's real keys, values and logits are the same function of its own tokens as in one
         forward over the batch (causal attention over real keys only, positions from its own mask);
@@ -851,15 +857,13 @@ class ExperienceModel:
             n = int(lengths[rows].max())
             x, a = inp[rows, P - n:], attn[rows, P - n:]
             p = (a.cumsum(-1) - 1).clamp(min=0)
-            if lean is not None:
+            if growing_parts:
                 part = GrowingCache(n)
-                out = lean.forward(x, p, a.bool(), part)
             else:
                 from transformers import DynamicCache
 
                 part = DynamicCache()
-                out = self.model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=part,
-                                 use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            out, part = step(x, p, a, part)
             if logits is None:
                 if not all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == n
                            for layer in part.layers):  # a cache of another shape (e.g. sliding window)

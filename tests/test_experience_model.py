@@ -554,8 +554,15 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
             whole = DynamicCache()
             want = model(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=whole,
                          use_cache=True).logits[:, -1]
+        def step(x, p, a, c):  # _decode's step: the lean forward or transformers', into cache c
+            if lean is not None:
+                return lean.forward(x, p, a.bool(), c), c
+            out = model(input_ids=x, attention_mask=a, position_ids=p, past_key_values=c, use_cache=True,
+                        logits_to_keep=1)
+            return out.logits[:, -1, :], out.past_key_values
+
         grouped = GrowingCache(P) if lean is not None else DynamicCache()
-        got = sim._grouped_prefill(inp, attn, grouped, lean)
+        got = sim._grouped_prefill(inp, attn, grouped, step, lean is not None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     real = attn.bool()
     for a, b in zip(grouped.layers, whole.layers):  # every row's real keys and values where they belong
@@ -568,6 +575,6 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
              for rows in (0, 2, 4) for kv in ("growing", "dynamic")}
     assert len(set(texts.values())) == 1 and all(texts[(0, "growing")])
     same = torch.stack([inp[0]] * 3), torch.ones(3, P, dtype=torch.long)
-    assert sim._grouped_prefill(*same, GrowingCache(P), lean) is None  # equal lengths: one forward instead
+    assert sim._grouped_prefill(*same, GrowingCache(P), step, lean is not None) is None  # equal lengths: one forward instead
     with pytest.raises(ValueError, match="prefill_rows"):
         SimConfig(prefill_rows=-1)
