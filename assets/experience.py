@@ -258,6 +258,10 @@ class FidelityConfig(dg.Config):
     gap_tasks: int = 50
     """Held-out tasks on which the fixed policies (random, behaviour-cloned) run in M_exp and in the real env."""
     gap_max_steps: int = 20
+    gap_episodes: int = 4
+    """Episodes per gap task for the sampled (random) policy, in each env; the greedy BC policy runs one
+    (its real episodes repeat). 50 tasks x 1 episode give a random policy's success a standard error
+    near 0.06, as large as the gap measured; x 4 halves it."""
     seed: int = 0
 
 
@@ -268,11 +272,15 @@ FIDELITY_SCHEMA = pa.schema(
     + [(m, pa.float64()) for m in FIDELITY_METRICS] + [("baseline_" + m, pa.float64()) for m in FIDELITY_METRICS]
     + [("step", pa.int64()), ("sim_alive", pa.float64()), ("agree_so_far", pa.float64()),
        ("policy", pa.string()), ("episodes", pa.int64()), ("sim_success_rate", pa.float64()),
-       ("real_success_rate", pa.float64()), ("sim_real_gap", pa.float64()), ("predictions_per_s", pa.float64())])
+       ("real_success_rate", pa.float64()), ("sim_real_gap", pa.float64()), ("sim_only_wins", pa.int64()),
+       ("real_only_wins", pa.int64()), ("both_won", pa.int64()), ("same_actions", pa.float64()),
+       ("predictions_per_s", pa.float64())])
 """``experience_model_eval`` rows, one per ``scope``:
 ``overall`` and ``action:<verb>`` (teacher-forced single steps), ``drift:<t>`` (step t of an
 open-loop replay; ``transitions`` = trajectories still that long), ``policy:<name>`` (success of a
-fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap`` = sim - real)."""
+fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap`` = sim - real;
+the same episodes paired by id: ``sim_only_wins`` / ``real_only_wins`` / ``both_won`` and
+``same_actions``, the share of pairs that took the same actions throughout)."""
 
 
 def ablation_name(prompt) -> str:
@@ -295,6 +303,7 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
     import random
 
     from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
+    from dreamgym_core.evaluation import sim_real_pairs
     from dreamgym_core.experience_model import multi_step_drift, score_transitions, summarize_fidelity
     from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory
     from dreamgym_core.models import load_checkpoint
@@ -351,10 +360,17 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
     model, tok, _ = load_checkpoint(policy_init.path)
     for name, make, mode in (("random", lambda m: RandomPolicy("random"), "sampled"),
                              ("bc", lm_policy_factory(model, tok, "bc"), "greedy")):
-        r = evaluate(make, name, 0, modes=(mode,), **run).to_pylist()[0]
+        real_eps, sim_eps = {}, {}
+        r = evaluate(make, name, 0, modes=(mode,), episodes=real_eps, sim_episodes=sim_eps,
+                     group_size=config.gap_episodes if mode == "sampled" else 1, **run).to_pylist()[0]
+        pairs = sim_real_pairs(real_eps[mode], sim_eps[mode])
+        context.log.info(f"{name}: {pairs.pairs} episode pairs, won in both {pairs.both}, only in M_exp "
+                         f"{pairs.sim_only}, only real {pairs.real_only}; same actions throughout "
+                         f"{pairs.same_actions:.2f}, mean agreeing steps {pairs.mean_agree_steps:.1f}")
         out.append({**base, "scope": f"policy:{name}", "policy": name, "episodes": r["episodes"],
                     "sim_success_rate": r["sim_success_rate"], "real_success_rate": r["success_rate"],
-                    "sim_real_gap": r["sim_real_gap"]})
+                    "sim_real_gap": r["sim_real_gap"], "sim_only_wins": pairs.sim_only,
+                    "real_only_wins": pairs.real_only, "both_won": pairs.both, "same_actions": pairs.same_actions})
 
     table = pa.Table.from_pylist(out, schema=FIDELITY_SCHEMA)
     gaps = {f"sim_real_gap/{r['policy']}": r["sim_real_gap"] for r in out if r.get("policy")}

@@ -85,3 +85,58 @@ def paired_comparison(a: Sequence[Trajectory], b: Sequence[Trajectory]) -> Paire
     n = better + worse
     tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n if n else 1.0
     return PairedComparison(tasks=len(won_a), better=better, worse=worse, p_value=min(1.0, 2 * tail))
+
+
+@dataclass(frozen=True)
+class SimRealPairs:
+    """The same episodes (task, sample index, policy seeds) run in M_exp and in the real env.
+
+    ``both`` / ``sim_only`` / ``real_only`` / ``neither`` count episode pairs by who won;
+    ``sim_success - real_success = (sim_only - real_only) / pairs``. ``same_actions`` is the share
+    of pairs whose actions agree over every step both ran (a seeded policy facing the same states
+    takes the same actions, so this measures how long M_exp keeps the real episode);
+    ``mean_agree_steps`` the mean number of leading steps with the same action."""
+
+    pairs: int
+    both: int
+    sim_only: int
+    real_only: int
+    neither: int
+    same_actions: float
+    mean_agree_steps: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sim_real_pairs(real: Sequence[Trajectory], sim: Sequence[Trajectory]) -> SimRealPairs:
+    """Pair ``real`` and ``sim`` episodes by ``traj_id`` (``task#policy#sample``; rollouts in both
+    envs with the same config give the same ids) and count the outcomes of each pair."""
+    by_id = {}
+    for t in real:
+        if t.traj_id in by_id:
+            raise ValueError(f"sim_real_pairs: real episode id {t.traj_id!r} repeats")
+        by_id[t.traj_id] = t
+    seen: set[str] = set()
+    both = sim_only = real_only = neither = same = agree_total = 0
+    for s in sim:
+        if s.traj_id in seen:
+            raise ValueError(f"sim_real_pairs: M_exp episode id {s.traj_id!r} repeats")
+        seen.add(s.traj_id)
+        r = by_id.get(s.traj_id)
+        if r is None:
+            raise ValueError(f"sim_real_pairs: M_exp episode {s.traj_id!r} has no real episode with that id")
+        both += s.won and r.won
+        sim_only += s.won and not r.won
+        real_only += r.won and not s.won
+        neither += not s.won and not r.won
+        agree = 0
+        for a, b in zip(s.steps, r.steps):
+            if a.action != b.action:
+                break
+            agree += 1
+        agree_total += agree
+        same += agree == min(len(s.steps), len(r.steps))
+    n = len(seen)
+    return SimRealPairs(pairs=n, both=both, sim_only=sim_only, real_only=real_only, neither=neither,
+                        same_actions=same / n if n else 0.0, mean_agree_steps=agree_total / n if n else 0.0)

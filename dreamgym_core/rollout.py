@@ -167,7 +167,14 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
 
 
 class RandomPolicy:
-    """Uniform over the candidate actions: the floor every learned policy must beat."""
+    """Uniform over the candidate actions: the floor every learned policy must beat.
+
+    The draw is over the candidates in sorted order, so it depends on the seed and the candidate
+    *set*, not on the order an env lists them in: in M_exp and in the real env (whose candidate lists
+    hold the same actions in different orders) the same seeds take the same actions for as long as
+    the two states agree. The sim-real gap of a random policy then compares paired episodes (common
+    random numbers) instead of independent ones.
+    """
 
     def __init__(self, name: str = "random"):
         self.name = name
@@ -178,6 +185,6 @@ class RandomPolicy:
 
         out = []
         for c in contexts:
-            cands = c.candidates or ("look around",)
+            cands = sorted(c.candidates) or ["look around"]
             out.append(ActionChoice(random.Random(c.seed).choice(cands), -math.log(len(cands))))
         return out

@@ -1,7 +1,9 @@
+from dataclasses import replace
+
 import pytest
 
 from dreamgym_core.envs import EnvSpec, Observation, SerialBatchEnv, StepResult, make_env
-from dreamgym_core.evaluation import paired_comparison, summarize, wilson_interval
+from dreamgym_core.evaluation import paired_comparison, sim_real_pairs, summarize, wilson_interval
 from dreamgym_core.rollout import ActionChoice, RandomPolicy, RolloutConfig, rollout
 from dreamgym_core.schema import Task
 from dreamgym_core.state import AbstractState
@@ -88,6 +90,53 @@ def test_random_policy_in_real_twx_is_reproducible_across_batch_sizes():
                 assert x.next_state == y.state
     finally:
         env.close()
+
+
+class ReversedCountdown(CountdownEnv):
+    """The same game, candidates listed in the other order (as M_exp and the real twx engine do)."""
+
+    def reset_batch(self, tasks):
+        return [Observation(o.state, o.candidates[::-1]) for o in super().reset_batch(tasks)]
+
+    def step_batch(self, actions):
+        return [r if r is None else replace(r, obs=Observation(r.obs.state, r.obs.candidates[::-1]))
+                for r in super().step_batch(actions)]
+
+
+def test_random_policy_draw_ignores_candidate_order():
+    from dreamgym_core.rollout import PolicyContext
+
+    cands = tuple(f"a{i}" for i in range(7))
+    pol = RandomPolicy()
+    for seed in range(50):
+        ctx = [PolicyContext("g", "s", cands, seed=seed), PolicyContext("g", "s", cands[::-1], seed=seed)]
+        a, b = pol.act(ctx)
+        assert a.action == b.action
+    assert len({pol.act([PolicyContext("g", "s", cands, seed=k)])[0].action for k in range(50)}) == 7
+
+
+def test_sim_real_pairs_pair_the_same_episodes():
+    cfg = RolloutConfig(group_size=20, batch_size=8, max_steps=6, seed=1)
+    real, _ = rollout(CountdownEnv(need=3), RandomPolicy(), TASKS, cfg)
+    same, _ = rollout(ReversedCountdown(need=3), RandomPolicy(), TASKS, cfg)
+    p = sim_real_pairs(real, same)  # same game, other candidate order: every pair identical
+    assert p.pairs == 60 and p.same_actions == 1.0 and p.sim_only == p.real_only == 0
+    assert p.both == sum(t.won for t in real) and p.both + p.neither == 60
+    assert p.mean_agree_steps == pytest.approx(sum(len(t) for t in real) / 60)
+    easier, _ = rollout(ReversedCountdown(need=2), RandomPolicy(), TASKS, cfg)
+    q = sim_real_pairs(real, easier)  # a simulator that hands out wins one step early
+    by_id = {t.traj_id: t.won for t in real}
+    want = {"both": 0, "sim_only": 0, "real_only": 0, "neither": 0}
+    for t in easier:  # plain-loop reference
+        key = ("both" if by_id[t.traj_id] else "sim_only") if t.won else ("real_only" if by_id[t.traj_id] else "neither")
+        want[key] += 1
+    assert {k: getattr(q, k) for k in want} == want and q.real_only == 0 and q.sim_only > 0
+    gap = summarize(easier).success_rate - summarize(real).success_rate
+    assert (q.sim_only - q.real_only) / q.pairs == pytest.approx(gap)
+    with pytest.raises(ValueError, match="no real episode"):
+        sim_real_pairs(real[1:], easier)
+    with pytest.raises(ValueError, match="repeats"):
+        sim_real_pairs(real + real[:1], easier)
 
 
 def test_wilson_interval_matches_published_values():
