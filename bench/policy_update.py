@@ -31,9 +31,13 @@ runs every sample's prompt + completion. ``--no-share`` turns the sharing off,
 
 MFU: achieved FLOP/s over the peak of a torch fp32 matmul (``--peak-n`` square, best of several)
 measured in the same run on the same threads, counting only the tokens actually run (a shared
-decision once). Two rows: the policy's forward + backward (6 x parameters x tokens: forward 2N,
-backward 4N) and all model FLOPs of the update (+ the reference model's forward, 2N per token).
-Attention scores are not counted in either, so both understate the work done.
+decision once). The estimate rows: the policy's forward + backward (6 x parameters x tokens:
+forward 2N, backward 4N) and all model FLOPs of the update (+ the reference model's forward, 2N
+per token), attention not counted. The exact rows (``update_flops``) count every matmul of the
+model as it is run on the real tokens: projections, causal attention over real keys, the LM head
+where logits are used; the training MFU row divides the policy's forward + backward FLOPs by the
+optimize phase's time (``timing/update_s``: forward, backward, clipping and the AdamW step), the
+last row all of them (+ the reference forward) by the whole update.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import random
 import statistics
 import tempfile
 import time
+from typing import Sequence
 
 import torch
 
@@ -133,11 +138,13 @@ class OursRunner:
                             max_prompt_tokens=args.prompt_tokens + 64, history_window=0, seed=args.seed,
                             share_decisions=not args.no_share)
         self.trainer = PolicyTrainer(model, tok, self.cfg)
+        self.phase_s: list[float] = []  # the optimize phase alone: policy forward + backward + AdamW
         self.trajs = _with_acting_logprobs(model, tok, trajs, self.cfg)
 
     def step(self) -> tuple[float, int, int]:
         t0 = time.perf_counter()
         m = self.trainer.update(self.trajs)
+        self.last = m
         return time.perf_counter() - t0, int(m["tokens"]), int(m["tokens_computed"])
 
 
@@ -188,6 +195,44 @@ class TRLRunner:
             return out
 
         self.trainer._generate = timed_generate
+
+
+def forward_flops(config, prompt_len: int, cand_lens: Sequence[int]) -> int:
+    """Model FLOPs of one ``score_candidates`` forward of a decision (Llama shapes of ``config``).
+
+    Each multiply-add counts 2. Prompt: ``prompt_len`` tokens through every layer's q/k/v/o and
+    gate/up/down projections, causal attention over the real keys before each (QK^T and AV:
+    2 x 2 x heads x head_dim x context per token and layer), and the LM head at the last position
+    only. Each candidate of ``n`` tokens: its ``n - 1`` continuation tokens the same way (context =
+    prompt + its own earlier tokens) with the LM head at each. Padding, masked keys and the
+    per-candidate KV copies are not model FLOPs and are not counted. Backward is 2x forward
+    (``update_flops``)."""
+    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    per_token = 2 * L * (d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size)
+    attn = lambda ctx: 2 * 2 * L * q * ctx  # noqa: E731  one token attending to ctx keys (itself included)
+    head = 2 * d * V
+    f = prompt_len * per_token + sum(attn(i + 1) for i in range(prompt_len)) + head
+    for n in cand_lens:
+        f += (n - 1) * (per_token + head) + sum(attn(prompt_len + k + 1) for k in range(n - 1))
+    return f
+
+
+def update_flops(trainer, trajectories) -> tuple[int, int]:
+    """(policy forward + backward, reference forward) model FLOPs of ``trainer.update(trajectories)``
+    with one epoch over one minibatch: each distinct decision once (``share_decisions``), prompts
+    truncated as the trainer truncates them."""
+    from dreamgym_core.policy import END_OF_ACTION
+    from dreamgym_core.rl.trainer import _distinct, decision_samples
+
+    cfg, tok = trainer.cfg, trainer.tokenizer
+    samples = decision_samples(trajectories, cfg.history_window)
+    first = _distinct(samples)[0] if cfg.share_decisions else range(len(samples))
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    fwd = sum(forward_flops(trainer.model.config, min(len(ids(samples[i].prompt)), cfg.max_prompt_tokens),
+                            [len(ids(" " + c + END_OF_ACTION)) for c in samples[i].candidates]) for i in first)
+    return 3 * fwd, (fwd if trainer.ref_model is not None else 0)
 
 
 def matmul_peak(n: int, repeats: int = 5) -> float:
@@ -255,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     # the reference forward runs exactly the same tokens as the policy's forward + backward.
     flops6 = statistics.median(6 * params * c / s for c, s in zip(our_run[w:], our_s[w:]))
     flops8 = statistics.median(8 * params * c / s for c, s in zip(our_run[w:], our_s[w:]))
+    train_f, ref_f = update_flops(ours.trainer, ours.trajs)
+    phase = statistics.median(ours.phase_s[w:])
+    exact_train = train_f / phase
+    exact_all = statistics.median((train_f + ref_f) / s for s in our_s[w:])
     print(f"\nworkload: {params / 1e6:.2f}M-param Llama, batch {args.batch} (groups of {args.group}), ~{args.prompt_tokens}"
           f"-token prompts + {args.candidates}x{args.cand_tokens} action tokens, {args.threads} torch threads, "
           f"median of {args.repeats} after {w} warm-up; "
@@ -285,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| MFU, policy forward + backward | {100 * flops6 / peak:.1f}% |")
     print(f"| achieved, + reference forward (8 x params x tokens run / update s) | {flops8 / 1e9:.1f} GFLOP/s |")
     print(f"| MFU, all model FLOPs of the update | {100 * flops8 / peak:.1f}% |")
+    print(f"| exact model FLOPs per update: policy forward + backward / reference forward "
+          f"(`update_flops`: attention and LM head as run, no padding) | {train_f / 1e9:.2f} / {ref_f / 1e9:.2f} GFLOP |")
+    print(f"| training MFU: policy forward + backward FLOPs / optimize phase ({phase:.3f} s: forward, backward, "
+          f"AdamW) | {exact_train / 1e9:.1f} GFLOP/s = **{100 * exact_train / peak:.1f}%** |")
+    print(f"| MFU of the whole update: all exact model FLOPs / update s | {exact_all / 1e9:.1f} GFLOP/s = "
+          f"{100 * exact_all / peak:.1f}% |")
 
 
 def _record(ours: OursRunner, times: list[float], tokens: list[int], computed: list[int]) -> None:
@@ -292,6 +347,7 @@ def _record(ours: OursRunner, times: list[float], tokens: list[int], computed: l
     times.append(dt)
     tokens.append(n)
     computed.append(c)
+    ours.phase_s.append(ours.last["timing/update_s"])
 
 
 class _Interleave:

@@ -47,6 +47,16 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    fwd = getattr(model, "forward", None)
+    try:
+        return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def score_candidates(model, tokenizer, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *,
                      max_prompt_tokens: int = 384, grad: bool = False,
                      return_hidden: bool = False):
@@ -69,9 +79,12 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], candidates: Seque
     inp, p_mask = inp.to(device), p_mask.to(device)
     pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     ctx = torch.enable_grad() if grad else torch.no_grad()
+    # only the prompt's last position needs the LM head (it predicts the first action token): with a
+    # large vocabulary (SmolLM2: 49k, a fifth of its FLOPs per token) the other positions' logits are waste
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     with ctx:
         out = model(input_ids=inp, attention_mask=p_mask, position_ids=pos, use_cache=True,
-                    output_hidden_states=return_hidden)
+                    output_hidden_states=return_hidden, **keep)
         first_lp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): first action token
         rows, c_ids = [], []
         for b, cands in enumerate(candidates):

@@ -216,7 +216,9 @@ def test_gradient_accumulation_gives_the_full_minibatch_step(tok):
                                                        minibatch_size=12, lr=1e-3))
         trainer.update(trajs)
         out.append(_params(trainer.model) + _params(trainer.value_head))
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+    # equal up to float rounding (micro-batches pad and block their matmuls differently): 1e-5 is a
+    # hundredth of one AdamW step at lr 1e-3, where a wrongly accumulated gradient moves a whole step
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*out))
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
