@@ -2,6 +2,7 @@
 
     python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
                                [epochs=2] [max_steps=12] [eval=50] [sim_eval=50] [mexp=DIR] [sft=DIR]
+                               [select=uniform|variance]
 
 DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
 ``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
@@ -14,7 +15,9 @@ checkpoints under DATA (different configs), ``mexp=`` / ``sft=`` name the ones t
 the last by name is taken. ``eval=N`` above the materialized test games adds held-out games of the
 training fold from the seeds just below ``heldout_start`` (never the train tasks: checked). Each evaluated policy is
 also compared with the SFT policy on the same games, per mode: games only it won, games only SFT
-won, and the exact McNemar p-value (``evaluation.paired_comparison``).
+won, and the exact McNemar p-value (``evaluation.paired_comparison``). ``select=variance`` fills up
+to half of each iteration's tasks with those whose last group disagreed (highest V_tau of Eq. 7,
+``pick_tasks``), the rest drawn uniformly; ``select=uniform`` (default) draws them all uniformly.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main(argv: list[str]) -> int:
     from assets.runtime import heldout, offline_start_states, real_env_factory, real_start_states
     from dreamgym_core.envs import make_env
     from dreamgym_core.envs.twx import propose_candidates
+    from dreamgym_core.curriculum import task_reward_variance
     from dreamgym_core.evaluation import paired_comparison
     from dreamgym_core.experience_model import ExperienceModel, PromptConfig, SimConfig, knowledge_from_meta
     from dreamgym_core.io import read_parquet
@@ -50,6 +54,9 @@ def main(argv: list[str]) -> int:
     lr, kl = float(kw.get("lr", 5e-5)), float(kw.get("kl", 0.1))
     ntasks, group, epochs = int(kw.get("tasks", 16)), int(kw.get("group", 4)), int(kw.get("epochs", 2))
     max_steps, neval = int(kw.get("max_steps", 12)), int(kw.get("eval", 50))
+    select = kw.get("select", "uniform")
+    if select not in ("uniform", "variance"):
+        raise SystemExit(f"bench.rl_in_mexp: select={select!r}; use uniform or variance")
     nsim = int(kw.get("sim_eval", min(neval, 50)))
     torch.set_num_threads(int(kw.get("threads", os.cpu_count() or 2)))
 
@@ -112,12 +119,15 @@ def main(argv: list[str]) -> int:
                                                  history_window=2), ref_model=ref)
     report(model, tok, "sft", 0)
     started = time.perf_counter()
+    variance: dict[str, float] = {}  # task id -> V_tau of its latest group (Eq. 7), for select=variance
     for k in range(1, iters + 1):
-        tasks = sample_tasks(train, ntasks, k, 0)
-        _, stats, m = train_iteration(make_sim(), trainer, tasks, RolloutConfig(
+        tasks, reused = pick_tasks(train, ntasks, k, variance if select == "variance" else None)
+        trajs, stats, m = train_iteration(make_sim(), trainer, tasks, RolloutConfig(
             group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=2,
             source="synthetic", iteration=k, seed=k), policy_name=f"{algo}@{k}")
-        print(f"iteration {k}: {time.perf_counter() - started:.0f}s, M_exp success "
+        variance.update({tid: v for tid, (v, _, _) in task_reward_variance(trajs).items()})
+        print(f"iteration {k}: {time.perf_counter() - started:.0f}s, {reused} of {len(tasks)} tasks reused for "
+              f"their mixed groups, M_exp success "
               f"{stats.successes / max(stats.episodes, 1):.2f} over {stats.episodes} episodes, zero-advantage "
               f"groups {m.get('grpo/zero_adv_groups', '-')}/{m.get('grpo/groups', '-')}, kl {m.get('kl', 0):.4f}",
               flush=True)
@@ -132,6 +142,24 @@ def main(argv: list[str]) -> int:
         print(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {r['success_rate']:.2f} "
               f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['vs_sft']} | {sim} |")
     return 0
+
+
+def pick_tasks(train, n: int, k: int, variance: dict[str, float] | None):
+    """Iteration ``k``'s tasks: a uniform draw (``variance`` None), or up to half of them the tasks
+    whose latest group had the highest reward variance (Eq. 7's V_tau > 0: rollouts that disagree,
+    the only groups GRPO learns from) and the rest a uniform draw of the others. Returns (tasks, reused)."""
+    import random
+
+    from dreamgym_core.loop import sample_tasks
+
+    if variance is None:
+        return sample_tasks(train, n, k, 0), 0
+    by_id = {t.task_id: t for t in train}
+    mixed = sorted((tid for tid, v in variance.items() if v > 0 and tid in by_id),
+                   key=lambda tid: (-variance[tid], tid))[:n // 2]
+    rest = [t for t in train if t.task_id not in set(mixed)]
+    fresh = sorted(random.Random(f"0|{k}").sample(rest, min(n - len(mixed), len(rest))), key=lambda t: t.task_id)
+    return [by_id[tid] for tid in mixed] + fresh, len(mixed)
 
 
 if __name__ == "__main__":
