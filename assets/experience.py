@@ -373,7 +373,8 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
                     "real_only_wins": pairs.real_only, "both_won": pairs.both, "same_actions": pairs.same_actions})
 
     table = pa.Table.from_pylist(out, schema=FIDELITY_SCHEMA)
-    gaps = {f"sim_real_gap/{r['policy']}": r["sim_real_gap"] for r in out if r.get("policy")}
+    gaps = {f"{k}/{r['policy']}": r[k] for r in out if r.get("policy")
+            for k in ("sim_real_gap", "sim_only_wins", "real_only_wins", "both_won", "same_actions")}
     context.add_output_metadata({
         **{k: float(v) for k, v in overall.items() if v == v}, **gaps,
         "drift/agree_at_5": float(drift[min(4, len(drift) - 1)]["agree_so_far"]) if drift else float("nan"),
@@ -399,10 +400,11 @@ def _fidelity_md(rows: list[dict]) -> str:
         if r["scope"] == "overall" or r["scope"].startswith("action:"):
             lines.append(f"| {r['scope']} | {r['transitions']} | " + " | ".join(
                 f"{_fmt(r.get(c))} ({_fmt(r.get('baseline_' + c))})" for c in cols) + " |")
-    lines += ["", "| policy | episodes | success in M_exp | success in the real env | sim-real gap |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| policy | episodes | success in M_exp | success in the real env | sim-real gap | "
+              "pairs won in both / only M_exp / only real | same actions |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['episodes']} | {_fmt(r['sim_success_rate'])} | {_fmt(r['real_success_rate'])} | "
-              f"{_fmt(r['sim_real_gap'])} |" for r in rows if r.get("policy")]
+              f"{_fmt(r['sim_real_gap'])} | {r.get('both_won')} / {r.get('sim_only_wins')} / {r.get('real_only_wins')} | "
+              f"{_fmt(r.get('same_actions'))} |" for r in rows if r.get("policy")]
     return "Each cell: M_exp (baseline \"nothing changes\").\n\n" + "\n".join(lines)
 
 

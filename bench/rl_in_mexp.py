@@ -126,8 +126,8 @@ def main(argv: list[str]) -> int:
             group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=2,
             source="synthetic", iteration=k, seed=k), policy_name=f"{algo}@{k}")
         variance.update({tid: v for tid, (v, _, _) in task_reward_variance(trajs).items()})
-        print(f"iteration {k}: {time.perf_counter() - started:.0f}s, {reused} of {len(tasks)} tasks reused for "
-              f"their mixed groups, M_exp success "
+        reuse = f"{reused} of {len(tasks)} tasks reused for their mixed groups, " if select == "variance" else ""
+        print(f"iteration {k}: {time.perf_counter() - started:.0f}s, {reuse}M_exp success "
               f"{stats.successes / max(stats.episodes, 1):.2f} over {stats.episodes} episodes, zero-advantage "
               f"groups {m.get('grpo/zero_adv_groups', '-')}/{m.get('grpo/groups', '-')}, kl {m.get('kl', 0):.4f}",
               flush=True)

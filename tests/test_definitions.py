@@ -68,6 +68,12 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
     for policy in ("random", "bc"):  # the sim-real gap: success in M_exp minus real success, same tasks
         r = fid[f"policy:{policy}"]
         assert r["sim_real_gap"] == pytest.approx(r["sim_success_rate"] - r["real_success_rate"])
+        # the same episodes, paired: the discordant pairs make the gap; 4 episodes per task for random
+        assert r["episodes"] == 2 * (4 if policy == "random" else 1)
+        assert (r["sim_only_wins"] - r["real_only_wins"]) / r["episodes"] == pytest.approx(r["sim_real_gap"])
+        assert 0.0 <= r["same_actions"] <= 1.0 and r["both_won"] >= 0
+    fmeta = res.asset_materializations_for_node("experience_model_eval")[0].metadata
+    assert "only M_exp" in fmeta["by_action"].value and "same_actions/random" in fmeta
     bc = res.asset_materializations_for_node("policy_init")[0].metadata
     assert bc["bc/steps"].value == 3 and bc["bc/examples"].value > 0
     # nothing half-written: no temp files remain next to the outputs
