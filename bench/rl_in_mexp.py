@@ -157,7 +157,8 @@ def pick_tasks(train, n: int, k: int, variance: dict[str, float] | None):
     by_id = {t.task_id: t for t in train}
     mixed = sorted((tid for tid, v in variance.items() if v > 0 and tid in by_id),
                    key=lambda tid: (-variance[tid], tid))[:n // 2]
-    rest = [t for t in train if t.task_id not in set(mixed)]
+    taken = set(mixed)
+    rest = [t for t in train if t.task_id not in taken]
     fresh = sorted(random.Random(f"0|{k}").sample(rest, min(n - len(mixed), len(rest))), key=lambda t: t.task_id)
     return [by_id[tid] for tid in mixed] + fresh, len(mixed)
 

@@ -7,19 +7,12 @@ from dreamgym_core.policy import _ids, score_candidates
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tests.tiny_models import tiny_llama
 
-    d = tmp_path_factory.mktemp("tok")
-    (d / "c.txt").write_text("\n".join(f"Task: tidy\nobjects: apple{i} | fridge\nAction: take apple{i}" for i in range(100)))
-    bpe = ByteLevelBPETokenizer()
-    bpe.train(files=[str(d / "c.txt")], vocab_size=300, min_frequency=1, special_tokens=["<|pad|>", "<|eos|>"])
-    bpe.save(str(d / "tok.json"))
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tok.json"), pad_token="<|pad|>", eos_token="<|eos|>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=True, attn_implementation="eager"))
+    lines = [f"Task: tidy\nobjects: apple{i} | fridge\nAction: take apple{i}" for i in range(100)]
+    model, tok = tiny_llama(tmp_path_factory.mktemp("tok"), lines, 300, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, attn_implementation="eager")
     return model.eval(), tok
 
 

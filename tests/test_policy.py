@@ -12,21 +12,11 @@ from dreamgym_core.rollout import PolicyContext
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tests.tiny_models import tiny_llama
 
-    d = tmp_path_factory.mktemp("tok")
     lines = [f"Task: tidy\nobjects: counter: apple{i} | fridge (closed)\nAction: take apple{i}\nopen fridge" for i in range(200)]
-    (d / "c.txt").write_text("\n".join(lines))
-    bpe = ByteLevelBPETokenizer()
-    bpe.train(files=[str(d / "c.txt")], vocab_size=400, min_frequency=1, special_tokens=["<|pad|>", "<|eos|>"])
-    bpe.save(str(d / "tok.json"))
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tok.json"), pad_token="<|pad|>", eos_token="<|eos|>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=True))
-    return model, tok
+    return tiny_llama(tmp_path_factory.mktemp("tok"), lines, 400, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
 def _naive(model, tok, prompt, cand):
