@@ -19,6 +19,7 @@ action spaces also allow (admissible commands).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -48,9 +49,16 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _takes_logits_to_keep(model) -> bool:
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Whether ``cls.forward`` accepts ``logits_to_keep`` (read once per model class: this is on the
+    path of every policy decision)."""
     import inspect
 
-    fwd = getattr(model, "forward", None)
+    fwd = getattr(cls, "forward", None)
     try:
         return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
     except (TypeError, ValueError):
