@@ -22,8 +22,8 @@ class PolicyInitAssetConfig(dg.Config):
     """'' = from-scratch tiny Llama; else a local causal-LM directory."""
     hidden: int = 128
     layers: int = 2
-    steps: int = 400
-    time_budget_s: float = 120.0
+    steps: int = 2000
+    time_budget_s: float = 900.0
     batch_size: int = 16
     lr: float = 2e-3
     history_window: int = 2

@@ -2,7 +2,7 @@
 
     python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
                                [epochs=2] [max_steps=12] [eval=50] [sim_eval=50] [mexp=DIR] [sft=DIR]
-                               [select=uniform|variance]
+                               [select=uniform|variance] [recombine=0] [extra=0]
 
 DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
 ``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
@@ -18,6 +18,10 @@ also compared with the SFT policy on the same games, per mode: games only it won
 won, and the exact McNemar p-value (``evaluation.paired_comparison``). ``select=variance`` fills up
 to half of each iteration's tasks with those whose last group disagreed (highest V_tau of Eq. 7,
 ``pick_tasks``), the rest drawn uniformly; ``select=uniform`` (default) draws them all uniformly.
+``recombine=N`` adds N variants of the train tasks to the pool the iterations draw from
+(``curriculum.recombine_tasks``: a loose item swapped for another of the same room, or ``extra=K``
+more items), simulated in M_exp only; a policy that solves its train tasks in M_exp (every group
+alike, nothing for GRPO to learn) still meets new contexts for known objects there.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from assets.runtime import heldout, offline_start_states, real_env_factory, real_start_states
-    from dreamgym_core.envs import make_env
+    from assets.runtime import offline_start_states, real_env_factory, real_start_states
     from dreamgym_core.envs.twx import propose_candidates
     from dreamgym_core.curriculum import task_reward_variance
     from dreamgym_core.evaluation import paired_comparison
@@ -71,23 +74,17 @@ def main(argv: list[str]) -> int:
     prompt = PromptConfig.from_meta(meta)
     sft_dir = kw.get("sft") or one("policy_init/*")
     train = tasks_from_arrow(read_parquet(os.path.join(data, "parquet", "seed_tasks.parquet")))
-    test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:neval]
-    if len(test) < neval:  # more held-out games of the training fold: the seeds just below the dev games
-        if exp.eval_fold != "train":
-            raise SystemExit(f"bench.rl_in_mexp: eval={neval} needs eval_fold=train (the test fold is materialized)")
-        more = neval - len(test)
-        env = make_env(exp.env_spec())
-        try:
-            extra = env.tasks("train", more, start=exp.heldout_start - more)
-        finally:
-            env.close()
-        used = {t.task_id for t in train} | {t.task_id for t in test}
-        if any(t.task_id in used for t in extra):
-            raise SystemExit(f"bench.rl_in_mexp: eval={neval} would reach into the {len(train)} train tasks; lower it")
-        test = test + extra
+    test = heldout_games(data, exp, train, neval)
+    nrec, extra = int(kw.get("recombine", 0)), int(kw.get("extra", 0))
     starts = {**offline_start_states(read_parquet(os.path.join(data, "parquet", "offline_trajectories.parquet"))),
               **real_start_states(exp, test)}
     init = initial_state_fn(starts)
+    pool = train
+    if nrec:
+        from dreamgym_core.curriculum import recombine_tasks
+
+        pool = train + recombine_tasks(train, starts, nrec, 0, extra=extra)
+        print(f"task pool: {len(train)} train tasks + {len(pool) - len(train)} recombined variants", flush=True)
 
     def make_sim(initial_state=init):
         return ExperienceModel(mexp, mtok, initial_state=initial_state, propose_candidates=propose_candidates,
@@ -121,7 +118,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     variance: dict[str, float] = {}  # task id -> V_tau of its latest group (Eq. 7), for select=variance
     for k in range(1, iters + 1):
-        tasks, reused = pick_tasks(train, ntasks, k, variance if select == "variance" else None)
+        tasks, reused = pick_tasks(pool, ntasks, k, variance if select == "variance" else None)
         trajs, stats, m = train_iteration(make_sim(), trainer, tasks, RolloutConfig(
             group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=2,
             source="synthetic", iteration=k, seed=k), policy_name=f"{algo}@{k}")
@@ -142,6 +139,31 @@ def main(argv: list[str]) -> int:
         print(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {r['success_rate']:.2f} "
               f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['vs_sft']} | {sim} |")
     return 0
+
+
+def heldout_games(data: str, exp, train, n: int):
+    """The first ``n`` held-out test games: the materialized ``eval_tasks`` test games, then (above
+    their count, with ``eval_fold=train``) games of the training fold from the seeds just below
+    ``heldout_start``; never one of the ``train`` tasks (checked)."""
+    from assets.runtime import heldout
+    from dreamgym_core.envs import make_env
+    from dreamgym_core.io import read_parquet
+
+    test = heldout(read_parquet(os.path.join(data, "parquet", "eval_tasks.parquet")))[:n]
+    if len(test) < n:  # more held-out games of the training fold: the seeds just below the dev games
+        if exp.eval_fold != "train":
+            raise SystemExit(f"eval={n} needs eval_fold=train (the test fold is materialized)")
+        more = n - len(test)
+        env = make_env(exp.env_spec())
+        try:
+            extra = env.tasks("train", more, start=exp.heldout_start - more)
+        finally:
+            env.close()
+        used = {t.task_id for t in train} | {t.task_id for t in test}
+        if any(t.task_id in used for t in extra):
+            raise SystemExit(f"eval={n} would reach into the {len(train)} train tasks; lower it")
+        test = test + extra
+    return test
 
 
 def pick_tasks(train, n: int, k: int, variance: dict[str, float] | None):

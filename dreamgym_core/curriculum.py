@@ -335,6 +335,57 @@ def loose_items(state: str) -> list[str]:
     return [o for o in s.objects if _is_loose(o)] + list(s.inventory)
 
 
+def recombine_tasks(tasks: Sequence[Task], states: Mapping[str, str], n: int, iteration: int, *, extra: int = 0,
+                    seed: int = 0) -> list[Task]:
+    """A rule-based task writer beside M_task: ``n`` variants that recombine the loose items of
+    same-room tasks. Each variant is a task's start state with one of its loose items swapped for
+    (``extra=0``: same item count, a pair no task has) or joined by ``extra`` more (harder: more
+    items) loose items of other tasks of the same room. Only objects some task already shows, in a
+    room that shows them, so M_exp's placement rewards are grounded in its data; a state equal to an
+    existing task's (or an earlier variant's) is not written. Departure: the paper's M_task is an
+    LLM; a from-scratch M_exp writes few usable variants (README, the curriculum), so this writer
+    gives the loop new contexts for known objects, which is where a converged BC policy still fails
+    on unseen games. Returns at most ``n`` tasks (fewer when the rooms run out of new pairs)."""
+    if n < 0 or extra < 0:
+        raise ValueError(f"recombine_tasks: n and extra must be >= 0 (got {n}, {extra})")
+    rng = random.Random(f"{seed}|{iteration}|recombine")
+    by_room: dict[str, list[Task]] = {}
+    parsed: dict[str, AbstractState] = {}
+    for t in sorted(tasks, key=lambda t: t.task_id):
+        try:
+            st = parsed[t.task_id] = AbstractState.parse(states[t.task_id])
+        except (KeyError, ValueError):
+            continue
+        if any(_is_loose(o) for o in st.objects):
+            by_room.setdefault(st.location, []).append(t)
+    seen = {_norm(st.render()) for st in parsed.values()}
+    rooms = sorted(r for r, ts in by_room.items() if len(ts) > 1)
+    out: list[Task] = []
+    for _ in range(20 * max(n, 1)):
+        if len(out) >= n or not rooms:
+            break
+        room = rng.choice(rooms)
+        base = rng.choice(by_room[room])
+        st = parsed[base.task_id]
+        mine = [o for o in st.objects if _is_loose(o)]
+        pool = sorted({o for t in by_room[room] for o in parsed[t.task_id].objects if _is_loose(o)} - set(mine))
+        k = extra or 1  # swap one item, or add ``extra``
+        if len(pool) < k:
+            continue
+        new = rng.sample(pool, k)
+        drop = rng.choice(mine) if extra == 0 else None
+        objects = [o for o in st.objects if o != drop] + new
+        variant = AbstractState.make(st.feedback, st.location, objects, st.exits, st.inventory)
+        text = variant.render()
+        if _norm(text) in seen:
+            continue
+        seen.add(_norm(text))
+        h = hashlib.sha256(text.encode()).hexdigest()[:10]
+        out.append(replace(base, task_id=f"syn/{iteration:03d}/r{h}", source="synthetic",
+                           parent_task_id=base.task_id, iteration=iteration, initial_state=text))
+    return out
+
+
 def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: int, n: int, seed: int = 0,
                           pointers: bool = True):
     """SFT examples that teach M_exp's weights to write tasks (then they serve as M_task).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -210,22 +211,44 @@ def bc_examples(trajs: Sequence[Trajectory], history_window: int = 4,
     return out
 
 
+_PLAN_AFTER = 10
+"""BC steps timed before a wall-budgeted run fixes its planned length."""
+_clock = time.perf_counter
+
+
 def train_bc(model, tokenizer, examples: Sequence[BCExample], *, steps: int, batch_size: int = 16,
-             lr: float = 1e-3, seed: int = 0, max_prompt_tokens: int = 384,
-             progress: Callable[[int, float], None] | None = None) -> list[float]:
+             lr: float = 1e-3, seed: int = 0, max_prompt_tokens: int = 384, time_budget_s: float | None = None,
+             progress: Callable[[int, float], None] | None = None, info: dict | None = None) -> list[float]:
     """Maximise log pi(a*|x) = log softmax over candidates of the expert action (ranking BC).
 
     The candidate-normalised loss matches how the policy acts (choose mode); it is the
     cross-entropy of the expert's choice, not of free text. Returns the loss per step.
+
+    Schedule: 20 warm-up steps, then a cosine decay to 0 over the planned steps. With a wall budget
+    (``time_budget_s``) the plan is fixed once, after ``_PLAN_AFTER`` steps, from the measured speed:
+    ``steps`` if they fit in the budget, else as many as fit. So a budget-cut run still ends on an
+    annealed learning rate (a cut at the middle of the cosine left the weights at a high-rate point),
+    and a run the budget does not bind is the same, step for step, on any machine. The budget is also
+    a hard stop (after at least one step). ``info``, if given, receives ``planned_steps`` and
+    ``last_lr``.
     """
     if not examples:
         raise ValueError("train_bc: no examples (no successful episodes with valid actions)")
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    plan = {"total": steps}
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / max(plan["total"], 1), 1.0))))
     losses = []
+    started = _clock()
     model.train()
     for step in range(steps):
+        if time_budget_s is not None:
+            elapsed = _clock() - started
+            if step == _PLAN_AFTER and elapsed * steps / step > time_budget_s:
+                plan["total"] = max(step + 1, int(time_budget_s * step / elapsed))
+            if step >= plan["total"] or (elapsed > time_budget_s and step > 0):
+                break
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         cands = [list(e.candidates) if e.action in e.candidates else list(e.candidates) + [e.action] for e in batch]
         scores = score_candidates(model, tokenizer, [e.prompt for e in batch], cands, grad=True,
@@ -239,5 +262,7 @@ def train_bc(model, tokenizer, examples: Sequence[BCExample], *, steps: int, bat
         losses.append(loss.item())
         if progress:
             progress(step + 1, losses[-1])
+    if info is not None:
+        info["planned_steps"], info["last_lr"] = plan["total"], sched.get_last_lr()[0]
     model.eval()
     return losses

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
     s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
-    s.add_argument("--policy-budget", type=float, default=90.0, help="SFT policy training budget in seconds")
+    s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
     s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.set_defaults(func=cmd_demo)

@@ -18,3 +18,16 @@ def test_variance_pick_reuses_the_most_mixed_groups_up_to_half():
     assert not set(ids[4:]) & {"t/05", "t/11", "t/30", "t/31"}
     few, n = pick_tasks(TRAIN, 8, 1, {"t/07": 0.0, "t/09": 0.1})
     assert n == 1 and few[0].task_id == "t/09" and len({t.task_id for t in few}) == 8
+
+
+def test_compare_policies_needs_data_and_existing_checkpoints(tmp_path, capsys):
+    import pytest
+
+    from bench.compare_policies import main
+
+    assert main([]) == 2 and "NAME=DIR" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"sft=.*nowhere: no such checkpoint directory"):
+        main([str(tmp_path), f"sft={tmp_path / 'nowhere'}"])
+    (tmp_path / "p").mkdir()
+    with pytest.raises(SystemExit, match="modes='beam'"):
+        main([str(tmp_path), f"sft={tmp_path / 'p'}", "modes=beam"])

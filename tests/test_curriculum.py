@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dreamgym_core.curriculum import (CurriculumConfig, ParseFailure, TaskProposal, build_task_pool,
                                       build_task_prompt, cluster_groups, cluster_variance, feasibility_filter,
-                                      loose_items, object_catalogue, parse_task_output, seed_groups,
+                                      loose_items, object_catalogue, parse_task_output, recombine_tasks, seed_groups,
                                       select_seed_tasks, synthesize,
                                       task_reward_variance, task_writing_examples)
 from dreamgym_core.schema import Task, Trajectory, Transition
@@ -219,3 +219,32 @@ def test_pool_keeps_newest_synthetic_and_provenance():
     assert build_task_pool(orig, syn, 0.0, 10) == orig
     with pytest.raises(ValueError, match="lam"):
         CurriculumConfig(lam=1.5)
+
+
+def test_recombined_tasks_swap_or_add_known_items_of_the_same_room():
+    def room(loc, items, fixed):
+        return AbstractState.make(f"You are in the {loc}.", loc, fixed + items).render()
+
+    bed = ["bed: empty", "wardrobe (closed)"]
+    states = {"t/0": room("bedroom", ["long coat", "sock"], bed), "t/1": room("bedroom", ["scarf", "sock"], bed),
+              "t/2": room("bedroom", ["hat", "long coat"], bed),
+              "t/3": room("kitchen", ["apple", "spoon"], ["fridge (closed)"]),  # alone in its room: never used
+              "t/4": room("bathroom", [], ["sink: empty"])}  # nothing loose
+    tasks = [_task(i) for i in range(5)]
+    items = {"long coat", "sock", "scarf", "hat"}
+    out = recombine_tasks(tasks, states, 6, 3, seed=1)
+    assert out and len(out) <= 6 and len({t.task_id for t in out}) == len(out)
+    existing = {frozenset(loose_items(s)) for s in states.values()}
+    for t in out:
+        assert t.source == "synthetic" and t.iteration == 3 and t.task_id.startswith("syn/003/")
+        st, parent = AbstractState.parse(t.initial_state), AbstractState.parse(states[t.parent_task_id])
+        loose = loose_items(t.initial_state)
+        assert st.location == parent.location == "bedroom" and set(loose) <= items and len(loose) == 2
+        assert frozenset(loose) not in existing  # a pair no task has
+        assert [o for o in st.objects if o in bed] == bed  # the room's furniture kept as it was
+    harder = recombine_tasks(tasks, states, 4, 3, extra=1, seed=1)
+    assert harder and all(len(loose_items(t.initial_state)) == 3 for t in harder)
+    assert recombine_tasks(tasks, states, 4, 3, seed=1) == recombine_tasks(tasks, states, 4, 3, seed=1)
+    assert recombine_tasks(tasks, states, 0, 3) == []
+    with pytest.raises(ValueError, match="n and extra"):
+        recombine_tasks(tasks, states, 2, 1, extra=-1)

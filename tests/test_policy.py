@@ -75,3 +75,36 @@ def test_bc_raises_the_expert_choice_probability(tiny):
     assert p_expert() > before + 0.2 and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="no examples"):
         train_bc(model, tok, [], steps=1)
+
+
+
+def test_bc_wall_budget_plans_a_shorter_schedule_and_an_unbound_budget_changes_nothing(tmp_path, monkeypatch):
+    """On a fake clock (1 s per reading): a budget too small for ``steps`` fixes, after _PLAN_AFTER timed
+    steps, a plan that fits it, and the cosine reaches its end inside the budget; a budget that does not
+    bind leaves the run identical, loss for loss, to one without a budget."""
+    import itertools
+
+    from dreamgym_core import policy as pol
+    from tests.tiny_models import tiny_llama
+
+    ex = [BCExample(f"Task: tidy\nobjects: counter: apple{i}\nAction:", f"take apple{i}",
+                    (f"take apple{i}", "open fridge", "look around")) for i in range(8)]
+    lines = [e.prompt + " " + " | ".join(e.candidates) for e in ex]
+
+    def run(budget):
+        model, tok = tiny_llama(tmp_path, lines, 300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+        clock = itertools.count()
+        monkeypatch.setattr(pol, "_clock", lambda: float(next(clock)))
+        info = {}
+        return train_bc(model, tok, ex, steps=40, batch_size=4, lr=5e-3, time_budget_s=budget, info=info), info
+
+    free, free_info = run(None)
+    loose, loose_info = run(3600.0)
+    assert loose == free and loose_info["planned_steps"] == free_info["planned_steps"] == 40
+    assert free_info["last_lr"] < 1e-6  # the cosine ran to its end
+    # reading k is taken before step k-1; at step 10 the clock says 11 s: 40 steps would need 44 s > 20.5
+    short, info = run(20.5)
+    assert info["planned_steps"] == int(20.5 * 10 / 11) == len(short) and info["last_lr"] < 1e-6
+    cut, info = run(0.5)
+    assert len(cut) == 1 and info["planned_steps"] == 40  # hard stop after one step, before any plan
