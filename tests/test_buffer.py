@@ -224,7 +224,9 @@ def test_ann_index_above_threshold(tmp_path):
     assert buf._tbl.index_stats("vector_idx").num_unindexed_rows == 1
     buf.add(rows(400, traj="more"), "synthetic", 1, vectors=x[:400])      # > 10% new rows: folded in
     assert buf._tbl.index_stats("vector_idx").num_unindexed_rows == 0
-    assert buf.search_vectors(q[0], k=1)[0][0].traj_id == "new0"
+    # indexed, it is found through PQ candidates re-ranked exactly: k=10 keeps it among the 200 PQ
+    # candidates however lance's k-means fell (k=1 leaves 20 and was flaky on this clustered data)
+    assert buf.search_vectors(q[0], k=10)[0][0].traj_id == "new0"
     # ties (identical vectors) come back in key order, whatever order they were written in
     dup = rng.standard_normal(32).astype(np.float32)
     dup /= np.linalg.norm(dup)
