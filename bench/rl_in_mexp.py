@@ -2,7 +2,7 @@
 
     python -m bench.rl_in_mexp DATA {grpo|ppo} ITERATIONS [lr=5e-5] [kl=0.1] [tasks=16] [group=4]
                                [epochs=2] [max_steps=12] [eval=50] [sim_eval=50] [mexp=DIR] [sft=DIR]
-                               [select=uniform|variance] [recombine=0] [extra=0]
+                               [select=uniform|variance] [recombine=0] [extra=0] [window=2]
 
 DATA is a data root where ``experience_model``, ``policy_init``, ``seed_tasks``, ``eval_tasks`` and
 ``offline_trajectories`` are materialized (``make demo``, or those assets from the UI). Each
@@ -21,7 +21,9 @@ to half of each iteration's tasks with those whose last group disagreed (highest
 ``recombine=N`` adds N variants of the train tasks to the pool the iterations draw from
 (``curriculum.recombine_tasks``: a loose item swapped for another of the same room, or ``extra=K``
 more items), simulated in M_exp only; a policy that solves its train tasks in M_exp (every group
-alike, nothing for GRPO to learn) still meets new contexts for known objects there.
+alike, nothing for GRPO to learn) still meets new contexts for known objects there. ``window=N``
+is the number of (action, feedback) pairs in the policy's prompt, in rollouts, the update and the
+evaluation alike; it must be the window the SFT policy was cloned with (``PolicyInitConfig.history_window``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def main(argv: list[str]) -> int:
     if select not in ("uniform", "variance"):
         raise SystemExit(f"bench.rl_in_mexp: select={select!r}; use uniform or variance")
     nsim = int(kw.get("sim_eval", min(neval, 50)))
+    window = int(kw.get("window", 2))
+    if window < 0:
+        raise SystemExit(f"bench.rl_in_mexp: window={window}; use a history window >= 0")
     torch.set_num_threads(int(kw.get("threads", os.cpu_count() or 2)))
 
     def one(pattern: str) -> str:
@@ -90,7 +95,7 @@ def main(argv: list[str]) -> int:
         return ExperienceModel(mexp, mtok, initial_state=initial_state, propose_candidates=propose_candidates,
                                cfg=SimConfig(prompt=prompt), knowledge=knowledge_from_meta(meta))
 
-    lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=nsim, eval_max_steps=20)
+    lc = LoopConfig(eval_tasks=len(test), sim_eval_tasks=nsim, eval_max_steps=20, history_window=window)
     rows, base = [], {}
 
     def report(model, tok, name: str, k: int) -> None:
@@ -113,14 +118,14 @@ def main(argv: list[str]) -> int:
     ref, _, _ = load_checkpoint(sft_dir)
     model, tok, _ = load_checkpoint(sft_dir)
     trainer = PolicyTrainer(model, tok, RLConfig(algorithm=algo, lr=lr, ppo_epochs=epochs, kl_coef=kl,
-                                                 history_window=2), ref_model=ref)
+                                                 history_window=window), ref_model=ref)
     report(model, tok, "sft", 0)
     started = time.perf_counter()
     variance: dict[str, float] = {}  # task id -> V_tau of its latest group (Eq. 7), for select=variance
     for k in range(1, iters + 1):
         tasks, reused = pick_tasks(pool, ntasks, k, variance if select == "variance" else None)
         trajs, stats, m = train_iteration(make_sim(), trainer, tasks, RolloutConfig(
-            group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=2,
+            group_size=group if algo == "grpo" else 1, max_steps=max_steps, batch_size=32, history_window=window,
             source="synthetic", iteration=k, seed=k), policy_name=f"{algo}@{k}")
         variance.update({tid: v for tid, (v, _, _) in task_reward_variance(trajs).items()})
         reuse = f"{reused} of {len(tasks)} tasks reused for their mixed groups, " if select == "variance" else ""
