@@ -151,6 +151,67 @@ def test_grpo_advantages_by_hand():
     assert m == {"grpo/groups": 2.0, "grpo/zero_adv_groups": 1.0}
 
 
+def _gigpo_by_loop(samples, omega, gamma):
+    """Plain-loop reference of GRPO + GiGPO step advantages (episode, then anchor groups)."""
+    ret, length, group = {}, {}, {}
+    for d in samples:
+        ret[d.episode] = ret.get(d.episode, 0.0) + d.reward
+        length[d.episode] = length.get(d.episode, 0) + 1
+        group[d.episode] = d.group
+
+    def norm(value, values):
+        if len(values) < 2 or min(values) == max(values):
+            return 0.0
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return (value - mean) / (std + 1e-6)
+
+    out = []
+    for d in samples:
+        peers = [ret[e] for e in ret if group[e] == d.group]
+        a = norm(ret[d.episode], peers)
+        rtg = lambda x: ret[x.episode] * gamma ** (length[x.episode] - 1 - x.step)  # noqa: E731
+        anchor_peers = [rtg(x) for x in samples if x.group == d.group and x.anchor == d.anchor]
+        out.append(a + omega * norm(rtg(d), anchor_peers))
+    return torch.tensor(out)
+
+
+def test_grpo_step_advantages_match_a_plain_loop():
+    from dataclasses import replace
+
+    # task A: episode 0 wins in 2 steps, 1 loses in 3 revisiting anchor "s1", 2 wins in 3; task B constant
+    plan = [("A", ["s0", "s1"], 1.0), ("A", ["s0", "s1", "s1"], 0.0), ("A", ["s0", "s2", "s1"], 1.0),
+            ("B", ["s0", "s1"], 0.0), ("B", ["s0"], 0.0)]
+    samples = []
+    for e, (g, anchors, r) in enumerate(plan):
+        for k, a in enumerate(anchors):
+            samples.append(replace(_d(e, k, g, r if k == len(anchors) - 1 else 0.0), anchor=a))
+    for omega, gamma in ((0.0, 1.0), (1.0, 1.0), (0.5, 0.9)):
+        adv, m = grpo_advantages(samples, step_weight=omega, gamma=gamma)
+        assert torch.allclose(adv, _gigpo_by_loop(samples, omega, gamma).float(), atol=1e-5), (omega, gamma)
+    # same anchor, same task: the step advantage separates the won episodes' s1 from the lost one's
+    adv, m = grpo_advantages(samples, step_weight=1.0, gamma=0.9)
+    assert m["grpo/anchor_groups"] >= 2 and 0 < m["grpo/step_adv_nonzero"] < 1
+    # anchors of task B never mix with task A's
+    b_rows = [i for i, d in enumerate(samples) if d.group == "B"]
+    assert all(adv[i] == 0 for i in b_rows)
+
+
+def test_episode_weighting_gives_every_episode_the_same_total_weight():
+    samples = []
+    for e, (n, r) in enumerate([(2, 1.0), (6, 0.0), (2, 1.0), (6, 0.0)]):
+        samples += [_d(e, k, "A", r if k == n - 1 else 0.0) for k in range(n)]
+    plain, _ = grpo_advantages(samples)
+    weighted, _ = grpo_advantages(samples, episode_weighting=True)
+    per_episode = {}
+    for d, a in zip(samples, weighted.tolist()):
+        per_episode[d.episode] = per_episode.get(d.episode, 0.0) + a
+    # unweighted, the long lost episodes outweigh the won ones 3:1; weighted, they balance
+    assert sum(plain.tolist()) < -1.0
+    assert abs(sum(per_episode.values())) < 1e-5
+    assert abs(per_episode[0]) == pytest.approx(abs(per_episode[1]), rel=1e-5)
+
+
 def test_gae_advantages_match_a_plain_loop():
     rewards = [[0.0, 0.0, 1.0], [0.0, 0.5]]
     values = [[0.5, 0.2, 0.1], [0.3, -0.2]]

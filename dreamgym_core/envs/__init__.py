@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
 
-ENV_NAMES = ("twx", "textworld", "scienceworld")
+ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp")
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,12 @@ class EnvSpec:
     """Which environment to build."""
 
     env: str = "twx"
-    """Adapter: twx (TextWorldExpress) | textworld (tw-make challenges) | scienceworld."""
+    """Adapter: twx (TextWorldExpress) | textworld (tw-make challenges) | scienceworld | lamp (a learner
+    check with a known optimum, ``envs.lamp``)."""
     game: str = "twc"
     """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...) or ScienceWorld task name."""
     params: str = ""
-    """TWX: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
+    """TWX and lamp: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
     step_limit: int = 100
     cache_dir: str = "data/cache"
     """Where generated games (TextWorld) are cached."""
@@ -31,7 +32,7 @@ class EnvSpec:
     def __post_init__(self) -> None:
         if self.env not in ENV_NAMES:
             raise ValueError(f"EnvSpec.env must be one of {ENV_NAMES}, got {self.env!r}")
-        if self.env != "twx" and self.params:
+        if self.env not in ("twx", "lamp") and self.params:
             try:
                 if not isinstance(json.loads(self.params), dict):
                     raise ValueError
@@ -54,6 +55,10 @@ def make_env(spec: EnvSpec) -> Env:
             from dreamgym_core.envs.scienceworld_env import ScienceWorldEnv
 
             return ScienceWorldEnv(spec.game, json.loads(spec.params or "{}"), step_limit=spec.step_limit)
+        case "lamp":
+            from dreamgym_core.envs.lamp import LampEnv
+
+            return LampEnv(spec.params)
     raise AssertionError(spec.env)  # unreachable: validated in EnvSpec
 
 

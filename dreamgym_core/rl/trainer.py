@@ -103,9 +103,18 @@ class RLConfig:
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (``core_algos.kl_penalty``)."""
     gamma: float = 1.0
-    """Discount per decision (PPO's GAE)."""
+    """Discount per decision (PPO's GAE; the return-to-go of GRPO's step-level advantage)."""
     gae_lambda: float = 0.95
     """GAE lambda (PPO)."""
+    step_advantage_weight: float = 0.0
+    """GRPO only: weight omega of a step-level advantage added to the episode-level one (GiGPO, Feng et
+    al. 2025): decisions of one group taken in the same state (its content, the feedback line aside)
+    form an anchor group, and each gets (G - mean) / std of the anchor group's discounted
+    returns-to-go G = gamma^(steps left) * R. 0 = plain GRPO."""
+    episode_weighting: bool = False
+    """Every episode's decisions share one unit of weight (GRPO's sequence mean) instead of every
+    decision weighing the same (the unbiased policy gradient). Long failed episodes then push as
+    hard as short won ones, not 3-4 times harder."""
     vf_coef: float = 0.5
     """Weight of the value loss (PPO)."""
     max_grad_norm: float = 1.0
@@ -140,7 +149,7 @@ class RLConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"RLConfig.{name}={v!r} must be a finite number > 0")
-        for name in ("kl_coef", "vf_coef"):
+        for name in ("kl_coef", "vf_coef", "step_advantage_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"RLConfig.{name}={v!r} must be a finite number >= 0")
@@ -173,6 +182,12 @@ class Decision:
     step: int
     """Position of the decision in its episode (0-based)."""
     traj_id: str = ""
+    anchor: str = ""
+    """The state the decision was taken in, without its feedback line (GiGPO's anchor state)."""
+
+
+def _anchor(state: str) -> str:
+    return state.split("\n", 1)[1] if "\n" in state else state
 
 
 def decision_samples(trajectories: Sequence[Trajectory], history_window: int) -> list[Decision]:
@@ -195,7 +210,8 @@ def decision_samples(trajectories: Sequence[Trajectory], history_window: int) ->
             ctx = PolicyContext(traj.task.instruction, s.state, cands,
                                 tuple(history[-history_window:]) if history_window else ())
             out.append(Decision(build_policy_prompt(ctx), cands, cands.index(s.action), float(s.logprob),
-                                float(s.reward), bool(s.done), e, traj.task.task_id, k, traj.traj_id))
+                                float(s.reward), bool(s.done), e, traj.task.task_id, k, traj.traj_id,
+                                _anchor(s.state)))
             history.append((s.action, _feedback(s.next_state)))
     return out
 
@@ -223,16 +239,25 @@ def _episode_rows(samples: Sequence[Decision]) -> tuple[int, int, torch.Tensor]:
     return E, T, index
 
 
-def grpo_advantages(samples: Sequence[Decision]) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_advantages(samples: Sequence[Decision], *, step_weight: float = 0.0, gamma: float = 1.0,
+                    episode_weighting: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO: A_episode = (R - mean_group R) / (std_group R + eps), broadcast to its decisions.
 
-    samples: N decisions -> (advantages (N,), {"grpo/groups", "grpo/zero_adv_groups"}). R is the
+    samples: N decisions -> (advantages (N,), {"grpo/groups", "grpo/zero_adv_groups", ...}). R is the
     episode's return (sum of its rewards); the group is the episode's task_id within this batch.
+
+    ``step_weight`` > 0 adds omega * A_step (GiGPO): decisions of one group taken in the same anchor
+    state are compared by their discounted return-to-go gamma^(L - 1 - t) * R (L: episode length,
+    t: the decision's step), normalized within the anchor group like the episode advantage (a
+    singleton or constant anchor group gives 0). ``episode_weighting`` scales every advantage by
+    mean_length / L, so each episode carries the same total weight whatever its length.
     """
     returns: dict[int, float] = {}
+    lengths: dict[int, int] = {}
     group_of: dict[int, str] = {}
     for d in samples:
         returns[d.episode] = returns.get(d.episode, 0.0) + d.reward
+        lengths[d.episode] = lengths.get(d.episode, 0) + 1
         group_of[d.episode] = d.group
     episodes = sorted(returns)
     gid = {g: i for i, g in enumerate(sorted(set(group_of.values())))}
@@ -243,8 +268,22 @@ def grpo_advantages(samples: Sequence[Decision]) -> tuple[torch.Tensor, dict[str
     for e in episodes:
         by_group.setdefault(gid[group_of[e]], set()).add(returns[e])
     zero = sum(len(v) == 1 for v in by_group.values())
-    adv = torch.tensor([ep_adv[d.episode] for d in samples], dtype=torch.float32)
-    return adv, {"grpo/groups": float(len(by_group)), "grpo/zero_adv_groups": float(zero)}
+    adv = torch.tensor([ep_adv[d.episode] for d in samples], dtype=torch.float64)
+    metrics = {"grpo/groups": float(len(by_group)), "grpo/zero_adv_groups": float(zero)}
+    if step_weight > 0:
+        rtg = torch.tensor([returns[d.episode] * gamma ** (lengths[d.episode] - 1 - d.step) for d in samples],
+                           dtype=torch.float64)
+        aid: dict[tuple[str, str], int] = {}
+        anchors = torch.tensor([aid.setdefault((d.group, d.anchor), len(aid)) for d in samples])
+        step_adv = group_normalized_advantages(rtg, anchors)
+        adv = adv + step_weight * step_adv
+        sizes = torch.bincount(anchors)
+        metrics["grpo/anchor_groups"] = float((sizes > 1).sum())
+        metrics["grpo/step_adv_nonzero"] = float((step_adv != 0).double().mean())
+    if episode_weighting:
+        mean_len = sum(lengths.values()) / len(lengths)
+        adv = adv * torch.tensor([mean_len / lengths[d.episode] for d in samples], dtype=torch.float64)
+    return adv.float(), metrics
 
 
 def gae_advantages(samples: Sequence[Decision], values: torch.Tensor, gamma: float,
@@ -421,7 +460,8 @@ class PolicyTrainer:
         returns = old_values = None
         match cfg.algorithm:
             case "grpo":
-                adv, m = grpo_advantages(samples)
+                adv, m = grpo_advantages(samples, step_weight=cfg.step_advantage_weight, gamma=cfg.gamma,
+                                         episode_weighting=cfg.episode_weighting)
                 metrics.update(m)
             case "ppo":
                 self.model.eval()
