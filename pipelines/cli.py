@@ -5,6 +5,8 @@
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
+    dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
 
 It lives in pipelines/ (not the core) because `demo` drives Dagster.
 """
@@ -184,7 +186,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from pipelines.results_docs import write_results_doc
+
+    try:
+        print(write_results_doc(args.results, args.out))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"dreamgym results: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["learner"]:  # its own argparse (python -m dreamgym_core.learner_check)
+        from dreamgym_core.learner_check import main as learner_main
+
+        return learner_main(argv[1:], prog="dreamgym learner")
     # --data is accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=argparse.SUPPRESS, help="data folder (default $DREAMGYM_DATA or ./data)")
@@ -221,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None, help="partition name (default: the file's stem)")
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
+
+    s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",
+            add_help=False)
+    s = add("results", help="generate docs/results.md and its plots from the rows under results/")
+    s.add_argument("--results", default="results", help="folder of result CSVs (default results)")
+    s.add_argument("--out", default="docs/results.md", help="Markdown file to write (default docs/results.md)")
+    s.set_defaults(func=cmd_results)
 
     args = p.parse_args(argv)
     return args.func(args)
