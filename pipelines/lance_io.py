@@ -2,7 +2,13 @@
 
 A partitioned asset owns the rows whose ``partition_column`` equals its partition key (as an int
 when the column is an integer: key "003" -> 3). Re-materializing a partition deletes those rows,
-then adds the new ones, so it is idempotent. After each write the version is tagged
+then adds the new ones, so it is idempotent. Delete and add are two Lance commits, so the pair is
+journaled: before the delete, ``<uri>/.<table>.replace.json`` records the table's version (and the
+partition tag's); the journal goes when the new rows are tagged. An exception in between restores
+that version at once; a kill in between leaves the journal, and the next open of the table (a
+re-run, a downstream load) restores it first. Either way readers see the old partition or the new
+one, never an empty or half-replaced one. A per-table ``flock`` (local URIs) keeps two writers of
+one table from interleaving. After each write the version is tagged
 ``partition-<key>``: a downstream step that asks for a ``LanceTableRef`` reads the table exactly
 as that materialization left it (``ReplayBuffer.search(..., as_of_version=ref.version)``), even
 after later partitions were written. Tables with a ``vector`` column get their ANN index
@@ -16,6 +22,10 @@ otherwise a ``LanceTableRef``. A missing table or partition loads as ``None``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -27,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dreamgym_core.buffer import LANCE_FILE_VERSION, BufferConfig, ensure_vector_index
+from dreamgym_core.faults import fault as _fault
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,77 @@ def _open(db, name: str):
         return db.open_table(name)
     except ValueError:       # not found
         return None
+
+
+def _local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _journal(uri: str, name: str) -> str | None:
+    """Where a partition replace of ``name`` records the version to roll back to (local URIs only)."""
+    return os.path.join(uri.removeprefix("file://"), f".{name}.replace.json") if _local(uri) else None
+
+
+@contextlib.contextmanager
+def _table_lock(uri: str, name: str):
+    """Exclusive lock on one table for the length of a replace or a recovery; the kernel drops it
+    when the holder dies, so a killed writer never blocks the next one."""
+    if not _local(uri):
+        yield
+        return
+    root = uri.removeprefix("file://")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_journal(path: str, entry: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(entry, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _roll_back(tbl, entry: dict) -> None:
+    """Restore the version a journal recorded, and the partition tag it pointed at."""
+    if tbl.version != entry["version"]:
+        tbl.restore(entry["version"])
+    tag, old = entry.get("tag"), entry.get("tag_version")
+    if tag:
+        tags = tbl.tags.list()
+        if old is None and tag in tags:
+            tbl.tags.delete(tag)
+        elif old is not None and tag in tags:
+            tbl.tags.update(tag, old)
+        elif old is not None:
+            tbl.tags.create(tag, old)
+
+
+def recover(uri: str, name: str) -> bool:
+    """Roll back a partition replace that a killed writer left half done. True when it did."""
+    path = _journal(uri, name)
+    if path is None or not os.path.exists(path):
+        return False
+    with _table_lock(uri, name):
+        return _recover_locked(uri, name)
+
+
+def _recover_locked(uri: str, name: str) -> bool:
+    path = _journal(uri, name)
+    if path is None or not os.path.exists(path):   # none, or another process recovered it while we waited
+        return False
+    with open(path) as f:
+        entry = json.load(f)
+    tbl = _open(lancedb.connect(uri), name)
+    if tbl is not None:
+        _roll_back(tbl, entry)
+    os.remove(path)
+    return True
 
 
 class LanceDBIOManager(dg.ConfigurableIOManager):
@@ -77,6 +159,52 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         lit = str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
         return f"{self.partition_column} = {lit}"
 
+    def _write(self, context, name: str, data: pa.Table, part: str | None):
+        db = lancedb.connect(self.uri)
+        tbl = _open(db, name)
+        tag = _tag(part) if part is not None else None
+        if tbl is None:
+            tbl = db.create_table(name, data=data, data_storage_version=LANCE_FILE_VERSION)
+            return tbl, self._index_and_tag(tbl, data, tag), tag
+        if not tbl.schema.equals(data.schema, check_metadata=True):
+            raise ValueError(f"{context.asset_key.to_user_string()}: output schema differs from table {name} "
+                             f"at {self.uri}:\n  table:  {tbl.schema}\n  output: {data.schema}\n"
+                             "(metadata included, e.g. the embedder); write to a new table or migrate it")
+        if part is None:
+            tbl.add(data, mode="overwrite")   # one commit
+            return tbl, self._index_and_tag(tbl, data, None), None
+        journal = _journal(self.uri, name)
+        entry = {"version": tbl.version, "tag": tag,
+                 "tag_version": tbl.tags.list().get(tag, {}).get("version"), "pid": os.getpid()}
+        if journal is not None:
+            _write_journal(journal, entry)
+        try:
+            _fault("lance:before_delete")
+            tbl.delete(self._where(self._value(data.schema, part)))
+            _fault("lance:between_delete_and_add")
+            tbl.add(data)
+            _fault("lance:before_tag")
+            index = self._index_and_tag(tbl, data, tag)
+        except BaseException:
+            _roll_back(tbl, entry)
+            if journal is not None:
+                os.remove(journal)
+            raise
+        if journal is not None:
+            os.remove(journal)
+        return tbl, index, tag
+
+    def _index_and_tag(self, tbl, data: pa.Table, tag: str | None) -> str:
+        index = "none"
+        if "vector" in data.column_names:
+            index = ensure_vector_index(tbl, BufferConfig(index_min_rows=self.index_min_rows))
+        if tag is not None:
+            if tag in tbl.tags.list():
+                tbl.tags.update(tag, tbl.version)
+            else:
+                tbl.tags.create(tag, tbl.version)
+        return index
+
     def handle_output(self, context: dg.OutputContext, obj: pa.Table | pl.DataFrame | None) -> None:
         if obj is None:
             return
@@ -85,8 +213,6 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"{context.asset_key.to_user_string()}: LanceDBIOManager stores pyarrow Tables or "
                             f"polars DataFrames, got {type(obj).__name__}")
         name = self._name(context.asset_key)
-        db = lancedb.connect(self.uri)
-        tbl = _open(db, name)
         part = context.asset_partition_key if context.has_asset_partitions else None
         if part is not None:
             value = self._value(data.schema, part)
@@ -98,27 +224,9 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 bad = sorted(set(data[col].to_pylist()) - {value}, key=str)[:5]
                 raise ValueError(f"{context.asset_key.to_user_string()}[{part}]: rows carry {col} values {bad}; "
                                  f"every row of this partition must have {col} = {value!r}")
-        if tbl is None:
-            tbl = db.create_table(name, data=data, data_storage_version=LANCE_FILE_VERSION)
-        else:
-            if not tbl.schema.equals(data.schema, check_metadata=True):
-                raise ValueError(f"{context.asset_key.to_user_string()}: output schema differs from table {name} "
-                                 f"at {self.uri}:\n  table:  {tbl.schema}\n  output: {data.schema}\n"
-                                 "(metadata included, e.g. the embedder); write to a new table or migrate it")
-            if part is not None:
-                tbl.delete(self._where(value))
-                tbl.add(data)
-            else:
-                tbl.add(data, mode="overwrite")
-        index = "none"
-        if "vector" in data.column_names:
-            index = ensure_vector_index(tbl, BufferConfig(index_min_rows=self.index_min_rows))
-        tag = _tag(part) if part is not None else None
-        if tag is not None:
-            if tag in tbl.tags.list():
-                tbl.tags.update(tag, tbl.version)
-            else:
-                tbl.tags.create(tag, tbl.version)
+        with _table_lock(self.uri, name):
+            recovered = _recover_locked(self.uri, name)
+            tbl, index, tag = self._write(context, name, data, part)
         by_source = {}
         if "source" in data.column_names:
             counts = pc.value_counts(tbl.search().select(["source"]).limit(None).to_arrow()["source"])
@@ -127,11 +235,12 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             "path": dg.MetadataValue.path(f"{self.uri.rstrip('/')}/{name}.lance"),
             "lance_version": tbl.version, "tag": tag or "", "rows_written": data.num_rows,
             "table_rows": tbl.count_rows(), "rows_by_source": dg.MetadataValue.json(by_source),
-            "vector_index": index,
+            "vector_index": index, "rolled_back_interrupted_write": recovered,
         })
 
     def load_input(self, context: dg.InputContext):
         name = self._name(context.asset_key)
+        recover(self.uri, name)
         tbl = _open(lancedb.connect(self.uri), name)
         keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
         if tbl is None or keys == []:     # first iteration: the k-1 mapping yields no partition
