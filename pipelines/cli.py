@@ -98,10 +98,9 @@ def cmd_demo(args) -> int:
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
     os.environ.setdefault("DAGSTER_HOME", home)
-    cfg = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
-    if not os.path.exists(cfg):  # an offline machine: no telemetry attempts, no banner
-        with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+    from pipelines.runguard import write_instance_yaml
+
+    write_instance_yaml(os.environ["DAGSTER_HOME"])  # offline: no telemetry; run monitoring for `make ui`
 
     import dagster as dg
 
@@ -134,7 +133,11 @@ def cmd_demo(args) -> int:
            "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
            "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
            "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
+    from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
+
     with dg.DagsterInstance.get() as instance:
+        for run_id in mark_dead_runs_failed(instance):
+            print(f"[dreamgym] run {run_id} was killed before it finished: marked failed", flush=True)
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
             if _materialized(instance, key, part):
@@ -146,8 +149,14 @@ def cmd_demo(args) -> int:
                            "policy_eval")
             run_config = {**(loud if long else quiet), "ops": {key: ops[key]} if key in ops else {}}
             selection = LOOP_KEYS if key == "dreamgym_iteration" else [key]
-            result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
-                                    run_config=run_config, partition_key=part, raise_on_error=False)
+            try:
+                with partition_lock(data, [key], part):  # the same lock a UI run of this step takes
+                    result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
+                                            run_config=run_config, partition_key=part, raise_on_error=False,
+                                            tags=run_tags())
+            except PartitionBusyError as exc:
+                print(f"[dreamgym] {exc}", file=sys.stderr)
+                return 1
             if not result.success:
                 print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
                       file=sys.stderr)
