@@ -21,6 +21,25 @@ from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import CheckpointRef
 
 
+def missing_partitions(context: dg.InputContext, keys: list[str], present: list[str]) -> list[str]:
+    """A range load (several partitions) that lacks some: the ones after the last present one were not
+    run yet, which is expected and counted in a warning of the run log (Dagster 1.13 cannot attach input
+    metadata to a multi-partition load); a gap before it means a result the reader would silently go without, so it is an error."""
+    missing = [k for k in keys if k not in present]
+    if not missing or len(keys) <= 1:
+        return missing
+    last = max((keys.index(k) for k in present), default=-1)
+    gaps = [k for k in missing if keys.index(k) < last]
+    name = context.asset_key.to_user_string()
+    if gaps:
+        raise FileNotFoundError(f"{name}: partitions {gaps} are missing between materialized ones (up to "
+                                f"{keys[last]}); materialize them (or delete the later ones) so no result is "
+                                "silently left out")
+    context.log.warning(f"{name}: missing_partitions={len(missing)} of {len(keys)} not materialized yet, skipped: "
+                        f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return missing
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     base_dir: str
     """Local folder or URI (s3://..., gs://...) holding one folder per asset."""
@@ -47,10 +66,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         if not parts:
             return None
         tables = []
+        if context.has_asset_partitions and len(parts) > 1:
+            missing_partitions(context, parts, [p for p in parts if exists(self._path(key, p))])
         for part in parts:
             path = self._path(key, part)
             if not exists(path):
-                # a missing k-1 (iteration 001) or, over many iterations, the ones not run yet: skipped
+                # over many iterations, the ones not run yet (counted above): skipped
                 if context.has_asset_partitions:
                     continue
                 if getattr(context.dagster_type, "is_nullable", False):
@@ -106,6 +127,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
             keys = list(context.asset_partition_keys)
             if len(keys) > 1:
                 found = {k: self._manifest(context.asset_key, k) for k in keys}
+                missing_partitions(context, keys, [k for k, p in found.items() if os.path.exists(p)])
                 return {k: self._read(p) for k, p in found.items() if os.path.exists(p)}
             if not keys:
                 return None
