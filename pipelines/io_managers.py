@@ -17,6 +17,7 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from dreamgym_core.faults import fault
 from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import CheckpointRef
 
@@ -106,6 +107,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
         part = context.asset_partition_key if context.has_asset_partitions else None
         path = self._manifest(context.asset_key, part)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        fault("checkpoint:before_manifest")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(obj), f, indent=2)
@@ -116,8 +118,25 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
                                      **{k: float(v) for k, v in obj.metrics.items()}})
 
     def _read(self, path: str) -> CheckpointRef:
-        with open(path) as f:
-            return CheckpointRef(**json.load(f))
+        """A manifest -> its ref; a malformed one, or one whose weights are gone, is a one-line error."""
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: manifest must be a JSON object, got {type(obj).__name__}")
+        fields = set(CheckpointRef.__dataclass_fields__)
+        if set(obj) - fields or not {"path", "kind"} <= set(obj):
+            raise ValueError(f"{path}: manifest fields {sorted(obj)} do not match CheckpointRef "
+                             f"(unknown: {sorted(set(obj) - fields)}, missing: {sorted({'path', 'kind'} - set(obj))})")
+        ref = CheckpointRef(**obj)
+        if not isinstance(ref.path, str):
+            raise ValueError(f"{path}: field 'path' must be a string, got {type(ref.path).__name__}")
+        if ref.path and "://" not in ref.path and not os.path.exists(ref.path):
+            raise FileNotFoundError(f"{path}: points to {ref.path}, which does not exist; re-materialize "
+                                    f"{os.path.basename(os.path.dirname(path))}")
+        return ref
 
     def load_input(self, context: dg.InputContext) -> CheckpointRef | dict[str, CheckpointRef] | None:
         """One partition -> its ref (None if absent: iteration 001 has no 000); several partitions (an
