@@ -75,6 +75,21 @@ DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_shar
               "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
 
 
+# `dreamgym demo --tiny`: a few tasks, a 1-layer M_exp and policy trained a fixed number of steps (the
+# time budgets are far above what they need, so the result does not depend on the machine's speed):
+# the fault-injection script (scripts/kill_anywhere.py) runs it again and again and compares results.
+TINY_OPS = {
+    "experience_model": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "vocab_size": 400,
+                                    "steps": 20, "batch_size": 4}},
+    "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                         "gap_tasks": 2, "gap_max_steps": 4}},
+    "policy_init": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "steps": 20}},
+    "real_rl_policy": {"config": {"budget": 24, "rounds": 2, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "s2r_policy": {"config": {"budget": 12, "rounds": 1, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "policy_eval": {"config": {"eval_tasks": 3, "sim_eval_tasks": 0, "sampled": False, "max_steps": 5}},
+}
+
+
 def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
@@ -97,7 +112,8 @@ def cmd_demo(args) -> int:
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
-    os.environ.setdefault("DAGSTER_HOME", home)
+    if not os.environ.get("DAGSTER_HOME"):  # unset or empty
+        os.environ["DAGSTER_HOME"] = home
     from pipelines.runguard import write_instance_yaml
 
     write_instance_yaml(os.environ["DAGSTER_HOME"])  # offline: no telemetry; run monitoring for `make ui`
@@ -108,7 +124,7 @@ def cmd_demo(args) -> int:
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
     from pipelines.resources import Experiment
 
-    defs = build_defs(data)
+    defs = build_defs(data, "tiny" if args.tiny else None)
     from assets.loop import LoopSettings
 
     # the demo's sizes: the assets' defaults are the measured runs (README); the demo trims the
@@ -133,6 +149,9 @@ def cmd_demo(args) -> int:
            "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
            "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
            "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
+    if args.tiny:
+        resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+        ops = TINY_OPS
     from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
 
     with dg.DagsterInstance.get() as instance:
@@ -209,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
     s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
+    s.add_argument("--tiny", action="store_true",
+                   help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
     s.set_defaults(func=cmd_demo)
 
     s = add("report", help="write an HTML report (tables and plots) of the run")

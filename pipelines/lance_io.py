@@ -3,12 +3,9 @@
 A partitioned asset owns the rows whose ``partition_column`` equals its partition key (as an int
 when the column is an integer: key "003" -> 3). Re-materializing a partition deletes those rows,
 then adds the new ones, so it is idempotent. Delete and add are two Lance commits, so the pair is
-journaled: before the delete, ``<uri>/.<table>.replace.json`` records the table's version (and the
-partition tag's); the journal goes when the new rows are tagged. An exception in between restores
-that version at once; a kill in between leaves the journal, and the next open of the table (a
-re-run, a downstream load) restores it first. Either way readers see the old partition or the new
-one, never an empty or half-replaced one. A per-table ``flock`` (local URIs) keeps two writers of
-one table from interleaving. After each write the version is tagged
+journaled (``dreamgym_core.lance_journal``): an exception between them restores the previous
+version at once, a kill leaves a journal that the next open of the table (a re-run, a downstream
+load) rolls back first. Readers see the old partition or the new one, never an empty one. After each write the version is tagged
 ``partition-<key>``: a downstream step that asks for a ``LanceTableRef`` reads the table exactly
 as that materialization left it (``ReplayBuffer.search(..., as_of_version=ref.version)``), even
 after later partitions were written. Tables with a ``vector`` column get their ANN index
@@ -22,10 +19,6 @@ otherwise a ``LanceTableRef``. A missing table or partition loads as ``None``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
 import re
 import typing
 from dataclasses import dataclass
@@ -38,6 +31,7 @@ import pyarrow.compute as pc
 
 from dreamgym_core.buffer import LANCE_FILE_VERSION, BufferConfig, ensure_vector_index
 from dreamgym_core.faults import fault as _fault
+from dreamgym_core.lance_journal import recover, recover_locked, replacing, table_lock
 
 
 @dataclass(frozen=True)
@@ -59,77 +53,6 @@ def _open(db, name: str):
         return db.open_table(name)
     except ValueError:       # not found
         return None
-
-
-def _local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _journal(uri: str, name: str) -> str | None:
-    """Where a partition replace of ``name`` records the version to roll back to (local URIs only)."""
-    return os.path.join(uri.removeprefix("file://"), f".{name}.replace.json") if _local(uri) else None
-
-
-@contextlib.contextmanager
-def _table_lock(uri: str, name: str):
-    """Exclusive lock on one table for the length of a replace or a recovery; the kernel drops it
-    when the holder dies, so a killed writer never blocks the next one."""
-    if not _local(uri):
-        yield
-        return
-    root = uri.removeprefix("file://")
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f".{name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_journal(path: str, entry: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(entry, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def _roll_back(tbl, entry: dict) -> None:
-    """Restore the version a journal recorded, and the partition tag it pointed at."""
-    if tbl.version != entry["version"]:
-        tbl.restore(entry["version"])
-    tag, old = entry.get("tag"), entry.get("tag_version")
-    if tag:
-        tags = tbl.tags.list()
-        if old is None and tag in tags:
-            tbl.tags.delete(tag)
-        elif old is not None and tag in tags:
-            tbl.tags.update(tag, old)
-        elif old is not None:
-            tbl.tags.create(tag, old)
-
-
-def recover(uri: str, name: str) -> bool:
-    """Roll back a partition replace that a killed writer left half done. True when it did."""
-    path = _journal(uri, name)
-    if path is None or not os.path.exists(path):
-        return False
-    with _table_lock(uri, name):
-        return _recover_locked(uri, name)
-
-
-def _recover_locked(uri: str, name: str) -> bool:
-    path = _journal(uri, name)
-    if path is None or not os.path.exists(path):   # none, or another process recovered it while we waited
-        return False
-    with open(path) as f:
-        entry = json.load(f)
-    tbl = _open(lancedb.connect(uri), name)
-    if tbl is not None:
-        _roll_back(tbl, entry)
-    os.remove(path)
-    return True
 
 
 class LanceDBIOManager(dg.ConfigurableIOManager):
@@ -173,25 +96,12 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         if part is None:
             tbl.add(data, mode="overwrite")   # one commit
             return tbl, self._index_and_tag(tbl, data, None), None
-        journal = _journal(self.uri, name)
-        entry = {"version": tbl.version, "tag": tag,
-                 "tag_version": tbl.tags.list().get(tag, {}).get("version"), "pid": os.getpid()}
-        if journal is not None:
-            _write_journal(journal, entry)
-        try:
-            _fault("lance:before_delete")
+        with replacing(tbl, self.uri, name, tag):
             tbl.delete(self._where(self._value(data.schema, part)))
             _fault("lance:between_delete_and_add")
             tbl.add(data)
             _fault("lance:before_tag")
             index = self._index_and_tag(tbl, data, tag)
-        except BaseException:
-            _roll_back(tbl, entry)
-            if journal is not None:
-                os.remove(journal)
-            raise
-        if journal is not None:
-            os.remove(journal)
         return tbl, index, tag
 
     def _index_and_tag(self, tbl, data: pa.Table, tag: str | None) -> str:
@@ -224,8 +134,8 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 bad = sorted(set(data[col].to_pylist()) - {value}, key=str)[:5]
                 raise ValueError(f"{context.asset_key.to_user_string()}[{part}]: rows carry {col} values {bad}; "
                                  f"every row of this partition must have {col} = {value!r}")
-        with _table_lock(self.uri, name):
-            recovered = _recover_locked(self.uri, name)
+        with table_lock(self.uri, name):
+            recovered = recover_locked(lancedb.connect(self.uri), self.uri, name)
             tbl, index, tag = self._write(context, name, data, part)
         by_source = {}
         if "source" in data.column_names:
@@ -240,7 +150,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext):
         name = self._name(context.asset_key)
-        recover(self.uri, name)
+        recover(lancedb.connect(self.uri), self.uri, name)
         tbl = _open(lancedb.connect(self.uri), name)
         keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
         if tbl is None or keys == []:     # first iteration: the k-1 mapping yields no partition

@@ -1,3 +1,5 @@
+import os
+
 import dagster as dg
 import lancedb
 import polars as pl
@@ -121,6 +123,8 @@ def test_an_exception_mid_replace_rolls_back(tmp_path, monkeypatch, point):
 
 _KILL_SCRIPT = """
 import sys
+import os
+
 import dagster as dg
 sys.path.insert(0, {tests!r})
 from test_lance_io import replay_buffer
@@ -158,7 +162,7 @@ def test_a_kill_between_delete_and_add_is_rolled_back_on_next_open(tmp_path):
 
 
 def test_recovery_at_handle_output_is_reported(tmp_path):
-    from pipelines.lance_io import _journal, _write_journal
+    from dreamgym_core.lance_journal import journal_path as _journal, write_journal as _write_journal
 
     uri = str(tmp_path / "lancedb")
     _run(uri, "001")
@@ -170,3 +174,32 @@ def test_recovery_at_handle_output_is_reported(tmp_path):
     m = _meta(_run(uri, "002"))
     assert m["rolled_back_interrupted_write"] is True
     assert {r["iteration"] for r in _latest_rows(uri)} == {1, 2} and m["table_rows"] == 12
+
+
+def test_replay_buffer_replace_is_rolled_back_too(tmp_path, monkeypatch):
+    """The loop writes its buffer with ReplayBuffer.add(replace=True): the same delete + add."""
+    from dreamgym_core import faults
+    from dreamgym_core.buffer import ReplayBufferError
+    from dreamgym_core.lance_journal import journal_path, write_journal
+
+    uri = str(tmp_path / "buf")
+    buf = ReplayBuffer(uri, EMB)
+    buf.add(transitions("001"), "synthetic", 1)
+    buf.add(transitions("002"), "synthetic", 2)
+    rows = lambda: sorted(lancedb.connect(uri).open_table("replay_buffer").to_arrow()  # noqa: E731
+                          .drop_columns(["vector"]).to_pylist(), key=lambda r: (r["iteration"], r["traj_id"],
+                                                                                 r["step_idx"]))
+    snapshot = rows()
+    faults.reset()
+    monkeypatch.setenv("DREAMGYM_FAULT", "lance:between_delete_and_add:raise")
+    with pytest.raises((ReplayBufferError, faults.InjectedFault)):
+        buf.add(transitions("001", n=3), "synthetic", 1, replace=True)
+    monkeypatch.delenv("DREAMGYM_FAULT")
+    assert rows() == snapshot and not os.path.exists(journal_path(uri, "replay_buffer"))
+    # a writer killed after its delete: the next open rolls it back
+    tbl = lancedb.connect(uri).open_table("replay_buffer")
+    write_journal(journal_path(uri, "replay_buffer"), {"version": tbl.version, "tag": None, "tag_version": None})
+    tbl.delete("iteration = 1")
+    assert {r["iteration"] for r in rows()} == {2}
+    ReplayBuffer(uri, EMB)
+    assert rows() == snapshot
