@@ -62,16 +62,19 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     annotator = _annotator(config, table)
     started = time.perf_counter()
 
+    seen = {"unique": 0}
+
     def progress(done: int, total: int) -> None:
+        seen["unique"] = total   # unique transitions: the annotator is called once per each
         if done == total or done % max(1, total // 10) < config.batch_size:
             context.log.info(f"annotated {done}/{total} unique transitions")
 
     out = annotate_table(table, annotator, batch_size=config.batch_size, progress=progress)
     fallbacks = int(getattr(annotator, "fallbacks", 0))
-    unique = max(len(set(zip(table["state"].to_pylist(), table["action"].to_pylist()))), 1)
+    unique = max(seen["unique"], 1)
     if config.annotator != "rule" and fallbacks / unique > config.max_fallback_share:
         raise dg.Failure(f"cot_annotations: the {config.annotator} annotator fell back to rule traces for "
-                         f"{fallbacks} of ~{unique} transitions (> max_fallback_share {config.max_fallback_share}); "
+                         f"{fallbacks} of {unique} unique transitions (> max_fallback_share {config.max_fallback_share}); "
                          "check the model / endpoint, or raise max_fallback_share on purpose")
     words = pc.list_value_length(pc.utf8_split_whitespace(out["reasoning"]))
     context.add_output_metadata({

@@ -90,3 +90,36 @@ def test_checkpoint_range_load_refuses_gaps(tmp_path):
     assert not out.success
     (tmp_path / "pol" / "003" / "manifest.json").unlink()
     assert dg.materialize([pol, latest], selection=[latest], resources=res).success
+
+
+def test_llm_annotator_falling_back_fails_cot_annotations(monkeypatch, twx_env):
+    """An LLM annotator that returns nothing usable would train M_exp on rule traces labelled as LLM ones."""
+    import assets.experience as ex
+    from dreamgym_core.annotate import rule_trace
+    from dreamgym_core.collect import CollectConfig, collect
+    from dreamgym_core.schema import trajectories_to_arrow
+
+    class FallingBack:
+        name, fallbacks = "fake-llm", 0
+
+        def __init__(self, every):
+            self.every = every
+
+        def annotate(self, items):
+            out = []
+            for i, it in enumerate(items):
+                self.fallbacks += i % self.every == 0
+                out.append(rule_trace(it))
+            return out
+
+    trajs, _ = collect(twx_env, twx_env.tasks("train", 2), CollectConfig(seed=1))
+    table = trajectories_to_arrow(trajs)
+    for every, ok in [(1, False), (100, True)]:          # all fall back / about 1% fall back
+        monkeypatch.setattr(ex, "_annotator", lambda cfg, t, every=every: FallingBack(every))
+        ctx = dg.build_asset_context()
+        if ok:
+            out = ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), table)
+            assert out.num_rows == table.num_rows
+        else:
+            with pytest.raises(dg.Failure, match="fell back to rule traces"):
+                ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), table)
