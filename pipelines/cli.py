@@ -77,6 +77,21 @@ DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_shar
               "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
 
 
+# `dreamgym demo --tiny`: a few tasks, a 1-layer M_exp and policy trained a fixed number of steps (the
+# time budgets are far above what they need, so the result does not depend on the machine's speed):
+# the fault-injection script (scripts/kill_anywhere.py) runs it again and again and compares results.
+TINY_OPS = {
+    "experience_model": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "vocab_size": 400,
+                                    "steps": 20, "batch_size": 4}},
+    "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                         "gap_tasks": 2, "gap_max_steps": 4}},
+    "policy_init": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "steps": 20}},
+    "real_rl_policy": {"config": {"budget": 24, "rounds": 2, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "s2r_policy": {"config": {"budget": 12, "rounds": 1, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "policy_eval": {"config": {"eval_tasks": 3, "sim_eval_tasks": 0, "sampled": False, "max_steps": 5}},
+}
+
+
 def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
@@ -99,11 +114,11 @@ def cmd_demo(args) -> int:
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
-    os.environ.setdefault("DAGSTER_HOME", home)
-    cfg = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
-    if not os.path.exists(cfg):  # an offline machine: no telemetry attempts, no banner
-        with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+    if not os.environ.get("DAGSTER_HOME"):  # unset or empty
+        os.environ["DAGSTER_HOME"] = home
+    from pipelines.runguard import write_instance_yaml
+
+    write_instance_yaml(os.environ["DAGSTER_HOME"])  # offline: no telemetry; run monitoring for `make ui`
 
     import dagster as dg
 
@@ -111,7 +126,7 @@ def cmd_demo(args) -> int:
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
     from pipelines.resources import Experiment
 
-    defs = build_defs(data)
+    defs = build_defs(data, "tiny" if args.tiny else None)
     from assets.loop import LoopSettings
 
     # the demo's sizes: the assets' defaults are the measured runs (README); the demo trims the
@@ -136,7 +151,14 @@ def cmd_demo(args) -> int:
            "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
            "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
            "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
+    if args.tiny:
+        resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+        ops = TINY_OPS
+    from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
+
     with dg.DagsterInstance.get() as instance:
+        for run_id in mark_dead_runs_failed(instance):
+            print(f"[dreamgym] run {run_id} was killed before it finished: marked failed", flush=True)
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
             if _materialized(instance, key, part):
@@ -148,8 +170,14 @@ def cmd_demo(args) -> int:
                            "policy_eval")
             run_config = {**(loud if long else quiet), "ops": {key: ops[key]} if key in ops else {}}
             selection = LOOP_KEYS if key == "dreamgym_iteration" else [key]
-            result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
-                                    run_config=run_config, partition_key=part, raise_on_error=False)
+            try:
+                with partition_lock(data, [key], part):  # the same lock a UI run of this step takes
+                    result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
+                                            run_config=run_config, partition_key=part, raise_on_error=False,
+                                            tags=run_tags())
+            except PartitionBusyError as exc:
+                print(f"[dreamgym] {exc}", file=sys.stderr)
+                return 1
             if not result.success:
                 print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
                       file=sys.stderr)
@@ -219,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
     s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
+    s.add_argument("--tiny", action="store_true",
+                   help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
     s.set_defaults(func=cmd_demo)
 
     s = add("report", help="write an HTML report (tables and plots) of the run")
