@@ -4,6 +4,8 @@ Fast tests play a few small generated games (each reset costs 1-4 s in the PDDL 
 expert's success over every task type is a slow test.
 """
 
+import json
+
 import pytest
 
 pytest.importorskip("alfworld")
@@ -132,3 +134,36 @@ def test_expert_succeeds_on_every_task_type_and_split(tmp_path):
         assert sum(wins.values()) >= 0.8 * len(wins), wins
     finally:
         env.close()
+
+
+_TRACE = """
+import json, random, sys
+import dreamgym_core.envs.alfworld_env as A
+from dreamgym_core.envs import EnvSpec, make_env
+if sys.argv[1] == "unpatched":
+    A.memoize_text_parsers = lambda: None
+env = make_env(EnvSpec(env="alfworld", game="all", cache_dir=sys.argv[2], step_limit=50))
+rng, out = random.Random(0), []
+for task in env.tasks("train", 1) * 2:  # the second reset reuses the memoized translation
+    obs = env.reset(task)
+    out.append([obs.state, list(obs.candidates), obs.raw.feedback])
+    for _ in range(6):
+        obs = env.step(rng.choice(obs.candidates)).obs
+        out.append([obs.state, list(obs.candidates), obs.raw.feedback])
+print(json.dumps(out))
+"""
+
+
+def test_speed_patches_leave_the_engine_outputs_unchanged(tmp_path):
+    import subprocess
+    import sys
+
+    def trace(mode):
+        res = subprocess.run([sys.executable, "-c", _TRACE, mode, str(tmp_path)], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout.strip().splitlines()[-1]
+
+    patched = trace("patched")
+    assert len(json.loads(patched)) == 14
+    assert trace("unpatched") == patched
