@@ -1,6 +1,6 @@
 """The `dreamgym` command line.
 
-    dreamgym demo    [--data DIR] [--iterations N]    the whole loop on the embedded default, then a results table
+    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld] [--game G]   the whole loop, then a results table
     dreamgym report  [--out FILE]                     HTML report with the plots
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
@@ -109,6 +109,31 @@ def _materialized(instance, key: str, partition: str | None) -> bool:
     return partition in instance.get_materialized_partitions(dg.AssetKey("iteration_eval"))
 
 
+def demo_sizes(env: str = "twx", game: str | None = None) -> dict:
+    """The demo's sizes per environment (resources and op configs that fit a 2-core CPU).
+
+    twx: the embedded default (about 14 minutes). alfworld: its PDDL engine steps in 0.1-0.5 s and
+    resets in 1-4 s (docs/environments.md), a few hundred times slower than TextWorldExpress, so the
+    demo plays a few dozen games: 12 training games, 12 held-out games on unseen floor plans.
+    """
+    match env:
+        case "twx":
+            return {"experiment": {"n_train_tasks": 100, "game": game or "twc"},
+                    "loop": {"tasks_per_iteration": 12, "eval_tasks": 30, "sim_eval_tasks": 15},
+                    "experience_model_eval": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15},
+                    "real_rl_policy": {"budget": 600, "rounds": 3}, "s2r_policy": {"budget": 300, "rounds": 2},
+                    "policy_eval": {"eval_tasks": 30}, "iterations": 3}
+        case "alfworld":
+            return {"experiment": {"env": "alfworld", "game": game or "all", "n_train_tasks": 12, "n_dev_tasks": 6,
+                                   "n_test_tasks": 12, "eval_fold": "test", "episodes_expert": 1,
+                                   "episodes_noisy": 1, "episodes_random": 1, "max_steps": 20},
+                    "loop": {"tasks_per_iteration": 6, "eval_tasks": 6, "sim_eval_tasks": 6},
+                    "experience_model_eval": {"max_transitions": 100, "drift_trajectories": 6, "gap_tasks": 6},
+                    "real_rl_policy": {"budget": 120, "rounds": 2}, "s2r_policy": {"budget": 60, "rounds": 1},
+                    "policy_eval": {"eval_tasks": 12}, "iterations": 2}
+    raise ValueError(f"dreamgym demo: --env must be twx or alfworld, got {env!r}")
+
+
 def cmd_demo(args) -> int:
     data = _data_dir(args)
     os.environ["DREAMGYM_DATA"] = data
@@ -135,10 +160,12 @@ def cmd_demo(args) -> int:
     # 100 train tasks (not the default 300): in the demo's 240 s M_exp sees under a fifth of the
     # 300-task data anyway, and the replay buffer embeds a third as many transitions (measured:
     # 300 tasks made the demo 874 s of job and M_exp's win recall 0.46; 100 tasks gave 0.60)
+    sizes = demo_sizes(getattr(args, "env", "twx"), getattr(args, "game", None))
     resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm),
-                 "experiment": Experiment(n_train_tasks=100),
-                 "loop": LoopSettings(tasks_per_iteration=12, eval_tasks=30, sim_eval_tasks=15)}
+                 "experiment": Experiment(**sizes["experiment"]), "loop": LoopSettings(**sizes["loop"])}
     started = time.perf_counter()
+    if getattr(args, "iterations", None) is None:
+        args.iterations = sizes["iterations"]
     plan = _demo_plan(args.iterations)
     print(f"[dreamgym] data: {data}  (Dagster run history: {os.environ['DAGSTER_HOME']})", flush=True)
     print(f"[dreamgym] plan: {len(plan)} steps, {args.iterations} DreamGym iterations ({args.algorithm}); "
@@ -146,11 +173,11 @@ def cmd_demo(args) -> int:
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
-           "experience_model_eval": {"config": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15}},
+           "experience_model_eval": {"config": sizes["experience_model_eval"]},
            "policy_init": {"config": {"time_budget_s": args.policy_budget}},
-           "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
-           "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
-           "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
+           "real_rl_policy": {"config": sizes["real_rl_policy"]},
+           "s2r_policy": {"config": sizes["s2r_policy"]},
+           "policy_eval": {"config": {**sizes["policy_eval"], "sim_eval_tasks": 0, "sampled": False}}}
     if args.tiny:
         resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
         ops = TINY_OPS
@@ -191,7 +218,7 @@ def cmd_demo(args) -> int:
     from dreamgym_core.sql import run_query
     from pipelines.report import write_report
 
-    print("\nReal held-out success (TextWorldExpress twc test games; dreamgym sql over policy_eval):")
+    print(f"\nReal held-out success ({resources['experiment'].env}/{resources['experiment'].game} test games; dreamgym sql over policy_eval):")
     print(run_query(data, "SELECT policy, iteration, mode, round(success_rate, 3) AS success, "
                           "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, "
                           "round(sim_success_rate, 3) AS in_m_exp, round(sim_real_gap, 3) AS sim_real_gap, "
@@ -245,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
     s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
-    s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
+    s.add_argument("--env", choices=("twx", "alfworld"), default="twx",
+                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games)")
+    s.add_argument("--game", default=None,
+                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.add_argument("--tiny", action="store_true",
                    help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
