@@ -1,0 +1,151 @@
+"""The MiniWoB++ adapter: page -> abstract state, candidates, experts; live pages in headless Chromium.
+
+The pure tests build MiniWoB DOM trees by hand. The live tests need the miniwob package, chromium
+and chromedriver (the Makefile installs them) and skip with the reason when one is missing.
+"""
+
+import random
+
+import pytest
+
+from dreamgym_core.envs import EnvSpec, SerialBatchEnv, make_env
+from dreamgym_core.envs import miniwob_env as mw
+from dreamgym_core.state import AbstractState
+
+live = pytest.mark.skipif(mw.unavailable_reason() is not None, reason=f"MiniWoB++: {mw.unavailable_reason()}")
+
+
+def _node(tag, ref, text=None, children=(), value=None, id="", classes=""):
+    d = {"tag": tag, "ref": ref, "left": 0, "top": 0, "width": 10, "height": 10, "children": list(children),
+         "id": id, "classes": classes}
+    if text is not None:
+        d["text"] = text
+    if value is not None:
+        d["value"] = value
+    return d
+
+
+def _login_page():
+    from miniwob.dom import DOMElement
+
+    form = _node("DIV", 4, children=[
+        _node("P", 5, children=[_node("LABEL", 6, "Username"), _node("INPUT_text", 7, "", value="", id="username")]),
+        _node("P", 8, children=[_node("LABEL", 9, "Password"), _node("INPUT_password", 10, "", value="ab", id="password")]),
+        _node("BUTTON", 11, "Login", id="subbtn")])
+    boxes = _node("DIV", 12, children=[
+        _node("LABEL", 13, children=[_node("INPUT_checkbox", 14, "", value=True, id="ch0"), _node("t", -1, "Xy: z")]),
+        _node("LABEL", 15, children=[_node("INPUT_checkbox", 16, "", value=False, id="ch1"), _node("t", -2, "Q\"q")]),
+    ])
+    area = _node("DIV", 3, children=[form, boxes, _node("t", -3, "filler"), _node("SPAN", 17, "go", classes="alink"),
+                                      _node("DIV", 18, "some static words")])
+    return DOMElement(_node("BODY", 1, children=[_node("DIV", 2, children=[area], id="wrap")]))
+
+
+def test_page_elements_are_cleaned_facts_and_candidates_follow_from_the_state_alone():
+    pytest.importorskip("miniwob")
+    elements = mw.page_elements(_login_page())
+    state = mw.abstract_state("The page loads.", "login-user", elements, ("bob", "ab"))
+    s = AbstractState.parse(state)
+    assert s.render() == state and s.location == "login-user" and s.inventory == ("ab", "bob")
+    # containers gone; labels folded into their fields and checkboxes; inline filler dropped; quotes and
+    # ': ' (the contents separator) made safe; document order is not kept (facts are sorted)
+    assert s.objects == ('[07] textbox "Username": empty', '[10] password "Password": ab', '[11] button "Login"',
+                         '[14] checkbox "Xy - z" (checked)', "[16] checkbox \"Q'q\"", '[17] link "go"',
+                         'text "some static words"')
+    cands = mw.propose_candidates(state)
+    assert cands == sorted(cands) and len(cands) == 6 + 2 * 2
+    assert 'click [14] checkbox "Xy - z"' in cands and 'type "bob" into [10] password "Password"' in cands
+    assert mw.parse_action('type "bob" into [10] password "Password"') == ("type", 10, "bob")
+    assert mw.parse_action('click [17] link "go"') == ("click", 17, None)
+    assert mw.parse_action("take apple") is None and mw.propose_candidates("not a state") == []
+    plan = mw.expert_plan("login-user", [("username", "bob"), ("password", "ab")], elements)
+    assert plan == ['type "bob" into [07] textbox "Username"', 'type "ab" into [10] password "Password"',
+                    'click [11] button "Login"'] and set(plan) <= set(cands)
+    assert mw.expert_plan("click-checkboxes", [("target 0", "Xy: z"), ("button", "submit")],
+                          [e for e in elements if e.kind != "button"] + [mw.Element(20, "button", "Submit")]) \
+        == ['click [14] checkbox "Xy - z"', 'click [20] button "Submit"']
+    with pytest.raises(ValueError, match="no button 'Submit'"):
+        mw.expert_plan("enter-text", [("target", "x")], elements)
+
+
+def test_games_are_checked():
+    assert mw.parse_game("mix") == mw.TASKS and mw.parse_game("enter-text, focus-text") == ("enter-text", "focus-text")
+    with pytest.raises(ValueError, match="unknown: book-flight"):
+        mw.parse_game("click-button,book-flight")
+
+
+@live
+def test_live_experts_win_wrong_moves_lose_invalid_moves_do_nothing_and_the_browser_quits():
+    env = make_env(EnvSpec("miniwob", "mix", step_limit=4))
+    try:
+        tasks = env.tasks("train", len(mw.TASKS)) + env.tasks("test", len(mw.TASKS))
+        assert [t.game for t in tasks[:6]] == list(mw.TASKS) and tasks[0].task_id == "miniwob/click-button/train/0"
+        assert len({t.seed for t in tasks}) == len(tasks) and all(t.instruction for t in tasks)
+        for task in tasks:  # every expert wins its task, on train and on held-out seeds
+            obs = env.reset(task)
+            plan = env.expert_actions()
+            assert plan and set(plan) <= set(obs.candidates), task.task_id
+            assert sorted(obs.candidates) == sorted(env.propose_candidates(obs.state))
+            results = [env.step(a) for a in plan]
+            assert [r.done for r in results] == [False] * (len(plan) - 1) + [True], task.task_id
+            assert results[-1].won and results[-1].reward == 1.0 and all(r.valid for r in results)
+        first = env.reset(tasks[0]).state
+        env.reset(tasks[2])
+        assert env.reset(tasks[0]).state == first  # the same seed gives the same page, refs included
+        res = env.step("click [99] button 'nope'")
+        assert not res.valid and not res.done and res.obs.state.startswith("feedback: Nothing happens.")
+        assert res.obs.state.split("\n")[1:] == first.split("\n")[1:]
+        wrong = next(c for c in res.obs.candidates if c.startswith("click") and "button" in c
+                     and c not in env.expert_actions() and c.split('"')[1] != env.expert_actions()[0].split('"')[1])
+        lost = env.step(wrong)
+        assert lost.done and lost.lost and not lost.won and lost.reward == 0.0 and lost.valid
+        env.reset(tasks[3])  # focus-text: clicking nothing useful runs out of steps
+        outs = [env.step("click nowhere") for _ in range(4)]
+        assert [o.done for o in outs] == [False, False, False, True] and outs[-1].lost
+        browser = mw._Browser.shared
+        assert browser is not None and not browser.dead
+    finally:
+        env.close()
+    assert browser.dead and mw._Browser.shared is None and browser.driver.service.process.poll() is not None
+
+
+@live
+def test_live_batch_envs_share_one_browser_in_tabs():
+    spec = EnvSpec("miniwob", "click-button,enter-text")
+    env = make_env(spec)
+    tasks = env.tasks("dev", 4)
+    env.close()
+    batch = SerialBatchEnv(lambda: make_env(spec), max_engines=4)
+    try:
+        obs = batch.reset_batch(tasks)
+        assert len(mw._Browser.shared.tabs) == 4
+        rng = random.Random(0)
+        res = batch.step_batch([rng.choice(o.candidates) for o in obs])
+        assert all(r is not None and r.valid for r in res)
+    finally:
+        batch.close()
+    assert mw._Browser.shared is None
+
+
+@pytest.mark.slow
+@live
+def test_live_expert_success_over_many_seeds_and_offline_collection():
+    from dreamgym_core.collect import CollectConfig, collect
+
+    env = make_env(EnvSpec("miniwob", "mix"))
+    try:
+        for split in ("train", "dev", "test"):
+            for task in env.tasks(split, 5 * len(mw.TASKS), start=6):
+                env.reset(task)
+                *_, last = [env.step(a) for a in env.expert_actions()]
+                assert last.won, task.task_id
+        tasks = env.tasks("train", 12)
+        trajs, stats = collect(env, tasks, CollectConfig(max_steps=10, invalid_rate=0.25))
+    finally:
+        env.close()
+    assert stats.episodes == 60 and stats.crashes == 0
+    experts = [t for t in trajs if t.policy == "expert"]
+    assert len(experts) == 12 and all(t.won for t in experts)
+    steps = [s for t in trajs for s in t.steps]
+    assert any(not s.valid for s in steps) and any(s.valid and not s.done for s in steps)
+    assert 0 < stats.successes < stats.episodes
