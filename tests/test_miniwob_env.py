@@ -58,6 +58,10 @@ def test_page_elements_are_cleaned_facts_and_candidates_follow_from_the_state_al
     assert mw.parse_action('type "bob" into [10] password "Password"') == ("type", 10, "bob")
     assert mw.parse_action('click [17] link "go"') == ("click", 17, None)
     assert mw.parse_action("take apple") is None and mw.propose_candidates("not a state") == []
+    rng = random.Random(0)
+    bad = {mw.invalid_action(state, cands, rng) for _ in range(200)}
+    assert None not in bad and not bad & set(cands)  # what offline data uses as rejected moves
+    assert any(b.startswith("click text") for b in bad) and any(b.startswith('type "') for b in bad)
     plan = mw.expert_plan("login-user", [("username", "bob"), ("password", "ab")], elements)
     assert plan == ['type "bob" into [07] textbox "Username"', 'type "ab" into [10] password "Password"',
                     'click [11] button "Login"'] and set(plan) <= set(cands)
@@ -90,8 +94,12 @@ def test_live_experts_win_wrong_moves_lose_invalid_moves_do_nothing_and_the_brow
             assert [r.done for r in results] == [False] * (len(plan) - 1) + [True], task.task_id
             assert results[-1].won and results[-1].reward == 1.0 and all(r.valid for r in results)
         first = env.reset(tasks[0]).state
-        env.reset(tasks[2])
-        assert env.reset(tasks[0]).state == first  # the same seed gives the same page, refs included
+        refs = [mw.parse_fact(f)[1] for f in AbstractState.parse(first).objects if mw.parse_fact(f)]
+        assert len(refs) == len(set(refs)) >= 2
+        env.step(env.expert_actions()[0])
+        assert env.reset(tasks[0]).state == first  # the same seed gives the same page, refs included,
+        env.reset(tasks[2])                          # after a finished episode or another page
+        assert env.reset(tasks[0]).state == first
         res = env.step("click [99] button 'nope'")
         assert not res.valid and not res.done and res.obs.state.startswith("feedback: Nothing happens.")
         assert res.obs.state.split("\n")[1:] == first.split("\n")[1:]

@@ -204,6 +204,42 @@ def parse_action(action: str) -> tuple[str, int, str | None] | None:
     return None
 
 
+def invalid_action(state: str, candidates, rng) -> str | None:
+    """An action the page does not afford (for offline data with rejections; ``collect``).
+
+    One of: clicking static text, clicking an element id that is not on the page, typing into
+    something that is not a text field, typing a value the task did not give. None if none applies.
+    """
+    try:
+        s = AbstractState.parse(state)
+    except ValueError:
+        return None
+    facts = [(f, parse_fact(f)) for f in s.objects]
+    refs = {p[1] for _, p in facts if p}
+    kinds = []
+    texts = [f for f, p in facts if p is None]
+    if texts:
+        kinds.append(lambda: f"click {rng.choice(texts)}")
+    absent = next(r for r in range(1, 100) if r not in refs) if len(refs) < 99 else None
+    if absent is not None:
+        kinds.append(lambda: f"click [{absent:02d}] {rng.choice(CLICKABLE[:2])} \"{rng.choice(('ok', 'next', 'go'))}\"")
+    heads = [p[0] for _, p in facts if p and p[2] not in FIELDS_KINDS]
+    fields = [p[0] for _, p in facts if p and p[2] in FIELDS_KINDS]
+    values = list(s.inventory) or ["text"]
+    if heads:
+        kinds.append(lambda: f'type "{rng.choice(values)}" into {rng.choice(heads)}')
+    if fields:
+        kinds.append(lambda: f'type "{rng.choice(("hello", "1234", "admin"))}" into {rng.choice(fields)}')
+    allowed = set(candidates)
+    for _ in range(10):
+        if not kinds:
+            return None
+        action = rng.choice(kinds)()
+        if action not in allowed:
+            return action
+    return None
+
+
 def click(el: Element) -> str:
     return f"click {el.head()}"
 
@@ -435,9 +471,11 @@ class MiniWoBEnv:
         driver = self._driver()
         if self._page != task.game:
             self._goto(driver, task.game)
-        # end a running episode first so MiniWoB numbers every element afresh: the same seed then
-        # always gives the same refs
-        driver.execute_script(f"core.endEpisode(0); Math.seedrandom({int(task.seed)}); core.startEpisodeReal();")
+        # a new episode number makes MiniWoB number every element afresh (refs are kept per episode
+        # number, and an ended episode's number would hand out refs that the page already uses):
+        # the same seed then always gives the same refs, whatever ran in this tab before
+        driver.execute_script(f"core.endEpisode(0); WOB_EPISODE_ID++; Math.seedrandom({int(task.seed)}); "
+                              "core.startEpisodeReal();")
         for _ in range(20):
             if driver.execute_script("return WOB_TASK_READY;"):
                 break
@@ -542,8 +580,11 @@ class MiniWoBEnv:
                 chain.w3c_actions.key_action.key_down(key)
                 chain.w3c_actions.key_action.key_up(key)
             chain.perform()
-        _, dom, (done, raw, _) = driver.execute_script(_READ)
-        return bool(done), raw, DOMElement(dom)
+        done, raw = driver.execute_script("return [WOB_DONE_GLOBAL, WOB_RAW_REWARD_GLOBAL];")
+        if done:  # the page is no longer the episode's (see the module docstring): keep the last state
+            return True, raw, None
+        _, dom, _ = driver.execute_script(_READ)
+        return False, raw, DOMElement(dom)
 
     def _crashed(self) -> None:
         """After a failed browser call the tab (or the browser) may be broken: drop the tab, restart later."""
@@ -561,6 +602,9 @@ class MiniWoBEnv:
 
     def propose_candidates(self, state: str) -> list[str]:
         return propose_candidates(state)
+
+    def invalid_action(self, state: str, candidates, rng) -> str | None:
+        return invalid_action(state, candidates, rng)
 
     def close(self) -> None:
         self._drop_tab()
