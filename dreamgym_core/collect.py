@@ -162,7 +162,8 @@ def run_episode(env: Env, task: Task, policy: str, episode: int, cfg: CollectCon
 def collect(env: Env, tasks: Sequence[Task], cfg: CollectConfig,
             progress: Callable[[int, int], None] | None = None) -> tuple[list[Trajectory], CollectStats]:
     """Collect ``cfg.episodes`` episodes of each behaviour for every task."""
-    vocabulary = task_vocabulary(env, tasks)
+    # an adapter with its own invalid actions needs no vocabulary (and no extra reset per task)
+    vocabulary = [] if hasattr(env, "invalid_action") else task_vocabulary(env, tasks)
     stats = CollectStats()
     trajs: list[Trajectory] = []
     for i, task in enumerate(tasks):

@@ -130,6 +130,11 @@ def test_live_batch_envs_share_one_browser_in_tabs():
         rng = random.Random(0)
         res = batch.step_batch([rng.choice(o.candidates) for o in obs])
         assert all(r is not None and r.valid for r in res)
+        batch._envs.pop().close()  # a closed tab leaves the others working, and new tabs open
+        late = make_env(spec)
+        assert late.reset(tasks[3]).state == obs[3].state and len(mw._Browser.shared.tabs) == 4
+        late.close()
+        assert all(e.step(e.reset(t).candidates[0]).valid for e, t in zip(batch._envs, tasks))
     finally:
         batch.close()
     assert mw._Browser.shared is None

@@ -380,9 +380,11 @@ class _Browser:
             return
         try:
             self.use(handle).close()
+            # webdriver has no current window after closing it, and opening a tab needs one
+            self.current = None
+            self.use(next(iter(self.tabs)))
         except Exception:
             self.quit()  # a browser that cannot close a tab is in no state to host the others
-        self.current = None
 
     def quit(self) -> None:
         self.dead = True
@@ -407,8 +409,8 @@ def _quit_shared() -> None:
         _Browser.shared.quit()
 
 
-_READ = ("return [core.getUtterance(), core.getDOMInfo(), "
-         "[WOB_DONE_GLOBAL, WOB_RAW_REWARD_GLOBAL, WOB_REWARD_REASON]];")
+_READ = "return [core.getUtterance(), core.getDOMInfo()];"
+_AFTER = "return WOB_DONE_GLOBAL ? [true, WOB_RAW_REWARD_GLOBAL, null] : [false, 0, core.getDOMInfo()];"
 
 
 class MiniWoBEnv:
@@ -474,13 +476,14 @@ class MiniWoBEnv:
         # a new episode number makes MiniWoB number every element afresh (refs are kept per episode
         # number, and an ended episode's number would hand out refs that the page already uses):
         # the same seed then always gives the same refs, whatever ran in this tab before
-        driver.execute_script(f"core.endEpisode(0); WOB_EPISODE_ID++; Math.seedrandom({int(task.seed)}); "
-                              "core.startEpisodeReal();")
-        for _ in range(20):
-            if driver.execute_script("return WOB_TASK_READY;"):
+        ready = driver.execute_script(f"core.endEpisode(0); WOB_EPISODE_ID++; Math.seedrandom({int(task.seed)}); "
+                                      "core.startEpisodeReal(); return WOB_TASK_READY;")
+        for _ in range(20):  # a task that builds its page asynchronously says when it is ready
+            if ready:
                 break
             time.sleep(0.05)
-        utterance, dom, _ = driver.execute_script(_READ)
+            ready = driver.execute_script("return WOB_TASK_READY;")
+        utterance, dom = driver.execute_script(_READ)
         if isinstance(utterance, dict):
             fields, utterance = list(utterance["fields"].items()), utterance["utterance"]
         else:
@@ -573,18 +576,18 @@ class MiniWoBEnv:
         from selenium.webdriver.common.action_chains import ActionChains
 
         driver = self._driver()
-        driver.execute_script(f"core.elementClick({ref});")
         if verb == "type":
+            driver.execute_script(f"core.elementClick({ref});")
             chain = ActionChains(driver, duration=0)
             for key in value or "":
                 chain.w3c_actions.key_action.key_down(key)
                 chain.w3c_actions.key_action.key_up(key)
             chain.perform()
-        done, raw = driver.execute_script("return [WOB_DONE_GLOBAL, WOB_RAW_REWARD_GLOBAL];")
-        if done:  # the page is no longer the episode's (see the module docstring): keep the last state
-            return True, raw, None
-        _, dom, _ = driver.execute_script(_READ)
-        return False, raw, DOMElement(dom)
+            done, raw, dom = driver.execute_script(_AFTER)
+        else:  # one round trip: click, then read the outcome (and the page, unless the episode ended)
+            done, raw, dom = driver.execute_script(f"core.elementClick({ref}); " + _AFTER)
+        # an ended episode's page is no longer the episode's (see the module docstring): no DOM read
+        return bool(done), raw, None if done else DOMElement(dom)
 
     def _crashed(self) -> None:
         """After a failed browser call the tab (or the browser) may be broken: drop the tab, restart later."""
