@@ -134,6 +134,10 @@ def test_live_batch_envs_share_one_browser_in_tabs():
         late = make_env(spec)
         assert late.reset(tasks[3]).state == obs[3].state and len(mw._Browser.shared.tabs) == 4
         late.close()
+        focus = make_env(EnvSpec("miniwob", "focus-text"))  # focus events fire in a tab that is not in front
+        focus.reset(focus.tasks("test", 1)[0])
+        assert focus.step(focus.expert_actions()[0]).won
+        focus.close()
         assert all(e.step(e.reset(t).candidates[0]).valid for e, t in zip(batch._envs, tasks))
     finally:
         batch.close()

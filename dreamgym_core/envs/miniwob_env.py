@@ -363,6 +363,9 @@ class _Browser:
             handle = self.driver.current_window_handle
         self.current = handle
         self.tabs.add(handle)
+        # only the front tab has focus, and a page without focus fires no focus events (focus-text
+        # never ends): every tab behaves as focused
+        self.driver.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": True})
         return handle
 
     def use(self, handle: str):
