@@ -166,3 +166,37 @@ def test_live_expert_success_over_many_seeds_and_offline_collection():
     steps = [s for t in trajs for s in t.steps]
     assert any(not s.valid for s in steps) and any(s.valid and not s.done for s in steps)
     assert 0 < stats.successes < stats.episodes
+
+
+@pytest.mark.slow
+@live
+def test_live_the_bootstrap_assets_run_on_miniwob(tmp_path, monkeypatch):
+    """Experiment(env='miniwob') through the head of the graph: tasks, offline data, CoT, M_exp, its eval, SFT."""
+    import dagster as dg
+
+    from pipelines.definitions import ALL_ASSETS, build_defs
+    from pipelines.resources import Experiment
+
+    monkeypatch.setenv("DREAMGYM_DATA", str(tmp_path))
+    resources = {**build_defs(str(tmp_path)).resources,
+                 "experiment": Experiment(env="miniwob", game="mix", n_train_tasks=12, n_dev_tasks=2, n_test_tasks=6,
+                                          eval_fold="test", max_steps=10)}
+    run_config = {"ops": {
+        "experience_model": {"config": {"steps": 2, "time_budget_s": 60, "batch_size": 4, "hidden": 32, "layers": 1,
+                                        "vocab_size": 600, "max_len": 768, "task_writing_examples": 4}},
+        "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                             "gap_tasks": 2, "gap_max_steps": 4}},
+        "policy_init": {"config": {"steps": 2, "hidden": 32, "layers": 1}}}}
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+            "experience_model_eval", "policy_init"]
+    with dg.instance_for_test() as instance:
+        res = dg.materialize(ALL_ASSETS, selection=head, resources=resources, instance=instance, run_config=run_config)
+    assert res.success and mw._Browser.shared is None  # every env the assets made was closed
+    meta = res.asset_materializations_for_node("offline_trajectories")[0].metadata
+    assert meta["rollout/episodes"].value == 60 and meta["rollout/crashes"].value == 0
+    assert meta["rollout/steps_expert"].value > 0 and meta["rollout/steps_invalid"].value > 0
+    assert 0 < meta["success_rate"].value < 1
+    evals = res.output_for_node("eval_tasks").to_pylist()
+    assert {r["split"] for r in evals} == {"dev", "test"} and all(r["task_id"].startswith("miniwob/") for r in evals)
+    fid = {r["scope"]: r for r in res.output_for_node("experience_model_eval").to_pylist()}
+    assert fid["overall"]["transitions"] > 0 and "policy:random" in fid
