@@ -1,6 +1,6 @@
 """The `dreamgym` command line.
 
-    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld] [--game G]   the whole loop, then a results table
+    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld|miniwob] [--game G]   the whole loop, then a results table
     dreamgym report  [--out FILE]                     HTML report with the plots
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
@@ -131,11 +131,30 @@ def demo_sizes(env: str = "twx", game: str | None = None) -> dict:
                     "experience_model_eval": {"max_transitions": 100, "drift_trajectories": 6, "gap_tasks": 6},
                     "real_rl_policy": {"budget": 120, "rounds": 2}, "s2r_policy": {"budget": 60, "rounds": 1},
                     "policy_eval": {"eval_tasks": 12}, "iterations": 2}
-    raise ValueError(f"dreamgym demo: --env must be twx or alfworld, got {env!r}")
+        case "miniwob":
+            # 60 train tasks (10 per task kind, about 800 offline transitions in under a minute of
+            # browser time), held-out tasks from the test seeds, 10-step offline episodes (the longest
+            # expert, click-checkboxes, takes at most 7)
+            return {"experiment": {"env": "miniwob", "game": game or "mix", "n_train_tasks": 60, "eval_fold": "test",
+                                   "max_steps": 10},
+                    "loop": {"tasks_per_iteration": 12, "eval_tasks": 30, "sim_eval_tasks": 15},
+                    "experience_model_eval": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15},
+                    "real_rl_policy": {"budget": 600, "rounds": 3}, "s2r_policy": {"budget": 300, "rounds": 2},
+                    "policy_eval": {"eval_tasks": 30}, "iterations": 3}
+    raise ValueError(f"dreamgym demo: --env must be twx, alfworld or miniwob, got {env!r}")
 
 
 def cmd_demo(args) -> int:
     data = _data_dir(args)
+    # a finished step is skipped on a re-run, so one data folder holds one environment's demo
+    marker = os.path.join(data, "demo_env")
+    if os.path.exists(marker) and open(marker).read().strip() != args.env:
+        print(f"dreamgym demo: {data} holds a --env {open(marker).read().strip()} demo; pass another --data "
+              f"folder for --env {args.env}", file=sys.stderr)
+        return 2
+    os.makedirs(data, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(args.env + "\n")
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
@@ -274,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
     s.add_argument("--iterations", type=int, default=None,
                    help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
-    s.add_argument("--env", choices=("twx", "alfworld"), default="twx",
-                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games)")
+    s.add_argument("--env", choices=("twx", "alfworld", "miniwob"), default="twx",
+                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games; "
+                        "miniwob: MiniWoB++ web tasks in headless chromium)")
     s.add_argument("--game", default=None,
-                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type)")
+                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type; "
+                        "miniwob: mix or comma-separated task names)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.add_argument("--tiny", action="store_true",
                    help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
