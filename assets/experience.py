@@ -11,6 +11,7 @@ from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersA
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_to_arrow
+from pipelines import reuse
 from pipelines.resources import Experiment, Launcher
 
 GROUP = "experience_model"
@@ -124,24 +125,14 @@ class ExperienceModelConfig(dg.Config):
     seed: int = 0
 
 
-def _config_key(cfg: dg.Config, rows: int) -> str:
-    import hashlib
-    import json
-
-    # "format": bumped when the SFT examples change shape for the same config (a stale checkpoint
-    # would otherwise be reused): v2 = M_task examples in pointer form, v3 = the progress field and
-    # the placement knowledge
-    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 3}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
 @dg.asset(group_name=GROUP, kinds={"pytorch", "accelerate"}, io_manager_key="checkpoint_io_manager")
 def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelConfig, launcher: Launcher,
                      cot_annotations: pa.Table) -> dg.Output[CheckpointRef]:
     """M_exp trained with Eq. 5 (reasoning and next-state terms logged apart).
 
-    Checkpoints live under <data>/checkpoints/experience_model/<config hash>: a retried run resumes
-    from its last checkpoint, and a finished one with the same config and data is reused. With
+    Checkpoints live under <data>/checkpoints/experience_model/<key> (``pipelines.reuse``: the config and
+    the content of ``cot_annotations``): a retried run resumes from its last checkpoint, a finished one
+    with the same key is reused, and a changed annotator (new traces) trains a new M_exp. With
     ``launcher.mode == "accelerate"`` training runs under ``accelerate launch`` through Dagster Pipes
     and the metadata is what rank 0 reported.
     """
@@ -154,11 +145,12 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
     from pipelines.resources import data_root
 
-    root = os.path.join(data_root(), "checkpoints", "experience_model", _config_key(config, cot_annotations.num_rows))
+    root = reuse.stage_dir(context, "experience_model",
+                           reuse.stage_key("experience_model", config, cot_annotations=cot_annotations))
     final = os.path.join(root, "final")
     if os.path.exists(os.path.join(final, "dreamgym.json")):
         _, _, meta = load_checkpoint(final)
-        context.log.info(f"reusing finished M_exp at {final}")
+        reuse.reused(context, "experience_model", final)
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()

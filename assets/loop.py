@@ -19,6 +19,7 @@ import pyarrow as pa
 from assets.policy import RLSettings, rl_config
 from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
+from pipelines import reuse
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
 
@@ -99,7 +100,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                        offline_trajectories: pa.Table):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, config_hash, run_iteration
+    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, run_iteration
 
     config = loop
     k = iteration_index(context.partition_key)
@@ -114,9 +115,12 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                                    lam=config.lam, variants_per_seed=config.variants_per_seed,
                                    n_feasibility_rollouts=config.feasibility_rollouts, seed=config.seed)
     rl_cfg = rl_config(rl)
-    work = os.path.join(data_root(), "loop", config_hash(loop_cfg, cur_cfg, rl_cfg, experience_model.path,
-                                                         policy_init.path, config.replay_buffer))
-    store = StageStore(os.path.join(work, f"{k:03d}"))
+    key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.env_spec(),
+                                            {"k": k, "replay_buffer": config.replay_buffer}),
+                          experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
+                          prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
+                          offline_trajectories=offline_trajectories)
+    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"))
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}

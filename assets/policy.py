@@ -9,8 +9,9 @@ import pyarrow as pa
 
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
+from pipelines import reuse
 from pipelines.partitions import iteration_partitions
-from pipelines.resources import Experiment, data_root
+from pipelines.resources import Experiment
 
 GROUP = "policy"
 
@@ -58,13 +59,6 @@ def rl_config(cfg: RLSettings):
                     kl_coef=cfg.kl_coef, clip_ratio=cfg.clip_ratio, temperature=cfg.temperature, seed=cfg.seed)
 
 
-def _hash(*parts) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, io_manager_key="checkpoint_io_manager")
 def policy_init(context: dg.AssetExecutionContext, config: PolicyInitAssetConfig,
                 offline_trajectories: pa.Table) -> CheckpointRef:
@@ -74,9 +68,10 @@ def policy_init(context: dg.AssetExecutionContext, config: PolicyInitAssetConfig
 
     dump = config.model_dump()
     cfg = PolicyInitConfig(**{**dump, "behaviours": tuple(dump["behaviours"]), "clone_kinds": tuple(dump["clone_kinds"])})
-    out = os.path.join(data_root(), "checkpoints", "policy_init", _hash(config.model_dump(), offline_trajectories.num_rows))
+    out = reuse.stage_dir(context, "policy_init",
+                          reuse.stage_key("policy_init", config, offline_trajectories=offline_trajectories))
     if policy_dir_ok(out):
-        context.log.info(f"reusing finished SFT policy at {out}")
+        reuse.reused(context, "policy_init", out)
         return CheckpointRef(path=out, kind="policy", metrics=load_checkpoint(out)[2].get("metrics", {}))
     trajs = trajectories_from_arrow(offline_trajectories)
 
@@ -103,25 +98,26 @@ def _loop_cfg(cfg: RealRLConfig):
     return LoopConfig(tasks_per_iteration=cfg.tasks_per_round, group_size=cfg.group_size, eval_max_steps=cfg.max_steps)
 
 
-def _train_real(context, name: str, start: CheckpointRef, ref_path: str, rl: RLSettings, cfg: RealRLConfig,
+def _train_real(context, name: str, start: CheckpointRef, ref: CheckpointRef, rl: RLSettings, cfg: RealRLConfig,
                 experiment: Experiment, seed_tasks: pa.Table) -> CheckpointRef:
     from dreamgym_core.loop import rl_in_real_env
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    out = os.path.join(data_root(), "checkpoints", name, _hash(start.path, rl.model_dump(), cfg.model_dump()))
+    key = reuse.stage_key(name, (rl, cfg, experiment.env_spec()), start=start, ref=ref, seed_tasks=seed_tasks)
+    out = reuse.stage_dir(context, name, key)
     if os.path.exists(os.path.join(out, "real_budget.json")):
         import json
 
-        context.log.info(f"reusing finished {name} policy at {out}")
+        reuse.reused(context, name, out)
         with open(os.path.join(out, "real_budget.json")) as f:
             return CheckpointRef(path=out, kind="policy", parent=start.path, metrics=json.load(f))
-    ref, _, _ = load_checkpoint(ref_path)
+    ref_model, _, _ = load_checkpoint(ref.path)
     if os.path.exists(os.path.join(start.path, "trainer.json")):
-        trainer = PolicyTrainer.load(start.path, rl_config(rl), ref_model=ref)
+        trainer = PolicyTrainer.load(start.path, rl_config(rl), ref_model=ref_model)
     else:
         model, tok, _ = load_checkpoint(start.path)
-        trainer = PolicyTrainer(model, tok, rl_config(rl), ref_model=ref)
+        trainer = PolicyTrainer(model, tok, rl_config(rl), ref_model=ref_model)
     rec = rl_in_real_env(trainer, real_env_factory(experiment), tasks_from_arrow(seed_tasks), _loop_cfg(cfg),
                          budget=cfg.budget, rounds=cfg.rounds, name=name, log=context.log.info)
     trainer.save(out)
@@ -144,7 +140,7 @@ def _budget_metadata(ref: CheckpointRef, cfg: RealRLConfig) -> dict:
 def real_rl_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: RealRLConfig,
                    experiment: Experiment, policy_init: CheckpointRef, seed_tasks: pa.Table):
     """The paper's real-env RL baseline: PPO/GRPO from the SFT policy directly in the real env, counted budget."""
-    ref = _train_real(context, "real_rl_policy", policy_init, policy_init.path, rl, config, experiment, seed_tasks)
+    ref = _train_real(context, "real_rl_policy", policy_init, policy_init, rl, config, experiment, seed_tasks)
     used = int(ref.metrics["real_transitions"])
     yield dg.Output(ref, metadata=_budget_metadata(ref, config))
     yield dg.AssetCheckResult(passed=used <= config.budget, check_name="real_budget_respected",
@@ -171,7 +167,7 @@ def s2r_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: S2RCon
     if key not in policy:
         raise dg.Failure(f"s2r_policy: iteration {key} of `policy` is not materialized (have {sorted(policy)})")
     context.log.info(f"S2R from iteration {key}: {policy[key].path}")
-    ref = _train_real(context, "s2r_policy", policy[key], policy_init.path, rl, config, experiment, seed_tasks)
+    ref = _train_real(context, "s2r_policy", policy[key], policy_init, rl, config, experiment, seed_tasks)
     used = int(ref.metrics["real_transitions"])
     yield dg.Output(CheckpointRef(path=ref.path, kind="policy", parent=ref.parent, iteration=int(key),
                                   metrics=ref.metrics), metadata={**_budget_metadata(ref, config), "from_iteration": key})

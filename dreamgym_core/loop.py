@@ -13,8 +13,8 @@ Iteration k, in order (paper §4):
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
-half-writes a stage. The work directory is keyed by the loop's config hash, so two configurations
-never share stage results.
+half-writes a stage. The caller keys the work directory by the config and the inputs' content
+(``pipelines.reuse``), so two configurations never share stage results.
 
 Departure from the paper: the paper alternates many policy updates per curriculum round; here one
 iteration is one rollout batch + one update (``RLConfig.ppo_epochs`` passes over it), which keeps an
@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
@@ -128,14 +128,6 @@ class Timer:
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}_s": round(v, 3) for k, v in self.seconds.items()}
-
-
-def config_hash(*configs) -> str:
-    import hashlib
-
-    blob = json.dumps([asdict(c) if hasattr(c, "__dataclass_fields__") else c for c in configs],
-                      sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
