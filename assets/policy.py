@@ -112,11 +112,11 @@ def _train_real(context, name: str, start: CheckpointRef, ref: CheckpointRef, rl
         reuse.reused(context, name, out)
         with open(os.path.join(out, "real_budget.json")) as f:
             return CheckpointRef(path=out, kind="policy", parent=start.path, metrics=json.load(f))
-    ref_model, _, _ = load_checkpoint(ref.path)
+    ref_model, _, _ = load_checkpoint(ref.path, training=True)
     if os.path.exists(os.path.join(start.path, "trainer.json")):
         trainer = PolicyTrainer.load(start.path, rl_config(rl), ref_model=ref_model)
     else:
-        model, tok, _ = load_checkpoint(start.path)
+        model, tok, _ = load_checkpoint(start.path, training=True)
         trainer = PolicyTrainer(model, tok, rl_config(rl), ref_model=ref_model)
     rec = rl_in_real_env(trainer, real_env_factory(experiment), tasks_from_arrow(seed_tasks), _loop_cfg(cfg),
                          budget=cfg.budget, rounds=cfg.rounds, name=name, log=context.log.info)

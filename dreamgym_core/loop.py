@@ -262,9 +262,9 @@ def _load_trainer(inp: IterationInputs, rl_cfg):
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    ref, _, _ = load_checkpoint(inp.ref_policy_dir)
+    ref, _, _ = load_checkpoint(inp.ref_policy_dir, training=True)
     if inp.k == 1:  # a fresh trainer on the SFT weights
-        model, tok, _ = load_checkpoint(inp.prev_policy_dir)
+        model, tok, _ = load_checkpoint(inp.prev_policy_dir, training=True)
         return PolicyTrainer(model, tok, rl_cfg, ref_model=ref)
     return PolicyTrainer.load(inp.prev_policy_dir, rl_cfg, ref_model=ref)
 
