@@ -10,8 +10,10 @@ import pyarrow.compute as pc
 from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersAnnotator, annotate_table, placement_knowledge, portable_items
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
-from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_to_arrow
+from dreamgym_core.schema import FIDELITY_METRICS, FIDELITY_SCHEMA, CheckpointRef, tasks_from_arrow, \
+    trajectories_to_arrow
 from pipelines import reuse
+from pipelines.settings import core
 from pipelines.resources import Experiment, Launcher
 
 GROUP = "experience_model"
@@ -154,9 +156,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()
-    pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot, use_history=config.use_history,
-                       pointers=config.pointers, progress=config.progress and has_progress(rows),
-                       placements=config.placements and has_progress(rows), affordances=config.affordances)
+    pc_ = core(PromptConfig, config, progress=config.progress and has_progress(rows),
+               placements=config.placements and has_progress(rows))
     examples = sft_examples(rows, pc_)
     weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
@@ -182,10 +183,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         else:
             tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
                                   vocab_size=config.vocab_size)
-        model = build_tiny_llama(tok, TinyLlamaConfig(hidden=config.hidden, layers=config.layers), seed=config.seed)
-    sft_cfg = SFTConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, max_len=config.max_len,
-                        time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100,
-                        length_bucketing=config.length_bucketing)
+        model = build_tiny_llama(tok, core(TinyLlamaConfig, config), seed=config.seed)
+    sft_cfg = core(SFTConfig, config, checkpoint_every=100)
     meta = {"prompt": pc_.__dict__, "examples": len(examples),
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":
@@ -255,24 +254,6 @@ class FidelityConfig(dg.Config):
     (its real episodes repeat). 50 tasks x 1 episode give a random policy's success a standard error
     near 0.06, as large as the gap measured; x 4 halves it."""
     seed: int = 0
-
-
-FIDELITY_METRICS = ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
-                    "win_recall", "win_precision", "invalid_action_accuracy", "valid_action_accuracy")
-FIDELITY_SCHEMA = pa.schema(
-    [("model", pa.string()), ("ablation", pa.string()), ("scope", pa.string()), ("transitions", pa.int64())]
-    + [(m, pa.float64()) for m in FIDELITY_METRICS] + [("baseline_" + m, pa.float64()) for m in FIDELITY_METRICS]
-    + [("step", pa.int64()), ("sim_alive", pa.float64()), ("agree_so_far", pa.float64()),
-       ("policy", pa.string()), ("episodes", pa.int64()), ("sim_success_rate", pa.float64()),
-       ("real_success_rate", pa.float64()), ("sim_real_gap", pa.float64()), ("sim_only_wins", pa.int64()),
-       ("real_only_wins", pa.int64()), ("both_won", pa.int64()), ("same_actions", pa.float64()),
-       ("predictions_per_s", pa.float64())])
-"""``experience_model_eval`` rows, one per ``scope``:
-``overall`` and ``action:<verb>`` (teacher-forced single steps), ``drift:<t>`` (step t of an
-open-loop replay; ``transitions`` = trajectories still that long), ``policy:<name>`` (success of a
-fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap`` = sim - real;
-the same episodes paired by id: ``sim_only_wins`` / ``real_only_wins`` / ``both_won`` and
-``same_actions``, the share of pairs that took the same actions throughout)."""
 
 
 def ablation_name(prompt) -> str:

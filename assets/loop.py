@@ -20,6 +20,7 @@ from assets.policy import RLSettings, rl_config
 from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines import reuse
+from pipelines.settings import core
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
 
@@ -39,13 +40,13 @@ class LoopSettings(dg.ConfigurableResource):
     eval_max_steps: int = 20
     curriculum: bool = True
     """Ablation switch: False keeps the task pool to the original tasks."""
-    variance_threshold: float = 0.0
+    threshold: float = 0.0
     """Tasks with V_tau above this seed M_task (then the top_m highest)."""
     top_m: int = 4
     lam: float = 0.3
     """At most this share of an iteration's task pool is synthetic."""
     variants_per_seed: int = 2
-    feasibility_rollouts: int = 3
+    n_feasibility_rollouts: int = 3
     replay_buffer: bool = True
     """Add each iteration's synthetic transitions to the LanceDB replay buffer."""
     seed: int = 0
@@ -108,12 +109,8 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         raise dg.Failure(f"iteration {k:03d} needs iteration {k - 1:03d}'s policy: materialize it first "
                          "(backfill iterations in order)")
     started = time.perf_counter()
-    loop_cfg = LoopConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
-                          max_steps=config.max_steps, eval_tasks=config.eval_tasks,
-                          sim_eval_tasks=config.sim_eval_tasks, eval_max_steps=config.eval_max_steps, seed=config.seed)
-    cur_cfg = cur.CurriculumConfig(enabled=config.curriculum, threshold=config.variance_threshold, top_m=config.top_m,
-                                   lam=config.lam, variants_per_seed=config.variants_per_seed,
-                                   n_feasibility_rollouts=config.feasibility_rollouts, seed=config.seed)
+    loop_cfg = core(LoopConfig, config)
+    cur_cfg = core(cur.CurriculumConfig, config, enabled=config.curriculum)
     rl_cfg = rl_config(rl)
     key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.env_spec(),
                                             {"k": k, "replay_buffer": config.replay_buffer}),
@@ -145,7 +142,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                     output_name="policy", metadata={"parent_policy": prev_key})
     sel = out.records.get("selection", {})
     yield dg.Output(out.task_scores, output_name="task_scores",
-                    metadata={"threshold": float(sel.get("threshold", config.variance_threshold)),
+                    metadata={"threshold": float(sel.get("threshold", config.threshold)),
                               "selected": int(len(sel.get("selected", []))),
                               "variance_histogram": dg.MetadataValue.md(_histogram_md(sel))})
     syn = out.records.get("synthesis", {})

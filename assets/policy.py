@@ -10,6 +10,7 @@ import pyarrow as pa
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
 from pipelines import reuse
+from pipelines.settings import core
 from pipelines.partitions import iteration_partitions
 from pipelines.resources import Experiment
 
@@ -21,8 +22,10 @@ class PolicyInitAssetConfig(dg.Config):
 
     base_model: str = ""
     """'' = from-scratch tiny Llama; else a local causal-LM directory."""
+    vocab_size: int = 2000
     hidden: int = 128
     layers: int = 2
+    heads: int = 4
     steps: int = 2000
     time_budget_s: float = 900.0
     batch_size: int = 16
@@ -32,31 +35,45 @@ class PolicyInitAssetConfig(dg.Config):
     """Offline behaviours whose won episodes are cloned ([] = all)."""
     clone_kinds: list[str] = ["expert"]
     """Action kinds cloned inside them ([] = every valid step)."""
+    max_prompt_tokens: int = 256
     seed: int = 0
 
 
 class RLSettings(dg.ConfigurableResource):
     """The PPO/GRPO trainer (one `algorithm` field, one dispatch), shared by every RL stage of a run:
-    the DreamGym loop, S2R and the real-env baseline (a resource, so one Launchpad edit sets all three)."""
+    the DreamGym loop, S2R and the real-env baseline (a resource, so one Launchpad edit sets all three).
+
+    Each field is ``dreamgym_core.rl.trainer.RLConfig``'s of the same name (documented there)."""
 
     algorithm: str = "grpo"
     """grpo (group-normalized advantages, no critic) | ppo (GAE + value head)."""
     lr: float = 5e-5
     """Measured on twc (README, Results): lr 2e-4 with kl_coef 0.02 drove KL to 0.45 and real success
     from 0.46 to 0.32 in 8 iterations; 5e-5 with 0.1 keeps the policy near the SFT one."""
+    value_lr: float = 1e-3
     ppo_epochs: int = 2
     minibatch_size: int = 32
-    kl_coef: float = 0.1
+    grad_accum_steps: int = 1
     clip_ratio: float = 0.2
+    kl_coef: float = 0.1
+    kl_kind: str = "k3"
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    step_advantage_weight: float = 0.0
+    """GRPO: weight of GiGPO's step-level advantage over anchor states (0 = plain GRPO)."""
+    episode_weighting: bool = False
+    vf_coef: float = 0.5
+    max_grad_norm: float = 1.0
     temperature: float = 1.0
+    max_prompt_tokens: int = 256
     seed: int = 0
+    share_decisions: bool = True
 
 
 def rl_config(cfg: RLSettings):
     from dreamgym_core.rl.trainer import RLConfig
 
-    return RLConfig(algorithm=cfg.algorithm, lr=cfg.lr, ppo_epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size,
-                    kl_coef=cfg.kl_coef, clip_ratio=cfg.clip_ratio, temperature=cfg.temperature, seed=cfg.seed)
+    return core(RLConfig, cfg)
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, io_manager_key="checkpoint_io_manager")
@@ -66,8 +83,7 @@ def policy_init(context: dg.AssetExecutionContext, config: PolicyInitAssetConfig
     from dreamgym_core.policy_init import PolicyInitConfig, init_policy, policy_dir_ok
     from dreamgym_core.models import load_checkpoint
 
-    dump = config.model_dump()
-    cfg = PolicyInitConfig(**{**dump, "behaviours": tuple(dump["behaviours"]), "clone_kinds": tuple(dump["clone_kinds"])})
+    cfg = core(PolicyInitConfig, config)
     out = reuse.stage_dir(context, "policy_init",
                           reuse.stage_key("policy_init", config, offline_trajectories=offline_trajectories))
     if policy_dir_ok(out):

@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from dreamgym_core.io import read_parquet, write_parquet_atomic
-from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
-    trajectories_to_arrow
+from dreamgym_core.schema import (EVAL_SCHEMA, TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
+                                  trajectories_from_arrow, trajectories_to_arrow)
 
 Log = Callable[[str], None]
 
@@ -192,15 +192,6 @@ def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequ
     return row
 
 
-EVAL_SCHEMA = pa.schema([
-    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
-    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
-    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
-])
-"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
-
-
 def eval_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
 
@@ -337,9 +328,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         store.put_record("selection", sel.as_record())
         rows = [{"iteration": k, "task_id": t, "variance": v[0], "rollouts": v[1], "mean_return": v[2],
                  "selected": t in sel.selected} for t, v in sorted(variances.items())]
-        schema = pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
-                            ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
-        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=schema))
+        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=TASK_SCORES_SCHEMA))
 
     scores, dt = run_stage(store, "task_scores", log, do_scores, lambda: store.table("task_scores"))
     timer.add("scores", dt)
