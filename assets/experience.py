@@ -13,8 +13,8 @@ from dreamgym_core.envs import make_env
 from dreamgym_core.schema import FIDELITY_METRICS, FIDELITY_SCHEMA, CheckpointRef, tasks_from_arrow, \
     trajectories_to_arrow
 from pipelines import reuse
-from pipelines.settings import core
 from pipelines.resources import Experiment, Launcher
+from pipelines.settings import core
 
 GROUP = "experience_model"
 

@@ -20,12 +20,16 @@ from assets.policy import RLSettings, rl_config
 from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines import reuse
-from pipelines.settings import core
+from pipelines.io_managers import parquet_path
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
+from pipelines.settings import core
 
 GROUP = "dreamgym_loop"
 PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_pool", "iteration_eval")
+STAGE_TABLES = {"rollouts": "rollouts", "task_scores": "task_scores", "synthesized_tasks": "synthesized_tasks",
+                "task_pool": "task_pool", "evaluation": "iteration_eval"}
+"""run_iteration's table stages -> the asset whose Parquet partition stores each."""
 
 
 class LoopSettings(dg.ConfigurableResource):
@@ -117,7 +121,10 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                           experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
                           prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
                           offline_trajectories=offline_trajectories)
-    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"))
+    # the stage tables live in their assets' Parquet partitions (one copy); records and the policy in `work`
+    tables = {stage: parquet_path(os.path.join(data_root(), "parquet"), asset, context.partition_key)
+              for stage, asset in STAGE_TABLES.items()}
+    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"), tables)
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}

@@ -10,9 +10,9 @@ import pyarrow as pa
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
 from pipelines import reuse
-from pipelines.settings import core
 from pipelines.partitions import iteration_partitions
 from pipelines.resources import Experiment
+from pipelines.settings import core
 
 GROUP = "policy"
 

@@ -28,6 +28,7 @@ Each section reports its own failure and the others still run; the exit status i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -95,8 +96,19 @@ def policy_update(args, path: str, workdir: str) -> dict:
     _, _, trajs, _ = build_workload(wl, workdir)  # text only: lengths are about right in any tokenizer
     model, tok, _ = load_checkpoint(path, training=True)
     ref, _, _ = load_checkpoint(path, training=True)
-    cfg = RLConfig(algorithm="grpo", lr=1e-5, ppo_epochs=1, minibatch_size=args.batch, kl_coef=0.04,
-                   max_prompt_tokens=args.prompt_tokens + 128, history_window=0, seed=args.seed)
+    # the prompt format (history window 0, truncation) is RLConfig's here and, once the training step
+    # records it with the policy, the model's (``policy.set_policy_format``): set whichever exists
+    fmt = {"history_window": 0, "max_prompt_tokens": args.prompt_tokens + 64}
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    cfg = RLConfig(algorithm="grpo", lr=1e-5, ppo_epochs=1, minibatch_size=args.batch, kl_coef=0.04, seed=args.seed,
+                   **{k: v for k, v in fmt.items() if k in fields})
+    try:
+        from dreamgym_core.policy import PolicyFormat, set_policy_format
+    except ImportError:
+        pass
+    else:
+        for m in (model, ref):
+            set_policy_format(m, PolicyFormat(**fmt))
     trainer = PolicyTrainer(model, tok, cfg, ref_model=ref, accelerator=accelerator())
     trajs = _with_acting_logprobs(trainer.model, tok, trajs, cfg)
     dev = placement(training=True)

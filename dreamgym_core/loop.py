@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.io import read_parquet, write_parquet_atomic
+from dreamgym_core.io import exists, file_sha256, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import (EVAL_SCHEMA, TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
                                   trajectories_from_arrow, trajectories_to_arrow)
 
@@ -40,21 +40,45 @@ Log = Callable[[str], None]
 
 
 class StageStore:
-    """Finished stage results of one iteration: ``<root>/<name>.parquet|.json`` or a directory."""
+    """Finished stage results of one iteration: records ``<root>/<name>.json``, directories ``<root>/<name>``,
+    tables ``<root>/<name>.parquet`` or, where the caller names their final home in ``tables`` (the
+    pipeline's Parquet partition of that asset), there: each table is stored once. A table stored
+    outside ``root`` counts as this store's only while ``<root>/<name>.sha256`` matches the file, so a
+    partition that another configuration has since rewritten is recomputed, not taken for this one's."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tables: dict[str, str] | None = None):
         self.root = root
+        self.tables = dict(tables or {})
         os.makedirs(root, exist_ok=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def table_path(self, name: str) -> str:
+        return self.tables.get(name) or self.path(name + ".parquet")
+
+    def _table_done(self, name: str) -> bool:
+        p = self.table_path(name)
+        if not exists(p):
+            return False
+        if name not in self.tables:
+            return True
+        marker = self.path(name + ".sha256")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            return f.read().strip() == file_sha256(p)
+
     def table(self, name: str) -> pa.Table | None:
-        p = self.path(name + ".parquet")
-        return read_parquet(p) if os.path.exists(p) else None
+        return read_parquet(self.table_path(name)) if self._table_done(name) else None
 
     def put_table(self, name: str, table: pa.Table) -> pa.Table:
-        write_parquet_atomic(table, self.path(name + ".parquet"))
+        write_parquet_atomic(table, self.table_path(name))
+        if name in self.tables:  # the marker last: a kill between the two leaves the stage unfinished
+            marker = self.path(name + ".sha256")
+            with open(marker + ".tmp", "w") as f:
+                f.write(file_sha256(self.table_path(name)))
+            os.replace(marker + ".tmp", marker)
         return table
 
     def record(self, name: str) -> dict | None:
@@ -73,7 +97,7 @@ class StageStore:
 
     def done(self, name: str) -> bool:
         """A stage is finished once its table or record exists (a directory result writes its record last)."""
-        return any(os.path.exists(self.path(name + ext)) for ext in (".parquet", ".json"))
+        return self._table_done(name) or os.path.exists(self.path(name + ".json"))
 
 
 def run_stage(store: StageStore, name: str, log: Log, fn: Callable[[], object], load: Callable[[], object]):
@@ -304,7 +328,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
     def do_update() -> dict:
         if inp.update is not None:  # the directory first, then the record: a killed update is re-run
-            m = inp.update(inp.prev_policy_dir, store.path("rollouts.parquet"), policy_dir)
+            m = inp.update(inp.prev_policy_dir, store.table_path("rollouts"), policy_dir)
         else:
             tr = get_trainer()
             m = tr.update(trajs)

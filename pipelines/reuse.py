@@ -8,12 +8,14 @@ its config (a dataclass, a Dagster ``Config`` or a dict) and the fingerprint of 
   gives a new key, and one with the same rows keeps it;
 - a ``CheckpointRef``: sha256 of the files of its directory (weights, tokenizer, ``dreamgym.json``),
   so a retrained upstream model invalidates what was built on it even where its path stays the same;
+  a replay buffer's ref (a LanceDB table that grows under one path): its path, iteration and metrics
+  (which carry the table version);
 - a dict of refs (an ``AllPartitionMapping`` input), a list, a string or a number: hashed structurally.
 
 The key names the directory where a stage writes (``<data>/checkpoints/<stage>/<key>``): a finished
 result there is reused, a retried run resumes inside it, and two configurations never share one.
-The same fingerprints are what ``data_version`` reports to Dagster, so the UI's "upstream data
-changed" marks agree with what is reused.
+Dagster's own data versions are not used for this: they are per materialization, while a key must
+also hold across runs, instances and a wiped event log (the data folder alone decides).
 
 Re-running on purpose recomputes: the run tag ``dreamgym/force`` (``true`` / ``all``, or a comma
 list of asset names) removes the stage's finished directory before the stage runs (docs/reuse.md).
@@ -83,6 +85,8 @@ def fingerprint(obj: Any) -> str:
     if hasattr(obj, "to_arrow") and not isinstance(obj, (str, bytes)):  # polars.DataFrame
         return _table_fingerprint(obj.to_arrow())
     if isinstance(obj, CheckpointRef):
+        if obj.kind == "replay_buffer":  # a LanceDB table grows under one path: its version names the content
+            return _digest({"path": obj.path, "iteration": obj.iteration, "metrics": obj.metrics})
         return _dir_fingerprint(obj.path) if obj.path else "empty"
     if isinstance(obj, dict):
         return _digest({str(k): fingerprint(v) for k, v in sorted(obj.items())})

@@ -40,6 +40,16 @@ def test_checkpoint_fingerprint_follows_file_content(tmp_path):
     assert reuse.fingerprint(ref) == second
 
 
+def test_replay_buffer_ref_is_keyed_by_its_version_not_its_growing_directory(tmp_path):
+    (tmp_path / "data.lance").write_bytes(b"v1")
+    ref = CheckpointRef(path=str(tmp_path), kind="replay_buffer", iteration=1, metrics={"version": 3.0})
+    first = reuse.fingerprint(ref)
+    (tmp_path / "data.lance").write_bytes(b"v1 + later iterations")
+    assert reuse.fingerprint(ref) == first
+    assert reuse.fingerprint(CheckpointRef(path=str(tmp_path), kind="replay_buffer", iteration=1,
+                                           metrics={"version": 4.0})) != first
+
+
 def test_stage_key_changes_with_config_inputs_and_stage():
     t = pa.table({"a": [1]})
     base = reuse.stage_key("policy_init", {"lr": 1.0}, data=t)
