@@ -55,10 +55,11 @@ class Conversion:
 
 def conversions() -> list[Conversion]:
     """Every conversion the assets make (imported lazily: the asset modules import this one)."""
-    from assets.experience import ExperienceModelConfig
+    from assets.experience import ExperienceModelConfig, FidelityConfig
     from assets.loop import LoopSettings
     from assets.policy import PolicyInitAssetConfig, RLSettings
     from dreamgym_core.curriculum import CurriculumConfig
+    from dreamgym_core.evaluation import FidelityEvalConfig
     from dreamgym_core.experience_model import PromptConfig, SFTConfig
     from dreamgym_core.loop import LoopConfig
     from dreamgym_core.models import TinyLlamaConfig
@@ -75,6 +76,7 @@ def conversions() -> list[Conversion]:
                     "cluster_size": "PPO's task clusters: fixed"},
                    asset_only=("curriculum", "replay_buffer")),
         Conversion(PolicyInitAssetConfig, (PolicyInitConfig,)),
+        Conversion(FidelityConfig, (FidelityEvalConfig,)),
         Conversion(ExperienceModelConfig, (SFTConfig, PromptConfig, TinyLlamaConfig),
                    {"warmup": "the schedule's fixed warmup", "checkpoint_every": "fixed at 100 steps",
                     "num_demos": "M_exp trains without retrieved demos", "heads": "fixed (TinyLlamaConfig)",
