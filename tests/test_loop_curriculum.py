@@ -25,8 +25,9 @@ def _room(items):
     return AbstractState.make("You are in the bedroom.", "bedroom", FURNITURE + list(items)).render()
 
 
-ORIGINAL = [Task(f"t/{i}", "twx", "twc", "train", i, "Put things away.") for i in range(len(ITEMS))]
-STARTS = {t.task_id: _room([ITEMS[i]]) for i, t in enumerate(ORIGINAL)}
+# more originals than a batch holds: drawn as one urn, a variant would reach the batch 1 time in 5
+ORIGINAL = [Task(f"t/{i:02d}", "twx", "twc", "train", i, "Put things away.") for i in range(30)]
+STARTS = {t.task_id: _room([ITEMS[i % len(ITEMS)]]) for i, t in enumerate(ORIGINAL)}
 EVAL = [Task(f"e/{i}", "twx", "twc", "test", 100 + i, "Put things away.") for i in range(2)]
 STARTS.update({t.task_id: _room([ITEMS[0], ITEMS[1]]) for t in EVAL})
 
@@ -89,7 +90,7 @@ def sft_dir(tmp_path_factory):
     return save_checkpoint(model, tok, str(root / "policy"), {"kind": "policy"})
 
 
-CFG = LoopConfig(tasks_per_iteration=10, group_size=4, max_steps=4, rollout_batch=16, eval_tasks=2,
+CFG = LoopConfig(tasks_per_iteration=6, group_size=4, max_steps=4, rollout_batch=16, eval_tasks=2,
                  sim_eval_tasks=0, eval_max_steps=4, seed=0)
 RL = RLConfig(algorithm="grpo", lr=1e-2, minibatch_size=16, ppo_epochs=1, max_prompt_tokens=256)
 
@@ -116,16 +117,16 @@ def test_a_variant_kept_in_iteration_k_is_rolled_out_in_k_plus_1(two_iterations)
     out1, out2, writer = two_iterations
     assert writer.calls and writer.calls[0] >= 1                 # the seeds reached M_task
     kept = read_tasks(out1.synthesized_tasks)
-    assert kept and all(t.source == "synthetic" and t.iteration == 1 for t in kept)
+    # every proposal names the same state (all the room's items): one kept, the others duplicates
+    assert len(kept) == 1 and kept[0].source == "synthetic" and kept[0].iteration == 1
     rolled1 = {t.task.task_id for t in read_trajectories(out1.rollouts)}
     rolled2 = {t.task.task_id for t in read_trajectories(out2.rollouts)}
     assert not any(i.startswith("syn/") for i in rolled1)            # nothing synthetic existed yet
-    assert {t.task_id for t in kept} <= rolled2                       # each kept variant, the next iteration
+    assert kept[0].task_id in rolled2                                 # the kept variant, the next iteration
     syn2 = [t for t in read_trajectories(out2.rollouts) if t.task.source == "synthetic"]
     assert all(t.steps[0].state == t.task.initial_state for t in syn2)  # from the variant's own start state
-    # lambda = 0.3 of 10 tasks: 3 places, so at most 3 synthetic tasks, the rest originals
-    assert len({t.task.task_id for t in syn2}) == min(3, len(kept))
-    assert len(rolled2) == min(3, len(kept)) + min(len(ORIGINAL), 10 - min(3, len(kept)))
+    # lambda = 0.3 of 6 tasks: floor(1.8) = 1 place, the other 5 originals
+    assert len({t.task.task_id for t in syn2}) == 1 and len(rolled2) == 6
     stats = out2.records["rollouts"]
     assert stats["curriculum/synthetic_tasks"] == len({t.task.task_id for t in syn2})
     assert stats["curriculum/synthetic_episodes"] == len(syn2)
