@@ -9,7 +9,9 @@ embeddings and scores each cluster.
 Eq. 6: M_task (the experience model's own weights) is prompted with m seed tasks and writes a
 harder-but-feasible variant: an instruction and an initial abstract state. Variants pass a
 feasibility filter (dedupe, format, a quick simulation in M_exp) and join the next iteration's
-task pool, at most a fraction lambda of it.
+task pool, at most a fraction lambda of it. Each iteration's rollout batch gives synthetic tasks
+the share lambda whenever the pool has some (``draw_batch``: originals and synthetic drawn apart,
+the newest variants first), so a variant kept in iteration k is trained on in k + 1.
 
 Departures from the paper, and why:
 - A task here is (instruction, initial abstract state). In TextWorldExpress twc the instruction
@@ -26,6 +28,12 @@ Departures from the paper, and why:
   The filter still drops names no existing task has (literal form).
 - Feasibility also rejects variants that M_exp itself declares unplayable (every rollout ends on
   an invalid or unparseable step): the paper's "feasible" is judged by its LLM; ours is measured.
+- M_task decodes inside its output grammar (``next_task_constraint`` / ``TaskConstraint``): the
+  field names, pointers that exist in the catalogue (none repeated) and the end are forced, so a
+  small M_task's proposals parse (free decoding: 3 of 22 in the README's demo, most pointers out of
+  range); what it writes inside the grammar is still the model's.
+- The paper does not say how the pool is sampled; a pool of ~300 originals sampled as one urn gave
+  a synthetic task 0.1 place per iteration, so ``draw_batch`` reserves max(1, floor(lambda * n)).
 
 Usage (one curriculum step)::
 
@@ -35,10 +43,12 @@ Usage (one curriculum step)::
     cats = [catalogues[location_of(existing_states[t.task_id])] for t in seeds]   # object_catalogue(...)
     groups = seed_groups(seeds, existing_tasks, existing_states, 2, seed=k)
     prompts = [build_task_prompt(g, existing_states, 2, c) for g, c in zip(groups, cats)]
-    texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts)   # M_task
+    texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts, cats)   # M_task, grammar-constrained
     kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg, cats,
                               [existing_states[t.task_id] for t in seeds])
+    rows = proposals_table(k, report["rows"])                      # every proposal and its fate
     pool = build_task_pool(original_tasks, old_synthetic + kept, cfg.lam, size, seed=k)
+    batch = draw_batch(pool, n, cfg.lam, k + 1)                    # iteration k+1's rollout tasks
 """
 
 from __future__ import annotations
@@ -66,13 +76,14 @@ DROP_REASONS = ("parse", "duplicate", "format", "unknown", "trivial", "invalid")
 @dataclass(frozen=True)
 class CurriculumConfig:
     enabled: bool = True
-    """Ablation switch: False keeps the pool to the original tasks (no M_task)."""
+    """Ablation switch: False = no M_task, and no synthetic task in any pool or rollout batch."""
     threshold: float = 0.0
     """Seeds need V_tau strictly above this."""
     top_m: int = 4
     """At most this many seeds (highest V_tau first)."""
     lam: float = 0.3
-    """At most this share of a task pool is synthetic."""
+    """At most this share of a task pool is synthetic; each rollout batch gives synthetic tasks this
+    share (at least one place) whenever the pool has some (``draw_batch``)."""
     variants_per_seed: int = 2
     seeds_per_prompt: int = 2
     """m: seed tasks shown to M_task in one prompt."""

@@ -1,12 +1,13 @@
 """One DreamGym iteration (paper Algorithm 1) as resumable stages, and RL with a counted real budget.
 
 Iteration k, in order (paper §4):
-  1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
-                 n rollouts per task), every transition tagged with that policy's version;
+  1. rollouts    the policy of iteration k-1 acts in M_exp on a batch drawn from the task pool of k-1
+                 (synthetic tasks at share lambda, ``curriculum.draw_batch``; GRPO: a group of n
+                 rollouts per task), every transition tagged with that policy's version;
   2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
-  4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
-                 some (Eq. 6);
+  4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
+                 feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
   6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
   7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``).
@@ -449,7 +450,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     metrics = {**{f"update/{a}": float(b) for a, b in upd.items() if isinstance(b, (int, float))},
                **timer.metrics()}
     return IterationOutputs(rollouts=rollouts, task_scores=scores, synthesized_tasks=synth, task_pool=pool_t,
-                            task_proposals=proposals, evaluation=ev, policy_dir=policy_dir, metrics=metrics, records=records)
+                            task_proposals=proposals, evaluation=ev, policy_dir=policy_dir, metrics=metrics,
+                            records=records)
 
 
 def _transition_names() -> tuple[str, ...]:

@@ -317,8 +317,8 @@ def writer_model(tmp_path_factory):
     from tests.tiny_models import tiny_llama
 
     tasks = [_task(i) for i in range(8)]
-    states = {t.task_id: AbstractState.make("x", "bedroom", ["bed: empty"] + [f"item {j}" for j in range(1 + i % 4)]).render()
-              for i, t in enumerate(tasks)}
+    states = {t.task_id: AbstractState.make("x", "bedroom", ["bed: empty"] + [f"item {j}" for j in range(1 + i % 4)])
+              .render() for i, t in enumerate(tasks)}
     ex = task_writing_examples(tasks, states, m=2, n=30, seed=0)
     model, tok = tiny_llama(tmp_path_factory.mktemp("mtask"), [e.prompt + "\n" + e.reasoning + e.prediction
                                                                for e in ex], 400, hidden_size=32,

@@ -79,7 +79,8 @@ def test_curriculum_view_counts_proposals_and_synthetic_rollouts(tmp_path):
                 iteration=1, initial_state="x") for i in range(2)]
     # iteration 2 rolled out both variants (3 episodes, 2 won) and the original (won, not counted)
     rolled = [traj(syn[0], 0, True, 2), traj(syn[0], 1, False, 2), traj(syn[1], 0, True, 2), traj(orig, 0, True, 2)]
-    write_parquet_atomic(trajectories_to_arrow([traj(orig, 0, False, 1)]), str(tmp_path / "parquet/rollouts/001.parquet"))
+    write_parquet_atomic(trajectories_to_arrow([traj(orig, 0, False, 1)]),
+                         str(tmp_path / "parquet/rollouts/001.parquet"))
     write_parquet_atomic(trajectories_to_arrow(rolled), str(tmp_path / "parquet/rollouts/002.parquet"))
     rows1 = [{"index": 0, "parent_task_id": "t/1", "task_id": "syn/001/0", "kept": True, "reason": ""},
              {"index": 1, "parent_task_id": "t/1", "task_id": "syn/001/1", "kept": True, "reason": ""},
