@@ -211,11 +211,21 @@ fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap
 the same episodes paired by id: ``sim_only_wins`` / ``real_only_wins`` / ``both_won`` and
 ``same_actions``, the share of pairs that took the same actions throughout)."""
 
+PROPOSAL_SCHEMA = pa.schema([
+    ("iteration", pa.int64()), ("index", pa.int64()), ("parent_task_id", pa.string()), ("task_id", pa.string()),
+    ("parsed", pa.bool_()), ("kept", pa.bool_()), ("reason", pa.string()), ("parse_error", pa.string()),
+    ("state", pa.string()), ("text", pa.string()),
+])
+"""``task_proposals``: one row per M_task proposal of an iteration. ``reason``: the drop reason
+(``curriculum.DROP_REASONS``), "" when kept; ``parse_error``: the parser's reason when ``reason`` is "parse";
+``task_id``: the synthetic task id once the proposal passed format and vocabulary; ``state``: the
+proposed start state (null when it did not parse); ``text``: M_task's raw output."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "seed_tasks": TASK_SCHEMA, "eval_tasks": TASK_SCHEMA, "synthesized_tasks": TASK_SCHEMA, "task_pool": TASK_SCHEMA,
     "offline_trajectories": TRAJECTORY_ROWS_SCHEMA, "rollouts": TRAJECTORY_ROWS_SCHEMA,
     "task_scores": TASK_SCORES_SCHEMA, "iteration_eval": EVAL_SCHEMA, "policy_eval": EVAL_SCHEMA,
-    "experience_model_eval": FIDELITY_SCHEMA,
+    "experience_model_eval": FIDELITY_SCHEMA, "task_proposals": PROPOSAL_SCHEMA,
 }
 """The declared schema of every Parquet asset, by asset name (the schema checks read it; extra columns,
 such as ``cot_annotations``' reasoning, ride on top of ``offline_trajectories``')."""
