@@ -200,7 +200,8 @@ def policy_eval(context: dg.AssetExecutionContext, config: PolicyEvalConfig, exp
     transitions used to TRAIN the policy). ``sim_real_gap`` = success in M_exp minus real success on
     the same tasks, for the policies evaluated in both.
     """
-    from dreamgym_core.loop import LoopConfig, eval_table, evaluate, initial_state_fn, lm_policy_factory
+    from dreamgym_core.evaluation import evaluate, lm_policy_factory
+    from dreamgym_core.loop import LoopConfig, initial_state_fn
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rollout import RandomPolicy
 

@@ -31,7 +31,8 @@ class PolicyContext:
     state: str
     candidates: tuple[str, ...]
     history: tuple[tuple[str, str], ...] = ()
-    """(action, feedback) of earlier steps, oldest first."""
+    """(action, feedback) of every earlier step, oldest first; the policy's format decides how many
+    of them its prompt shows (``policy.PolicyFormat.history_window``)."""
     seed: int = 0
 
 
@@ -40,6 +41,8 @@ class ActionChoice:
     action: str
     logprob: float
     """Log-probability of ``action`` under the policy (sum over its tokens for an LM policy)."""
+    prompt: str | None = None
+    """The text the policy scored (``Transition.prompt``); None for a policy without a prompt."""
 
 
 class Policy(Protocol):
@@ -55,7 +58,6 @@ class RolloutConfig:
     max_steps: int = 20
     batch_size: int = 8
     """Episodes stepped together (model batch; bounded by the env's engine count for real envs)."""
-    history_window: int = 4
     budget: int | None = None
     """Maximum transitions in total (real-env budget); None = unlimited."""
     source: str = "real"
@@ -99,6 +101,16 @@ def _feedback(state: str) -> str:
         return ""
 
 
+def episode_contexts(traj: Trajectory) -> list[PolicyContext]:
+    """What the policy saw at each step of a stored episode (as ``rollout`` builds it): the task's
+    instruction, the state, the candidates and every earlier (action, feedback) pair."""
+    out, history = [], []
+    for s in traj.steps:
+        out.append(PolicyContext(traj.task.instruction, s.state, tuple(s.candidates), tuple(history)))
+        history.append((s.action, _feedback(s.next_state)))
+    return out
+
+
 def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutConfig) -> tuple[list[Trajectory], RolloutStats]:
     """Run ``cfg.group_size`` episodes of ``policy`` on every task; returns trajectories in task order."""
     jobs = [(task, g) for task in tasks for g in range(cfg.group_size)]
@@ -124,7 +136,7 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
             if not live:
                 break
             contexts = [PolicyContext(chunk[i][0].instruction, observations[i].state, observations[i].candidates,
-                                      tuple(history[i][-cfg.history_window:]) if cfg.history_window else (),
+                                      tuple(history[i]),
                                       _seed(cfg.seed, chunk[i][0].task_id, chunk[i][1], t)) for i in live]
             choices = policy.act(contexts)
             actions: list[str | None] = [None] * len(chunk)
@@ -141,7 +153,7 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
                     state=obs.state, action=c.action, next_state=res.obs.state, reward=res.reward, score=res.score,
                     done=res.done, won=res.won, lost=res.lost, valid=res.valid, action_kind="policy",
                     candidates=obs.candidates, obs=obs.raw, next_obs=res.obs.raw, source=cfg.source,
-                    policy=policy.name, iteration=cfg.iteration, logprob=float(c.logprob)))
+                    policy=policy.name, iteration=cfg.iteration, logprob=float(c.logprob), prompt=c.prompt))
                 history[i].append((c.action, _feedback(res.obs.state)))
                 crashed[i] = crashed[i] or res.crashed
                 observations[i] = None if res.done else res.obs

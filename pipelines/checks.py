@@ -18,7 +18,7 @@ def _expected(name: str) -> pa.Schema | None:
     if name in EXPECTED:
         return EXPECTED[name]
     if name in ("iteration_eval", "policy_eval"):
-        from dreamgym_core.loop import EVAL_SCHEMA
+        from dreamgym_core.evaluation import EVAL_SCHEMA
         return EVAL_SCHEMA
     if name == "task_scores":
         return pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
