@@ -2,14 +2,17 @@
 
 Iteration k, in order (paper §4):
   1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
-                 n rollouts per task), every transition tagged with that policy's version;
-  2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
+                 n rollouts per task), every transition tagged with that policy's version and the
+                 prompt it saw (``rl.step.act``: the training step's first phase);
+  2. policy      the step's advantages and update on those rollouts (``PolicyTrainer.update``), KL to
+                 the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
   4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
                  some (Eq. 6);
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
   6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
-  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``).
+  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``,
+                 ``evaluation.evaluate``).
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
@@ -32,7 +35,7 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.evaluation import EVAL_SCHEMA, eval_rows, eval_table, evaluate, lm_policy_factory  # noqa: F401
+from dreamgym_core.evaluation import evaluate, lm_policy_factory
 from dreamgym_core.io import read_parquet, write_parquet_atomic
 from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
     trajectories_to_arrow
