@@ -8,6 +8,7 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
+from dreamgym_core.rollout import PolicyFormat
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
 from pipelines.partitions import iteration_partitions
 from pipelines.resources import Experiment, data_root
@@ -26,7 +27,9 @@ class PolicyInitAssetConfig(dg.Config):
     time_budget_s: float = 900.0
     batch_size: int = 16
     lr: float = 2e-3
-    history_window: int = 2
+    history_window: int = PolicyFormat.history_window
+    """(action, feedback) pairs in the policy's prompt; recorded in its checkpoint (``PolicyFormat``),
+    which every rollout, update and evaluation of the policy reads."""
     behaviours: list[str] = ["expert", "noisy"]
     """Offline behaviours whose won episodes are cloned ([] = all)."""
     clone_kinds: list[str] = ["expert"]

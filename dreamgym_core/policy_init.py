@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from dreamgym_core.rollout import PolicyFormat
 from dreamgym_core.schema import Trajectory
 
 
@@ -41,14 +42,14 @@ class PolicyInitConfig:
     a budget-bound run plans a shorter cosine schedule so it still ends annealed (``policy.train_bc``)."""
     batch_size: int = 16
     lr: float = 2e-3
-    history_window: int = 2
-    """(action, feedback) pairs in the policy's prompt. Declared here only: the checkpoint records it
+    history_window: int = PolicyFormat.history_window
+    """(action, feedback) pairs in the policy's prompt. Set here only: the checkpoint records it
     (``PolicyFormat``) and every rollout, update and evaluation of this policy reads it from there."""
     behaviours: tuple[str, ...] = ("expert", "noisy")
     """Offline behaviours (``Trajectory.policy``) whose won episodes are cloned; () = every behaviour."""
     clone_kinds: tuple[str, ...] = ("expert",)
     """``Transition.action_kind`` of the cloned steps; () = every valid step of those episodes."""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = PolicyFormat.max_prompt_tokens
     """Left truncation of the policy's prompts (recorded in its ``PolicyFormat`` like the window)."""
     seed: int = 0
 
@@ -60,14 +61,12 @@ class PolicyInitConfig:
             raise ValueError("PolicyInitConfig: history_window >= 0, time_budget_s > 0 and lr > 0 are required")
 
     @property
-    def fmt(self):
+    def fmt(self) -> PolicyFormat:
         """The prompt format the cloned policy is saved with."""
-        from dreamgym_core.policy import PolicyFormat
-
         return PolicyFormat(history_window=self.history_window, max_prompt_tokens=self.max_prompt_tokens)
 
 
-def policy_corpus(trajs: Sequence[Trajectory], fmt) -> list[str]:
+def policy_corpus(trajs: Sequence[Trajectory], fmt: PolicyFormat) -> list[str]:
     """Texts the policy tokenizer is trained on: every prompt the policy will see plus its actions."""
     from dreamgym_core.policy import END_OF_ACTION, bc_examples, build_policy_prompt
     from dreamgym_core.rollout import PolicyContext

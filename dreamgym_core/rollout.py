@@ -15,7 +15,7 @@ rollout is reproducible whatever the batch composition.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol, Sequence
 
 from dreamgym_core.envs.base import BatchEnv, Observation
@@ -32,8 +32,37 @@ class PolicyContext:
     candidates: tuple[str, ...]
     history: tuple[tuple[str, str], ...] = ()
     """(action, feedback) of every earlier step, oldest first; the policy's format decides how many
-    of them its prompt shows (``policy.PolicyFormat.history_window``)."""
+    of them its prompt shows (``PolicyFormat.history_window``)."""
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyFormat:
+    """How a policy's prompt is built: fixed when the policy is cloned (``PolicyInitConfig``), saved
+    in its checkpoint's ``dreamgym.json`` under ``policy_format``, and read from there by everything
+    that acts with or trains the policy (rollouts, the update, evaluation), so the prompt a policy
+    learned on is the prompt it meets. ``LMPolicy`` refuses a format other than its model's."""
+
+    history_window: int = 2
+    """(action, feedback) pairs of earlier steps shown in the prompt, most recent last."""
+    max_prompt_tokens: int = 256
+    """Prompts are left-truncated to this many tokens (the state and recent history are at the end)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history_window, int) or self.history_window < 0:
+            raise ValueError(f"PolicyFormat.history_window={self.history_window!r} must be an integer >= 0")
+        if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
+            raise ValueError(f"PolicyFormat.max_prompt_tokens={self.max_prompt_tokens!r} must be an integer >= 1")
+
+    def as_meta(self) -> dict:
+        return {"policy_format": asdict(self)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, where: str = "checkpoint") -> "PolicyFormat":
+        if "policy_format" not in meta:
+            raise ValueError(f"{where}: dreamgym.json records no policy_format (a policy saved before formats were "
+                             "recorded); re-materialize policy_init")
+        return cls(**meta["policy_format"])
 
 
 @dataclass(frozen=True)
