@@ -105,7 +105,7 @@ class _FakeTrainer:
     def __init__(self, algorithm="grpo"):
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(algorithm=algorithm, temperature=1.0, max_prompt_tokens=64)
+        self.cfg = SimpleNamespace(algorithm=algorithm, temperature=1.0)
         self.seen = []
         self.model = self.tokenizer = None
 
@@ -132,5 +132,6 @@ def test_real_rl_budget_is_exact(monkeypatch, budget):
     rec = rl_in_real_env(tr, lambda: CountdownEnv(need=3), TASKS, cfg, budget=budget, rounds=4, name="real_rl")
     full = 4 * 3 * 2 * 3  # rounds x tasks x group x steps per episode
     assert rec["real_transitions"] == min(budget, full) == sum(tr.seen)
+    assert rec["real_transitions_recorded"] == rec["real_transitions"]  # the check compares the two
     with pytest.raises(ValueError):
         rl_in_real_env(tr, lambda: CountdownEnv(), TASKS, cfg, budget=-1, rounds=1, name="x")
