@@ -446,7 +446,7 @@ def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *
         for phase in ("rollout", "advantages", "update"):
             timer.add(phase, step.metrics.get(f"timing/{phase}_s", 0.0))
         used += stats.transitions
-        recorded += sum(len(t.steps) for t in trajs if all(s.source == "real" for s in t.steps))
+        recorded += sum(len(t.steps) for t in step.trajectories if all(s.source == "real" for s in t.steps))
         episodes += stats.episodes
         wins += stats.successes
         if step.trajectories:
