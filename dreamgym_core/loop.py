@@ -1,14 +1,15 @@
 """One DreamGym iteration (paper Algorithm 1) as resumable stages, and RL with a counted real budget.
 
 Iteration k, in order (paper §4):
-  1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
-                 n rollouts per task), every transition tagged with that policy's version and the
+  1. rollouts    the policy of iteration k-1 acts in M_exp on a batch drawn from the task pool of k-1
+                 (synthetic tasks at share lambda, ``curriculum.draw_batch``; GRPO: a group of n
+                 rollouts per task), every transition tagged with that policy's version and the
                  prompt it saw (``rl.step.act``: the training step's first phase);
   2. policy      the step's advantages and update on those rollouts (``PolicyTrainer.update``), KL to
                  the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
-  4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
-                 some (Eq. 6);
+  4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
+                 feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
   6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
   7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``,
@@ -218,6 +219,8 @@ class IterationOutputs:
     task_scores: pa.Table
     synthesized_tasks: pa.Table
     task_pool: pa.Table
+    task_proposals: pa.Table
+    """Every M_task proposal of the iteration with its fate (``curriculum.PROPOSAL_SCHEMA``)."""
     evaluation: pa.Table
     policy_dir: str
     metrics: dict[str, float]
@@ -267,13 +270,21 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
     # 1. rollouts of policy k-1 in M_exp (the step's first phase, rl.step.act) ---------------------
     def do_rollouts() -> pa.Table:
-        tasks = sample_tasks(inp.pool, cfg.tasks_per_iteration, k, cfg.seed)
+        # originals and synthetic tasks drawn apart: lam of the batch is synthetic whenever the pool has
+        # any; the ablation (curriculum off) never rolls one out, whatever the pool holds
+        pool = inp.pool if cur_cfg.enabled else [t for t in inp.pool if t.source != "synthetic"]
+        tasks = cur.draw_batch(pool, cfg.tasks_per_iteration, cur_cfg.lam if cur_cfg.enabled else 0.0, k, cfg.seed)
         trajs, stats = act(inp.make_sim(init_state), get_trainer(), tasks, RolloutConfig(
             group_size=cfg.group_size if grpo else 1, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
             source="synthetic", iteration=k, seed=cfg.seed * 1000 + k), policy_name=policy_version(k - 1))
-        store.put_record("rollouts_stats", stats.as_metadata())
-        log(f"iteration {k:03d}: {stats.episodes} synthetic episodes, {stats.transitions} transitions, "
-            f"success {stats.successes / max(stats.episodes, 1):.2f} in M_exp")
+        syn = [t for t in trajs if t.task.source == "synthetic"]
+        syn_rec = {"curriculum/synthetic_tasks": len({t.task.task_id for t in syn}),
+                   "curriculum/synthetic_episodes": len(syn),
+                   "curriculum/synthetic_success_rate": sum(t.won for t in syn) / len(syn) if syn else None}
+        store.put_record("rollouts_stats", {**stats.as_metadata(), **syn_rec})
+        log(f"iteration {k:03d}: {stats.episodes} episodes in M_exp, {stats.transitions} transitions, "
+            f"success {stats.successes / max(stats.episodes, 1):.2f}; {syn_rec['curriculum/synthetic_tasks']} "
+            f"synthetic tasks rolled out ({len(syn)} episodes)")
         return store.put_table("rollouts", trajectories_table(trajs))
 
     rollouts, dt = run_stage(store, "rollouts", log, do_rollouts, lambda: store.table("rollouts"))
@@ -327,7 +338,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         selected = [r["task_id"] for r in scores.to_pylist() if r["selected"]]
         by_id = {t.task_id: t for t in list(inp.pool) + list(inp.original)}
         seeds = [by_id[i] for i in selected if i in by_id]
-        kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
+        kept, report = [], {"proposals": 0, "parsed": 0, "parse_rate": None, "kept": 0, "drops": {}, "rows": []}
         if cur_cfg.enabled and seeds and inp.task_writer is not None:
             existing = list(inp.pool) + list(inp.original)
             states = {t.task_id: init_state(t) for t in [*existing, *seeds]}
@@ -340,9 +351,9 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             n = cur_cfg.variants_per_seed
             prompts = [cur.build_task_prompt(g, states, cur_cfg.seeds_per_prompt, c)
                        for g, c in zip(groups, cats) for _ in range(n)]
-            texts = inp.task_writer.write(prompts)
             parents = [t for t in seeds for _ in range(n)]
             prompt_cats = [c for c in cats for _ in range(n)]
+            texts = inp.task_writer.write(prompts, prompt_cats)
             templates = [states[t.task_id] if c is not None else None for t, c in zip(parents, prompt_cats)]
             existing_states = {t.task_id: states[t.task_id] for t in existing}
 
@@ -356,14 +367,19 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
             kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats,
                                           templates)
+        store.put_table("task_proposals", cur.proposals_table(k, report["rows"]))
         store.put_record("synthesis", report)
-        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
-            f"drops {report.get('drops', {})}")
+        rate = report.get("parse_rate")
+        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, parsed {report.get('parsed', 0)}"
+            + (f" ({rate:.0%})" if rate is not None else "") + f", kept {len(kept)}, drops {report.get('drops', {})}")
         return store.put_table("synthesized_tasks", write_tasks(kept))
 
     synth, dt = run_stage(store, "synthesized_tasks", log, do_synth, lambda: store.table("synthesized_tasks"))
     timer.add("synthesis", dt)
     records["synthesis"] = store.record("synthesis") or {}
+    proposals = store.table("task_proposals")
+    if proposals is None:  # a stage result written before proposals were kept
+        proposals = cur.proposals_table(k, [])
 
     # 5. task pool for k+1 ------------------------------------------------------------------------
     def do_pool() -> pa.Table:
@@ -403,7 +419,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     metrics = {**{f"update/{a}": float(b) for a, b in upd.items() if isinstance(b, (int, float))},
                **timer.metrics()}
     return IterationOutputs(rollouts=rollouts, task_scores=scores, synthesized_tasks=synth, task_pool=pool_t,
-                            evaluation=ev, policy_dir=policy_dir, metrics=metrics, records=records)
+                            task_proposals=proposals, evaluation=ev, policy_dir=policy_dir, metrics=metrics,
+                            records=records)
 
 
 def _transition_names() -> tuple[str, ...]:

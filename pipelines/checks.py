@@ -20,6 +20,9 @@ def _expected(name: str) -> pa.Schema | None:
     if name in ("iteration_eval", "policy_eval"):
         from dreamgym_core.evaluation import EVAL_SCHEMA
         return EVAL_SCHEMA
+    if name == "task_proposals":
+        from dreamgym_core.curriculum import PROPOSAL_SCHEMA
+        return PROPOSAL_SCHEMA
     if name == "task_scores":
         return pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
                           ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
