@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m bench.env_throughput
 	$(PY) -m bench.mexp_generation --batch-sizes 1,8,32,64
 	$(PY) -m bench.policy_update
+	$(PY) -m bench.train_step
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(abspath $(DATA))/dagster_home DREAMGYM_DATA=$(abspath $(DATA)) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
