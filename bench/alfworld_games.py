@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for split in args.splits.split(","):
-            handcoded, wins, lengths, first, resets, t_exp, n_exp, t_rand, n_rand = [], [], [], [], 0.0, 0, 0.0, 0
+            handcoded, wins, lengths, first, resets, t_exp, n_exp, t_rand, n_rand = [], [], [], [], [], 0.0, 0, 0.0, 0
             per_type = {t: 0 for t in TASK_TYPES}
             for task in env.tasks(split, args.games):
                 t0 = time.perf_counter()
