@@ -40,12 +40,32 @@ def test_generator_is_deterministic_balanced_and_respects_the_pairing_split():
             assert spec.task_type == TASK_TYPES[i]
             assert spec.floor_plan in split_floor_plans(split)
             if spec.parent_target:  # look_at_obj_in_light has no receptacle target
-                assert heldout_pair(spec.object_target, spec.parent_target) == (split == "test_pairs")
+                assert heldout_pair(spec.object_target, spec.parent_target) == split.endswith("_pairs")
             else:
                 assert spec.toggle_target in ("DeskLamp", "FloorLamp")
             assert "(:goal" in problem and f"{spec.object_target}Type" in problem
             specs[split, i] = spec
     assert specs["train", 0] != specs["dev", 0]
+
+
+def test_heldout_pairs_setting_maps_dev_and_test_to_unseen_pairings(tmp_path):
+    env = make_env(EnvSpec(env="alfworld", game="pick_and_place_simple", params=json.dumps({"heldout": "pairs"}),
+                           cache_dir=str(tmp_path)))
+    tasks = env.tasks("test", 3)
+    assert [t.task_id for t in tasks] == ["alfworld/test_pairs/0", "alfworld/test_pairs/6", "alfworld/test_pairs/12"]
+    assert all(t.split == "test" for t in tasks)
+    for t in tasks:
+        spec, _ = sample_game("test_pairs", t.seed)
+        assert spec.task_type == "pick_and_place_simple" and spec.instruction == t.instruction
+        assert heldout_pair(spec.object_target, spec.parent_target)
+        assert spec.floor_plan in split_floor_plans("train")
+    with pytest.raises(ValueError, match="heldout must be"):
+        make_env(EnvSpec(env="alfworld", params=json.dumps({"heldout": "rooms"})))
+    with pytest.raises(ValueError, match="unknown key"):
+        make_env(EnvSpec(env="alfworld", params=json.dumps({"objects": 3})))
+    with pytest.raises(ValueError, match="unknown ALFWorld game"):
+        make_env(EnvSpec(env="alfworld", game="pick_and_place"))
+    assert make_env(EnvSpec(env="alfworld")).game == "all"  # EnvSpec's default game is TWX's
 
 
 def _facts(*items):
