@@ -4,7 +4,8 @@ One ``@multi_asset`` holds the per-iteration stages. Each stage is its own asset
 storage (Parquet, LanceDB, checkpoint), and each has a k-1 **self** edge only: Dagster rejects k-1
 edges between different keys (a cycle), and a multi-asset with sibling edges breaks the backfill
 daemon (shared/notes/dagster-idioms.md §1.3.2, §1.4). The order inside an iteration is code order:
-rollouts -> policy -> task_scores -> synthesized_tasks -> task_pool -> replay_buffer -> iteration_eval
+rollouts -> policy -> task_scores -> synthesized_tasks (+ task_proposals) -> task_pool -> replay_buffer ->
+iteration_eval
 (dreamgym_core.loop). Iteration k reads k-1's ``policy`` and ``task_pool``; iteration 1 starts from
 ``policy_init`` and ``seed_tasks``. Stages already finished for k are skipped on a retry.
 """
@@ -23,7 +24,7 @@ from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_
 from pipelines.resources import Experiment, Launcher, data_root
 
 GROUP = "dreamgym_loop"
-PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_pool", "iteration_eval")
+PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_proposals", "task_pool", "iteration_eval")
 
 
 class LoopSettings(dg.ConfigurableResource):
@@ -37,12 +38,13 @@ class LoopSettings(dg.ConfigurableResource):
     sim_eval_tasks: int = 25
     eval_max_steps: int = 20
     curriculum: bool = True
-    """Ablation switch: False keeps the task pool to the original tasks."""
+    """Ablation switch: False = no M_task and no synthetic task in any rollout batch (originals only)."""
     variance_threshold: float = 0.0
     """Tasks with V_tau above this seed M_task (then the top_m highest)."""
     top_m: int = 4
     lam: float = 0.3
-    """At most this share of an iteration's task pool is synthetic."""
+    """Share of each rollout batch given to synthetic tasks whenever the pool has some (at least one
+    place), and the most the task pool may hold."""
     variants_per_seed: int = 2
     feasibility_rollouts: int = 3
     replay_buffer: bool = True
@@ -67,6 +69,8 @@ LOOP_SPECS = [
     _spec("task_scores", "io_manager", {"parquet"}, "Reward variance V_tau per task (Eq. 7) and the seeds chosen."),
     _spec("synthesized_tasks", "io_manager", {"parquet"},
           "Task variants M_task wrote from high-variance seeds that passed the feasibility filter."),
+    _spec("task_proposals", "io_manager", {"parquet"},
+          "Every variant M_task proposed in iteration k: parsed or not, kept or the filter's drop reason."),
     _spec("task_pool", "io_manager", {"parquet"},
           "Tasks for iteration k+1: originals plus at most a fraction lambda of synthetic ones.", ["seed_tasks"]),
     _spec("replay_buffer", "checkpoint_io_manager", {"lancedb"},
@@ -148,6 +152,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     yield dg.Output(out.synthesized_tasks, output_name="synthesized_tasks",
                     metadata={"proposals": int(syn.get("proposals", 0)), "kept": out.synthesized_tasks.num_rows,
                               "drops": dg.MetadataValue.json(syn.get("drops", {}))})
+    yield dg.Output(out.task_proposals, output_name="task_proposals", metadata=_proposal_metadata(syn, out))
     share = _synthetic_share(out.task_pool)
     yield dg.Output(out.task_pool, output_name="task_pool",
                     metadata={"tasks": out.task_pool.num_rows, "synthetic_share": share})
@@ -161,7 +166,8 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     from pipelines.checks import schema_check
 
     for name, table in [("rollouts", out.rollouts), ("task_scores", out.task_scores),
-                        ("synthesized_tasks", out.synthesized_tasks), ("task_pool", out.task_pool),
+                        ("synthesized_tasks", out.synthesized_tasks), ("task_proposals", out.task_proposals),
+                        ("task_pool", out.task_pool),
                         ("iteration_eval", out.evaluation)]:
         yield schema_check(name, table)
     yield dg.AssetCheckResult(asset_key="task_pool", check_name="synthetic_share_within_lambda",
@@ -215,6 +221,28 @@ def _buffer(context, offline: pa.Table):
 
 def _num(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+def _proposal_metadata(syn: dict, out) -> dict:
+    """The curriculum's iteration at a glance: M_task's proposals, how many parsed and were kept,
+    each proposal's fate, and how the synthetic tasks of this iteration's batch fared."""
+    rolled = out.records.get("rollouts", {})
+    rows = out.task_proposals.to_pylist()
+    table = ["| # | parent | fate | task |", "|---|---|---|---|"] + [
+        f"| {r['index']} | {r['parent_task_id']} | "
+        + ("kept" if r["kept"] else r["reason"] + (f" ({r['parse_error']})" if r["parse_error"] else ""))
+        + f" | {r['task_id'] or ''} |" for r in rows]
+    meta = {"curriculum/proposals": int(syn.get("proposals", 0)), "curriculum/parsed": int(syn.get("parsed", 0)),
+            "curriculum/kept": out.synthesized_tasks.num_rows,
+            "curriculum/synthetic_tasks": int(rolled.get("curriculum/synthetic_tasks", 0)),
+            "curriculum/synthetic_episodes": int(rolled.get("curriculum/synthetic_episodes", 0)),
+            "drops": dg.MetadataValue.json(syn.get("drops", {})),
+            "proposals_table": dg.MetadataValue.md("\n".join(table) if rows else "no proposals")}
+    for key, value in (("curriculum/parse_rate", syn.get("parse_rate")),
+                       ("curriculum/synthetic_success_rate", rolled.get("curriculum/synthetic_success_rate"))):
+        if value is not None:  # no proposals / no synthetic episode: no rate to show
+            meta[key] = float(value)
+    return meta
 
 
 def _synthetic_share(pool: pa.Table) -> float:

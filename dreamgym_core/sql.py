@@ -9,9 +9,18 @@ partitions (a ``_partition`` column holds the partition key). Three views are de
                   step is counted twice
     trajectories  one row per episode of those assets (success, return, length, policy...)
     tasks         every task-level asset (seed, eval, synthesized...), with ``asset``
+    curriculum    one row per iteration: M_task's proposals, parsed, parse_rate, kept, drop_<reason>
+                  (task_proposals), and the synthetic tasks that iteration's batch rolled out with
+                  their episodes and success rate (rollouts)
 
 The same views can be created in any DuckDB session with ``create_views(con, data_dir)``.
-Only SELECT / EXPLAIN statements are run: inspection never writes.
+Only SELECT / EXPLAIN statements are run: inspection never writes. That check is the first of
+two: the connection that runs user SQL (``sandboxed_connection``) is also locked down by DuckDB
+itself (``enable_external_access=false`` with ``allowed_paths`` = the Parquet files the views
+read, no extension auto-install or auto-load, then ``lock_configuration``), so even a statement
+that got past the check could not create a file, ATTACH a database, read any other file or switch
+the settings back (it could overwrite one of the allowed Parquet files: only the first layer stops
+that, and DuckDB runs no SELECT that writes). Files under the root that resolve (symlinks) outside it are skipped.
 """
 
 from __future__ import annotations
@@ -44,11 +53,16 @@ def discover_assets(data_dir: str | os.PathLike) -> dict[str, tuple[list[str], b
     found: dict[str, tuple[list[str], bool]] = {}
     if not root.is_dir():
         return found
+    real_root = root.resolve()
+
+    def inside(p: Path) -> bool:
+        return p.resolve().is_relative_to(real_root)
+
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or not inside(entry):
             continue
         if entry.is_dir() and _NAME.match(entry.name):
-            files = sorted(str(p) for p in entry.glob("*.parquet") if not p.name.startswith("."))
+            files = sorted(str(p) for p in entry.glob("*.parquet") if not p.name.startswith(".") and inside(p))
             if files:
                 found[entry.name] = (files, True)
         elif entry.suffix == ".parquet" and _NAME.match(entry.stem):
@@ -112,7 +126,35 @@ def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike,
     if task_assets:
         execute(f"CREATE OR REPLACE VIEW tasks AS {union(task_assets, _TASK_COLS)}")
         views.append("tasks")
+    if "task_proposals" in views:
+        execute(_curriculum_view("rollouts" in trajectory_assets))
+        views.append("curriculum")
     return views
+
+
+def _curriculum_view(with_rollouts: bool) -> str:
+    """The ``curriculum`` view: per iteration k, what M_task proposed in k and its fate, beside the
+    synthetic tasks k's batch rolled out (kept in earlier iterations) and how they fared."""
+    from dreamgym_core.curriculum import DROP_REASONS
+
+    drops = ", ".join(f"count(*) FILTER (WHERE reason = '{r}') AS drop_{r}" for r in DROP_REASONS)
+    p = f"""SELECT iteration, count(*) AS proposals, count(*) FILTER (WHERE parsed) AS parsed,
+                   count(*) FILTER (WHERE kept) AS kept, {drops}
+            FROM task_proposals GROUP BY iteration"""
+    r = """SELECT iteration, count(DISTINCT task_id) AS synthetic_rolled_out, count(*) AS synthetic_episodes,
+                  avg(CASE WHEN success THEN 1.0 ELSE 0.0 END) AS synthetic_success_rate
+           FROM (SELECT iteration, traj_id, any_value(task_id) AS task_id, bool_or(success) AS success
+                 FROM rollouts WHERE task_source = 'synthetic' GROUP BY iteration, traj_id)
+           GROUP BY iteration""" if with_rollouts else \
+        "SELECT NULL::BIGINT AS iteration, 0 AS synthetic_rolled_out, 0 AS synthetic_episodes, " \
+        "NULL::DOUBLE AS synthetic_success_rate WHERE false"
+    zero = ", ".join(f"coalesce(drop_{x}, 0) AS drop_{x}" for x in DROP_REASONS)
+    return f"""CREATE OR REPLACE VIEW curriculum AS
+        SELECT iteration, coalesce(proposals, 0) AS proposals, coalesce(parsed, 0) AS parsed,
+               parsed / nullif(proposals, 0) AS parse_rate, coalesce(kept, 0) AS kept, {zero},
+               coalesce(synthetic_rolled_out, 0) AS synthetic_rolled_out,
+               coalesce(synthetic_episodes, 0) AS synthetic_episodes, synthetic_success_rate
+        FROM ({p}) FULL OUTER JOIN ({r}) USING (iteration) ORDER BY iteration"""
 
 
 def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
@@ -127,9 +169,22 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             raise ValueError(f"only SELECT queries are allowed (read-only inspection); got {st.type.name}")
 
 
-def query(data_dir: str | os.PathLike, sql: str) -> duckdb.DuckDBPyRelation | None:
-    con = duckdb.connect(":memory:")
+def sandboxed_connection(data_dir: str | os.PathLike) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory DuckDB with the asset views that can read only ``<data>/parquet`` and nothing
+    else: no writes, no ATTACH, no extensions, settings locked. Returns (connection, view names)."""
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
     views = create_views(con, data_dir)
+    # the exact files the views read, not their folder: a folder would let COPY create files in it
+    files = [f for fs, _ in discover_assets(data_dir).values() for f in fs]
+    con.execute(f"SET allowed_paths = {_quote_list(files)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con, views
+
+
+def query(data_dir: str | os.PathLike, sql: str) -> duckdb.DuckDBPyRelation | None:
+    con, views = sandboxed_connection(data_dir)
     if not views:
         raise ValueError(f"no Parquet assets under {parquet_root(data_dir)}; run `make demo` first")
     _check_read_only(con, sql)

@@ -20,6 +20,9 @@ def _expected(name: str) -> pa.Schema | None:
     if name in ("iteration_eval", "policy_eval"):
         from dreamgym_core.loop import EVAL_SCHEMA
         return EVAL_SCHEMA
+    if name == "task_proposals":
+        from dreamgym_core.curriculum import PROPOSAL_SCHEMA
+        return PROPOSAL_SCHEMA
     if name == "task_scores":
         return pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
                           ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
@@ -72,6 +75,28 @@ def fidelity_thresholds(config: FidelityThresholds, experience_model_eval: pa.Ta
     return dg.AssetCheckResult(passed=not misses, severity=dg.AssetCheckSeverity.WARN,
                                metadata={**{k: float(row.get(k) or 0.0) for k in config.model_dump()},
                                          "below_target": ", ".join(misses) or "none"})
+
+
+def real_budget_check(metrics: dict, budget: int) -> dg.AssetCheckResult:
+    """``real_budget_respected`` (ERROR, blocking): the real transitions the policy was actually trained
+    on, counted from the recorded trajectories, within ``budget`` and equal to the rollout's own counter.
+    Computed here, not trusted from the code path it checks (which no longer raises first)."""
+    counted = int(metrics.get("real_transitions", -1))
+    recorded = metrics.get("real_transitions_recorded")
+    problems = []
+    if recorded is None:
+        problems.append("no recorded transition count (a checkpoint from before the count was kept): re-run it")
+    else:
+        recorded = int(recorded)
+        if recorded > budget:
+            problems.append(f"{recorded} real transitions recorded, over the budget of {budget}")
+        if recorded != counted:
+            problems.append(f"rollout counted {counted} but {recorded} were recorded: the accounting is off")
+    return dg.AssetCheckResult(check_name="real_budget_respected", passed=not problems,
+                               severity=dg.AssetCheckSeverity.ERROR,
+                               metadata={"real_transitions_recorded": -1 if recorded is None else recorded,
+                                         "real_transitions_counted": counted, "budget": budget,
+                                         "problems": "; ".join(problems) or "none"})
 
 
 ALL_CHECKS = [_schema_asset_check(n) for n in ("seed_tasks", "eval_tasks", "offline_trajectories", "policy_eval")] \

@@ -1,10 +1,12 @@
 """The `dreamgym` command line.
 
-    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld] [--game G]   the whole loop, then a results table
+    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld|miniwob] [--game G]   the whole loop, then a results table
     dreamgym report  [--out FILE]                     HTML report with the plots
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
+    dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
 
 It lives in pipelines/ (not the core) because `demo` drives Dagster.
 """
@@ -75,6 +77,32 @@ DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_shar
               "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
 
 
+def _curriculum_line(m: dict) -> str:
+    """One iteration's curriculum from its metadata: M_task's parse rate and kept variants, and the
+    synthetic tasks this iteration's batch rolled out (kept in earlier iterations)."""
+    rate = m.get("curriculum/parse_rate")
+    success = m.get("curriculum/synthetic_success_rate")
+    return (f"curriculum: M_task parsed {int(m.get('curriculum/parsed', 0))}/{int(m.get('curriculum/proposals', 0))}"
+            + (f" ({rate:.0%})" if rate is not None else "") + f", kept {int(m.get('curriculum/kept', 0))}; "
+            f"synthetic tasks rolled out {int(m.get('curriculum/synthetic_tasks', 0))}"
+            + (f" (success {success:.2f} in M_exp)" if success is not None else ""))
+
+
+# `dreamgym demo --tiny`: a few tasks, a 1-layer M_exp and policy trained a fixed number of steps (the
+# time budgets are far above what they need, so the result does not depend on the machine's speed):
+# the fault-injection script (scripts/kill_anywhere.py) runs it again and again and compares results.
+TINY_OPS = {
+    "experience_model": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "vocab_size": 400,
+                                    "steps": 20, "batch_size": 4}},
+    "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                         "gap_tasks": 2, "gap_max_steps": 4}},
+    "policy_init": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "steps": 20}},
+    "real_rl_policy": {"config": {"budget": 24, "rounds": 2, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "s2r_policy": {"config": {"budget": 12, "rounds": 1, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "policy_eval": {"config": {"eval_tasks": 3, "sim_eval_tasks": 0, "sampled": False, "max_steps": 5}},
+}
+
+
 def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
@@ -114,19 +142,38 @@ def demo_sizes(env: str = "twx", game: str | None = None) -> dict:
                     "experience_model_eval": {"max_transitions": 100, "drift_trajectories": 6, "gap_tasks": 6},
                     "real_rl_policy": {"budget": 120, "rounds": 2}, "s2r_policy": {"budget": 60, "rounds": 1},
                     "policy_eval": {"eval_tasks": 12}, "iterations": 2}
-    raise ValueError(f"dreamgym demo: --env must be twx or alfworld, got {env!r}")
+        case "miniwob":
+            # 60 train tasks (10 per task kind, about 800 offline transitions in under a minute of
+            # browser time), held-out tasks from the test seeds, 10-step offline episodes (the longest
+            # expert, click-checkboxes, takes at most 7)
+            return {"experiment": {"env": "miniwob", "game": game or "mix", "n_train_tasks": 60, "eval_fold": "test",
+                                   "max_steps": 10},
+                    "loop": {"tasks_per_iteration": 12, "eval_tasks": 30, "sim_eval_tasks": 15},
+                    "experience_model_eval": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15},
+                    "real_rl_policy": {"budget": 600, "rounds": 3}, "s2r_policy": {"budget": 300, "rounds": 2},
+                    "policy_eval": {"eval_tasks": 30}, "iterations": 3}
+    raise ValueError(f"dreamgym demo: --env must be twx, alfworld or miniwob, got {env!r}")
 
 
 def cmd_demo(args) -> int:
     data = _data_dir(args)
+    # a finished step is skipped on a re-run, so one data folder holds one environment's demo
+    marker = os.path.join(data, "demo_env")
+    if os.path.exists(marker) and open(marker).read().strip() != args.env:
+        print(f"dreamgym demo: {data} holds a --env {open(marker).read().strip()} demo; pass another --data "
+              f"folder for --env {args.env}", file=sys.stderr)
+        return 2
+    os.makedirs(data, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(args.env + "\n")
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
-    os.environ.setdefault("DAGSTER_HOME", home)
-    cfg = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
-    if not os.path.exists(cfg):  # an offline machine: no telemetry attempts, no banner
-        with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+    if not os.environ.get("DAGSTER_HOME"):  # unset or empty
+        os.environ["DAGSTER_HOME"] = home
+    from pipelines.runguard import write_instance_yaml
+
+    write_instance_yaml(os.environ["DAGSTER_HOME"])  # offline: no telemetry; run monitoring for `make ui`
 
     import dagster as dg
 
@@ -134,7 +181,7 @@ def cmd_demo(args) -> int:
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
     from pipelines.resources import Experiment
 
-    defs = build_defs(data)
+    defs = build_defs(data, "tiny" if args.tiny else None)
     from assets.loop import LoopSettings
 
     # the demo's sizes: the assets' defaults are the measured runs (README); the demo trims the
@@ -161,7 +208,14 @@ def cmd_demo(args) -> int:
            "real_rl_policy": {"config": sizes["real_rl_policy"]},
            "s2r_policy": {"config": sizes["s2r_policy"]},
            "policy_eval": {"config": {**sizes["policy_eval"], "sim_eval_tasks": 0, "sampled": False}}}
+    if args.tiny:
+        resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+        ops = TINY_OPS
+    from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
+
     with dg.DagsterInstance.get() as instance:
+        for run_id in mark_dead_runs_failed(instance):
+            print(f"[dreamgym] run {run_id} was killed before it finished: marked failed", flush=True)
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
             if _materialized(instance, key, part):
@@ -173,18 +227,28 @@ def cmd_demo(args) -> int:
                            "policy_eval")
             run_config = {**(loud if long else quiet), "ops": {key: ops[key]} if key in ops else {}}
             selection = LOOP_KEYS if key == "dreamgym_iteration" else [key]
-            result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
-                                    run_config=run_config, partition_key=part, raise_on_error=False)
+            try:
+                with partition_lock(data, [key], part):  # the same lock a UI run of this step takes
+                    result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
+                                            run_config=run_config, partition_key=part, raise_on_error=False,
+                                            tags=run_tags())
+            except PartitionBusyError as exc:
+                print(f"[dreamgym] {exc}", file=sys.stderr)
+                return 1
             if not result.success:
                 print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
                       file=sys.stderr)
                 return 1
-            shown = {}
+            shown, numbers = {}, {}
             for mat in result.get_asset_materialization_events():
                 for k, v in mat.materialization.metadata.items():
-                    if k in DEMO_SHOWN and isinstance(v.value, (int, float)):
-                        shown[k] = round(v.value, 3) if isinstance(v.value, float) else v.value
+                    if isinstance(v.value, (int, float)):
+                        numbers[k] = v.value
+                        if k in DEMO_SHOWN:
+                            shown[k] = round(v.value, 3) if isinstance(v.value, float) else v.value
             print(f"[dreamgym]   done in {time.perf_counter() - t0:.1f}s  {shown}", flush=True)
+            if key == "dreamgym_iteration":
+                print(f"[dreamgym]   {_curriculum_line(numbers)}", flush=True)
     from dreamgym_core.sql import run_query
     from pipelines.report import write_report
 
@@ -195,6 +259,12 @@ def cmd_demo(args) -> int:
                           "real_transitions FROM policy_eval "
                           "ORDER BY CASE policy WHEN 'random' THEN 0 WHEN 'sft' THEN 1 WHEN 'dreamgym' THEN 2 "
                           "WHEN 's2r' THEN 3 ELSE 4 END, iteration, mode"))
+    if args.iterations > 0:
+        print("\nThe curriculum per iteration (dreamgym sql \"select * from curriculum\"):")
+        print(run_query(data, "SELECT iteration, proposals, parsed, round(parse_rate, 2) AS parse_rate, kept, "
+                              "drop_parse, drop_duplicate, drop_format, drop_unknown, drop_trivial, drop_invalid, "
+                              "synthetic_rolled_out, round(synthetic_success_rate, 2) AS synthetic_success "
+                              "FROM curriculum ORDER BY iteration"))
     report = write_report(data, os.path.join(data, "report.html"))
     print(f"\n[dreamgym] finished in {time.perf_counter() - started:.1f}s. Report: {report}\n"
           f"  inspect: .venv/bin/dreamgym sql \"select policy, iteration, count(*) from trajectories group by all\"\n"
@@ -211,7 +281,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from pipelines.results_docs import write_results_doc
+
+    try:
+        print(write_results_doc(args.results, args.out))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"dreamgym results: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["learner"]:  # its own argparse (python -m dreamgym_core.learner_check)
+        from dreamgym_core.learner_check import main as learner_main
+
+        return learner_main(argv[1:], prog="dreamgym learner")
     # --data is accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=argparse.SUPPRESS, help="data folder (default $DREAMGYM_DATA or ./data)")
@@ -227,11 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
     s.add_argument("--iterations", type=int, default=None,
                    help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
-    s.add_argument("--env", choices=("twx", "alfworld"), default="twx",
-                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games)")
+    s.add_argument("--env", choices=("twx", "alfworld", "miniwob"), default="twx",
+                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games; "
+                        "miniwob: MiniWoB++ web tasks in headless chromium)")
     s.add_argument("--game", default=None,
-                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type)")
+                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type; "
+                        "miniwob: mix or comma-separated task names)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
+    s.add_argument("--tiny", action="store_true",
+                   help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
     s.set_defaults(func=cmd_demo)
 
     s = add("report", help="write an HTML report (tables and plots) of the run")
@@ -253,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None, help="partition name (default: the file's stem)")
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
+
+    s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",
+            add_help=False)
+    s = add("results", help="generate docs/results.md and its plots from the rows under results/")
+    s.add_argument("--results", default="results", help="folder of result CSVs (default results)")
+    s.add_argument("--out", default="docs/results.md", help="Markdown file to write (default docs/results.md)")
+    s.set_defaults(func=cmd_results)
 
     args = p.parse_args(argv)
     return args.func(args)

@@ -19,6 +19,19 @@ def test_help_lists_commands():
         assert cmd in out.stdout
 
 
+def test_demo_envs_build_valid_experiments_and_a_data_folder_keeps_one_env(tmp_path):
+    from pipelines.cli import demo_sizes
+    from pipelines.resources import Experiment
+
+    for env in ("twx", "alfworld", "miniwob"):
+        sizes = demo_sizes(env)
+        spec = Experiment(**sizes["experiment"]).env_spec()
+        assert spec.env == env and sizes["iterations"] >= 1
+    (tmp_path / "demo_env").write_text("twx\n")
+    out = _run("demo", "--env", "miniwob", data=tmp_path)
+    assert out.returncode == 2 and "holds a --env twx demo" in out.stderr
+
+
 def test_sql_json_and_error_exit_code(tmp_path):
     t = Task("twx/twc/train/0", "twx", "twc", "train", 0, "do it")
     write_parquet_atomic(tasks_to_arrow([t]), str(tmp_path / "parquet" / "seed_tasks.parquet"))
@@ -41,3 +54,14 @@ def test_demo_plan_materializes_every_asset_after_its_upstreams(tmp_path):
             assert ups <= seen, f"{k} runs before {sorted(ups - seen)}"
         seen.update(keys)
     assert seen == {k.to_user_string() for k in graph.get_all_asset_keys()}  # the demo covers every asset
+
+
+def test_demo_prints_each_iterations_curriculum():
+    from pipelines.cli import _curriculum_line
+
+    line = _curriculum_line({"curriculum/proposals": 8, "curriculum/parsed": 7, "curriculum/parse_rate": 0.875,
+                             "curriculum/kept": 2, "curriculum/synthetic_tasks": 3,
+                             "curriculum/synthetic_success_rate": 0.25})
+    assert line == ("curriculum: M_task parsed 7/8 (88%), kept 2; synthetic tasks rolled out 3 "
+                    "(success 0.25 in M_exp)")
+    assert _curriculum_line({}) == "curriculum: M_task parsed 0/0, kept 0; synthetic tasks rolled out 0"

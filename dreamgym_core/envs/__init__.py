@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
 
-ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp", "alfworld")
+ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp", "alfworld", "miniwob")
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,12 @@ class EnvSpec:
 
     env: str = "twx"
     """Adapter: twx (TextWorldExpress) | textworld (tw-make challenges) | scienceworld | lamp (a learner
-    check with a known optimum, ``envs.lamp``) | alfworld (locally generated ALFWorld games)."""
+    check with a known optimum, ``envs.lamp``) | alfworld (locally generated ALFWorld games) | miniwob
+    (MiniWoB++ web pages in headless Chromium)."""
     game: str = "twc"
-    """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...), ScienceWorld task name, or ALFWorld
-    task type ("all" = the six in turn)."""
+    """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...), ScienceWorld task name, ALFWorld
+    task type ("all" = the six in turn), or MiniWoB task(s): ``mix`` or comma-separated names from
+    ``miniwob_env.TASKS``."""
     params: str = ""
     """TWX and lamp: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
     step_limit: int = 100
@@ -67,6 +69,10 @@ def make_env(spec: EnvSpec) -> Env:
             game = "all" if spec.game == "twc" else spec.game
             return ALFWorldEnv(game, json.loads(spec.params or "{}"), cache_dir=spec.cache_dir,
                                step_limit=spec.step_limit)
+        case "miniwob":
+            from dreamgym_core.envs.miniwob_env import MiniWoBEnv
+
+            return MiniWoBEnv(spec.game, step_limit=spec.step_limit)
     raise AssertionError(spec.env)  # unreachable: validated in EnvSpec
 
 
