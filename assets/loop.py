@@ -20,11 +20,17 @@ import pyarrow as pa
 from assets.policy import RLSettings, rl_config
 from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
+from pipelines import reuse
+from pipelines.io_managers import parquet_path
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
+from pipelines.settings import core
 
 GROUP = "dreamgym_loop"
 PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_proposals", "task_pool", "iteration_eval")
+STAGE_TABLES = {"rollouts": "rollouts", "task_scores": "task_scores", "synthesized_tasks": "synthesized_tasks",
+                "task_proposals": "task_proposals", "task_pool": "task_pool", "evaluation": "iteration_eval"}
+"""run_iteration's tables -> the asset whose Parquet partition stores each."""
 
 
 class LoopSettings(dg.ConfigurableResource):
@@ -39,14 +45,14 @@ class LoopSettings(dg.ConfigurableResource):
     eval_max_steps: int = 20
     curriculum: bool = True
     """Ablation switch: False = no M_task and no synthetic task in any rollout batch (originals only)."""
-    variance_threshold: float = 0.0
+    threshold: float = 0.0
     """Tasks with V_tau above this seed M_task (then the top_m highest)."""
     top_m: int = 4
     lam: float = 0.3
     """Share of each rollout batch given to synthetic tasks whenever the pool has some (at least one
     place), and the most the task pool may hold."""
     variants_per_seed: int = 2
-    feasibility_rollouts: int = 3
+    n_feasibility_rollouts: int = 3
     replay_buffer: bool = True
     """Add each iteration's synthetic transitions to the LanceDB replay buffer."""
     seed: int = 0
@@ -103,7 +109,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                        offline_trajectories: pa.Table):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, config_hash, run_iteration
+    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, run_iteration
 
     config = loop
     k = iteration_index(context.partition_key)
@@ -111,16 +117,18 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         raise dg.Failure(f"iteration {k:03d} needs iteration {k - 1:03d}'s policy: materialize it first "
                          "(backfill iterations in order)")
     started = time.perf_counter()
-    loop_cfg = LoopConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
-                          max_steps=config.max_steps, eval_tasks=config.eval_tasks,
-                          sim_eval_tasks=config.sim_eval_tasks, eval_max_steps=config.eval_max_steps, seed=config.seed)
-    cur_cfg = cur.CurriculumConfig(enabled=config.curriculum, threshold=config.variance_threshold, top_m=config.top_m,
-                                   lam=config.lam, variants_per_seed=config.variants_per_seed,
-                                   n_feasibility_rollouts=config.feasibility_rollouts, seed=config.seed)
+    loop_cfg = core(LoopConfig, config)
+    cur_cfg = core(cur.CurriculumConfig, config, enabled=config.curriculum)
     rl_cfg = rl_config(rl)
-    work = os.path.join(data_root(), "loop", config_hash(loop_cfg, cur_cfg, rl_cfg, experience_model.path,
-                                                         policy_init.path, config.replay_buffer))
-    store = StageStore(os.path.join(work, f"{k:03d}"))
+    key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.env_spec(),
+                                            {"k": k, "replay_buffer": config.replay_buffer}),
+                          experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
+                          prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
+                          offline_trajectories=offline_trajectories)
+    # the stage tables live in their assets' Parquet partitions (one copy); records and the policy in `work`
+    tables = {stage: parquet_path(os.path.join(data_root(), "parquet"), asset, context.partition_key)
+              for stage, asset in STAGE_TABLES.items()}
+    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"), tables)
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
@@ -145,7 +153,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                     output_name="policy", metadata={"parent_policy": prev_key})
     sel = out.records.get("selection", {})
     yield dg.Output(out.task_scores, output_name="task_scores",
-                    metadata={"threshold": float(sel.get("threshold", config.variance_threshold)),
+                    metadata={"threshold": float(sel.get("threshold", config.threshold)),
                               "selected": int(len(sel.get("selected", []))),
                               "variance_histogram": dg.MetadataValue.md(_histogram_md(sel))})
     syn = out.records.get("synthesis", {})

@@ -66,7 +66,7 @@ import pyarrow as pa
 import torch
 
 from dreamgym_core.rl.core_algos import reward_variance
-from dreamgym_core.schema import Task, Trajectory
+from dreamgym_core.schema import PROPOSAL_SCHEMA, Task, Trajectory
 from dreamgym_core.state import AbstractState
 
 TASK_OPEN, TASK_CLOSE = "## seed tasks", "## new task"
@@ -776,17 +776,6 @@ def synthesize(texts: Sequence[str], parents: Sequence[Task], existing_tasks: Se
     return kept, {"proposals": len(texts), "parsed": parsed, "parse_rate": parsed / len(texts) if texts else None,
                   "kept": len(kept), "drops": {r: drops.get(r, 0) for r in DROP_REASONS},
                   "parse_failures": dict(parse_reasons), "rows": rows}
-
-
-PROPOSAL_SCHEMA = pa.schema([
-    ("iteration", pa.int64()), ("index", pa.int64()), ("parent_task_id", pa.string()), ("task_id", pa.string()),
-    ("parsed", pa.bool_()), ("kept", pa.bool_()), ("reason", pa.string()), ("parse_error", pa.string()),
-    ("state", pa.string()), ("text", pa.string()),
-])
-"""``task_proposals``: one row per M_task proposal of an iteration. ``reason``: the drop reason
-(``DROP_REASONS``), "" when kept; ``parse_error``: the parser's reason when ``reason`` is "parse";
-``task_id``: the synthetic task id once the proposal passed format and vocabulary; ``state``: the
-proposed start state (null when it did not parse); ``text``: M_task's raw output."""
 
 
 def proposals_table(iteration: int, rows: Sequence[Mapping]) -> pa.Table:

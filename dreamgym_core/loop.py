@@ -14,8 +14,8 @@ Iteration k, in order (paper §4):
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
-half-writes a stage. The work directory is keyed by the loop's config hash, so two configurations
-never share stage results.
+half-writes a stage. The caller keys the work directory by the config and the inputs' content
+(``pipelines.reuse``), so two configurations never share stage results.
 
 Departure from the paper: the paper alternates many policy updates per curriculum round; here one
 iteration is one rollout batch + one update (``RLConfig.ppo_epochs`` passes over it), which keeps an
@@ -28,34 +28,58 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.io import read_parquet, write_parquet_atomic
-from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
-    trajectories_to_arrow
+from dreamgym_core.io import exists, file_sha256, read_parquet, write_parquet_atomic
+from dreamgym_core.schema import (EVAL_SCHEMA, TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
+                                  trajectories_from_arrow, trajectories_to_arrow)
 
 Log = Callable[[str], None]
 
 
 class StageStore:
-    """Finished stage results of one iteration: ``<root>/<name>.parquet|.json`` or a directory."""
+    """Finished stage results of one iteration: records ``<root>/<name>.json``, directories ``<root>/<name>``,
+    tables ``<root>/<name>.parquet`` or, where the caller names their final home in ``tables`` (the
+    pipeline's Parquet partition of that asset), there: each table is stored once. A table stored
+    outside ``root`` counts as this store's only while ``<root>/<name>.sha256`` matches the file, so a
+    partition that another configuration has since rewritten is recomputed, not taken for this one's."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tables: dict[str, str] | None = None):
         self.root = root
+        self.tables = dict(tables or {})
         os.makedirs(root, exist_ok=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def table_path(self, name: str) -> str:
+        return self.tables.get(name) or self.path(name + ".parquet")
+
+    def _table_done(self, name: str) -> bool:
+        p = self.table_path(name)
+        if not exists(p):
+            return False
+        if name not in self.tables:
+            return True
+        marker = self.path(name + ".sha256")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            return f.read().strip() == file_sha256(p)
+
     def table(self, name: str) -> pa.Table | None:
-        p = self.path(name + ".parquet")
-        return read_parquet(p) if os.path.exists(p) else None
+        return read_parquet(self.table_path(name)) if self._table_done(name) else None
 
     def put_table(self, name: str, table: pa.Table) -> pa.Table:
-        write_parquet_atomic(table, self.path(name + ".parquet"))
+        write_parquet_atomic(table, self.table_path(name))
+        if name in self.tables:  # the marker last: a kill between the two leaves the stage unfinished
+            marker = self.path(name + ".sha256")
+            with open(marker + ".tmp", "w") as f:
+                f.write(file_sha256(self.table_path(name)))
+            os.replace(marker + ".tmp", marker)
         return table
 
     def record(self, name: str) -> dict | None:
@@ -74,7 +98,7 @@ class StageStore:
 
     def done(self, name: str) -> bool:
         """A stage is finished once its table or record exists (a directory result writes its record last)."""
-        return any(os.path.exists(self.path(name + ext)) for ext in (".parquet", ".json"))
+        return self._table_done(name) or os.path.exists(self.path(name + ".json"))
 
 
 def run_stage(store: StageStore, name: str, log: Log, fn: Callable[[], object], load: Callable[[], object]):
@@ -129,14 +153,6 @@ class Timer:
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}_s": round(v, 3) for k, v in self.seconds.items()}
-
-
-def config_hash(*configs) -> str:
-    import hashlib
-
-    blob = json.dumps([asdict(c) if hasattr(c, "__dataclass_fields__") else c for c in configs],
-                      sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,15 +217,6 @@ def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequ
     return row
 
 
-EVAL_SCHEMA = pa.schema([
-    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
-    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
-    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
-])
-"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
-
-
 def eval_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
 
@@ -251,7 +258,7 @@ class IterationOutputs:
     synthesized_tasks: pa.Table
     task_pool: pa.Table
     task_proposals: pa.Table
-    """Every M_task proposal of the iteration with its fate (``curriculum.PROPOSAL_SCHEMA``)."""
+    """Every M_task proposal of the iteration with its fate (``schema.PROPOSAL_SCHEMA``)."""
     evaluation: pa.Table
     policy_dir: str
     metrics: dict[str, float]
@@ -273,9 +280,9 @@ def _load_trainer(inp: IterationInputs, rl_cfg):
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    ref, _, _ = load_checkpoint(inp.ref_policy_dir)
+    ref, _, _ = load_checkpoint(inp.ref_policy_dir, training=True)
     if inp.k == 1:  # a fresh trainer on the SFT weights
-        model, tok, _ = load_checkpoint(inp.prev_policy_dir)
+        model, tok, _ = load_checkpoint(inp.prev_policy_dir, training=True)
         return PolicyTrainer(model, tok, rl_cfg, ref_model=ref)
     return PolicyTrainer.load(inp.prev_policy_dir, rl_cfg, ref_model=ref)
 
@@ -332,7 +339,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
     def do_update() -> dict:
         if inp.update is not None:  # the directory first, then the record: a killed update is re-run
-            m = inp.update(inp.prev_policy_dir, store.path("rollouts.parquet"), policy_dir)
+            m = inp.update(inp.prev_policy_dir, store.table_path("rollouts"), policy_dir)
         else:
             tr = get_trainer()
             m = tr.update(trajs)
@@ -360,9 +367,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         store.put_record("selection", sel.as_record())
         rows = [{"iteration": k, "task_id": t, "variance": v[0], "rollouts": v[1], "mean_return": v[2],
                  "selected": t in sel.selected} for t, v in sorted(variances.items())]
-        schema = pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
-                            ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
-        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=schema))
+        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=TASK_SCORES_SCHEMA))
 
     scores, dt = run_stage(store, "task_scores", log, do_scores, lambda: store.table("task_scores"))
     timer.add("scores", dt)
