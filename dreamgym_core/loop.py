@@ -1,20 +1,24 @@
 """One DreamGym iteration (paper Algorithm 1) as resumable stages, and RL with a counted real budget.
 
 Iteration k, in order (paper §4):
-  1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
-                 n rollouts per task), every transition tagged with that policy's version;
-  2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
+  1. rollouts    the policy of iteration k-1 acts in M_exp on a batch drawn from the task pool of k-1
+                 (synthetic tasks at share lambda, ``curriculum.draw_batch``; GRPO: a group of n
+                 rollouts per task), every transition tagged with that policy's version and the
+                 prompt it saw (``rl.step.act``: the training step's first phase);
+  2. policy      the step's advantages and update on those rollouts (``PolicyTrainer.update``), KL to
+                 the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
-  4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
-                 some (Eq. 6);
+  4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
+                 feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
   6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
-  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``).
+  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``,
+                 ``evaluation.evaluate``).
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
-half-writes a stage. The work directory is keyed by the loop's config hash, so two configurations
-never share stage results.
+half-writes a stage. The caller keys the work directory by the config and the inputs' content
+(``pipelines.reuse``), so two configurations never share stage results.
 
 Departure from the paper: the paper alternates many policy updates per curriculum round; here one
 iteration is one rollout batch + one update (``RLConfig.ppo_epochs`` passes over it), which keeps an
@@ -27,34 +31,59 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.io import read_parquet, write_parquet_atomic
-from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
-    trajectories_to_arrow
+from dreamgym_core.evaluation import evaluate, lm_policy_factory
+from dreamgym_core.io import exists, file_sha256, read_parquet, write_parquet_atomic
+from dreamgym_core.schema import (TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
+                                  trajectories_from_arrow, trajectories_to_arrow)
 
 Log = Callable[[str], None]
 
 
 class StageStore:
-    """Finished stage results of one iteration: ``<root>/<name>.parquet|.json`` or a directory."""
+    """Finished stage results of one iteration: records ``<root>/<name>.json``, directories ``<root>/<name>``,
+    tables ``<root>/<name>.parquet`` or, where the caller names their final home in ``tables`` (the
+    pipeline's Parquet partition of that asset), there: each table is stored once. A table stored
+    outside ``root`` counts as this store's only while ``<root>/<name>.sha256`` matches the file, so a
+    partition that another configuration has since rewritten is recomputed, not taken for this one's."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tables: dict[str, str] | None = None):
         self.root = root
+        self.tables = dict(tables or {})
         os.makedirs(root, exist_ok=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def table_path(self, name: str) -> str:
+        return self.tables.get(name) or self.path(name + ".parquet")
+
+    def _table_done(self, name: str) -> bool:
+        p = self.table_path(name)
+        if not exists(p):
+            return False
+        if name not in self.tables:
+            return True
+        marker = self.path(name + ".sha256")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            return f.read().strip() == file_sha256(p)
+
     def table(self, name: str) -> pa.Table | None:
-        p = self.path(name + ".parquet")
-        return read_parquet(p) if os.path.exists(p) else None
+        return read_parquet(self.table_path(name)) if self._table_done(name) else None
 
     def put_table(self, name: str, table: pa.Table) -> pa.Table:
-        write_parquet_atomic(table, self.path(name + ".parquet"))
+        write_parquet_atomic(table, self.table_path(name))
+        if name in self.tables:  # the marker last: a kill between the two leaves the stage unfinished
+            marker = self.path(name + ".sha256")
+            with open(marker + ".tmp", "w") as f:
+                f.write(file_sha256(self.table_path(name)))
+            os.replace(marker + ".tmp", marker)
         return table
 
     def record(self, name: str) -> dict | None:
@@ -73,7 +102,7 @@ class StageStore:
 
     def done(self, name: str) -> bool:
         """A stage is finished once its table or record exists (a directory result writes its record last)."""
-        return any(os.path.exists(self.path(name + ext)) for ext in (".parquet", ".json"))
+        return self._table_done(name) or os.path.exists(self.path(name + ".json"))
 
 
 def run_stage(store: StageStore, name: str, log: Log, fn: Callable[[], object], load: Callable[[], object]):
@@ -130,14 +159,6 @@ class Timer:
         return {f"timing/{k}_s": round(v, 3) for k, v in self.seconds.items()}
 
 
-def config_hash(*configs) -> str:
-    import hashlib
-
-    blob = json.dumps([asdict(c) if hasattr(c, "__dataclass_fields__") else c for c in configs],
-                      sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------------------------
 # The iteration
 
@@ -153,7 +174,6 @@ class LoopConfig:
     """Synthetic episode cap."""
     rollout_batch: int = 64
     """Episodes run side by side: M_exp decodes their steps as one batch (``SimConfig.batch_size``)."""
-    history_window: int = 2
     eval_max_steps: int = 20
     eval_tasks: int = 50
     """Held-out real test tasks scored each iteration (greedy)."""
@@ -165,8 +185,8 @@ class LoopConfig:
         for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_tasks < 0 or self.sim_eval_tasks < 0 or self.history_window < 0:
-            raise ValueError("LoopConfig: eval_tasks, sim_eval_tasks and history_window must be >= 0")
+        if self.eval_tasks < 0 or self.sim_eval_tasks < 0:
+            raise ValueError("LoopConfig: eval_tasks and sim_eval_tasks must be >= 0")
 
 
 def sample_tasks(pool: Sequence[Task], n: int, k: int, seed: int) -> list[Task]:
@@ -177,40 +197,6 @@ def sample_tasks(pool: Sequence[Task], n: int, k: int, seed: int) -> list[Task]:
     if len(pool) <= n:
         return list(pool)
     return sorted(random.Random(f"{seed}|{k}").sample(pool, n), key=lambda t: t.task_id)
-
-
-def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequence[Trajectory] | None,
-              real_transitions: int, mode: str) -> dict:
-    """One ``policy_eval`` row: success with a Wilson interval on real held-out tasks, and in M_exp."""
-    from dreamgym_core.evaluation import summarize
-
-    r = summarize(real)
-    row = {"policy": policy, "iteration": iteration, "mode": mode, "episodes": r.episodes,
-           "success_rate": r.success_rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
-           "mean_return": r.mean_return, "mean_steps": r.mean_steps, "invalid_action_rate": r.invalid_action_rate,
-           "real_transitions": int(real_transitions), "sim_success_rate": None, "sim_real_gap": None}
-    if sim is not None and len(sim):
-        s = summarize(sim)
-        # the gap compares the same tasks: success in M_exp minus success in the real env on those tasks
-        ids = {t.task.task_id for t in sim}
-        same = [t for t in real if t.task.task_id in ids]
-        real_same = sum(t.won for t in same) / max(len(same), 1)
-        row["sim_success_rate"] = s.success_rate
-        row["sim_real_gap"] = s.success_rate - real_same
-    return row
-
-
-EVAL_SCHEMA = pa.schema([
-    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
-    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
-    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
-])
-"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
-
-
-def eval_table(rows: Sequence[dict]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
 
 
 @dataclass
@@ -249,6 +235,8 @@ class IterationOutputs:
     task_scores: pa.Table
     synthesized_tasks: pa.Table
     task_pool: pa.Table
+    task_proposals: pa.Table
+    """Every M_task proposal of the iteration with its fate (``schema.PROPOSAL_SCHEMA``)."""
     evaluation: pa.Table
     policy_dir: str
     metrics: dict[str, float]
@@ -270,9 +258,9 @@ def _load_trainer(inp: IterationInputs, rl_cfg):
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    ref, _, _ = load_checkpoint(inp.ref_policy_dir)
+    ref, _, _ = load_checkpoint(inp.ref_policy_dir, training=True)
     if inp.k == 1:  # a fresh trainer on the SFT weights
-        model, tok, _ = load_checkpoint(inp.prev_policy_dir)
+        model, tok, _ = load_checkpoint(inp.prev_policy_dir, training=True)
         return PolicyTrainer(model, tok, rl_cfg, ref_model=ref)
     return PolicyTrainer.load(inp.prev_policy_dir, rl_cfg, ref_model=ref)
 
@@ -281,7 +269,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                   log: Log = print) -> IterationOutputs:
     """Stages 1-7 of the module docstring; finished stages are loaded instead of re-run."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.policy import LMPolicy
+    from dreamgym_core.rl.step import act
     from dreamgym_core.rollout import RolloutConfig, rollout
 
     clear_partial(store)
@@ -296,19 +284,23 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             trainer = _load_trainer(inp, rl_cfg)
         return trainer
 
-    # 1. rollouts of policy k-1 in M_exp ------------------------------------------------------
+    # 1. rollouts of policy k-1 in M_exp (the step's first phase, rl.step.act) ---------------------
     def do_rollouts() -> pa.Table:
-        tr = get_trainer()
-        tasks = sample_tasks(inp.pool, cfg.tasks_per_iteration, k, cfg.seed)
-        policy = LMPolicy(tr.model, tr.tokenizer, policy_version(k - 1), temperature=rl_cfg.temperature,
-                          max_prompt_tokens=rl_cfg.max_prompt_tokens)
-        sim = inp.make_sim(init_state)
-        trajs, stats = rollout(sim, policy, tasks, RolloutConfig(
+        # originals and synthetic tasks drawn apart: lam of the batch is synthetic whenever the pool has
+        # any; the ablation (curriculum off) never rolls one out, whatever the pool holds
+        pool = inp.pool if cur_cfg.enabled else [t for t in inp.pool if t.source != "synthetic"]
+        tasks = cur.draw_batch(pool, cfg.tasks_per_iteration, cur_cfg.lam if cur_cfg.enabled else 0.0, k, cfg.seed)
+        trajs, stats = act(inp.make_sim(init_state), get_trainer(), tasks, RolloutConfig(
             group_size=cfg.group_size if grpo else 1, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
-            history_window=cfg.history_window, source="synthetic", iteration=k, seed=cfg.seed * 1000 + k))
-        store.put_record("rollouts_stats", stats.as_metadata())
-        log(f"iteration {k:03d}: {stats.episodes} synthetic episodes, {stats.transitions} transitions, "
-            f"success {stats.successes / max(stats.episodes, 1):.2f} in M_exp")
+            source="synthetic", iteration=k, seed=cfg.seed * 1000 + k), policy_name=policy_version(k - 1))
+        syn = [t for t in trajs if t.task.source == "synthetic"]
+        syn_rec = {"curriculum/synthetic_tasks": len({t.task.task_id for t in syn}),
+                   "curriculum/synthetic_episodes": len(syn),
+                   "curriculum/synthetic_success_rate": sum(t.won for t in syn) / len(syn) if syn else None}
+        store.put_record("rollouts_stats", {**stats.as_metadata(), **syn_rec})
+        log(f"iteration {k:03d}: {stats.episodes} episodes in M_exp, {stats.transitions} transitions, "
+            f"success {stats.successes / max(stats.episodes, 1):.2f}; {syn_rec['curriculum/synthetic_tasks']} "
+            f"synthetic tasks rolled out ({len(syn)} episodes)")
         return store.put_table("rollouts", trajectories_table(trajs))
 
     rollouts, dt = run_stage(store, "rollouts", log, do_rollouts, lambda: store.table("rollouts"))
@@ -316,12 +308,12 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     records["rollouts"] = store.record("rollouts_stats") or {}
     trajs = read_trajectories(rollouts)
 
-    # 2. policy update (advantages inside the trainer: GRPO groups or GAE) ------------------------
+    # 2. the step's advantages and update (PolicyTrainer.update: GRPO groups or GAE, then PPO passes) ---
     policy_dir = store.path("policy")
 
     def do_update() -> dict:
         if inp.update is not None:  # the directory first, then the record: a killed update is re-run
-            m = inp.update(inp.prev_policy_dir, store.path("rollouts.parquet"), policy_dir)
+            m = inp.update(inp.prev_policy_dir, store.table_path("rollouts"), policy_dir)
         else:
             tr = get_trainer()
             m = tr.update(trajs)
@@ -349,9 +341,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         store.put_record("selection", sel.as_record())
         rows = [{"iteration": k, "task_id": t, "variance": v[0], "rollouts": v[1], "mean_return": v[2],
                  "selected": t in sel.selected} for t, v in sorted(variances.items())]
-        schema = pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
-                            ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
-        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=schema))
+        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=TASK_SCORES_SCHEMA))
 
     scores, dt = run_stage(store, "task_scores", log, do_scores, lambda: store.table("task_scores"))
     timer.add("scores", dt)
@@ -362,7 +352,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         selected = [r["task_id"] for r in scores.to_pylist() if r["selected"]]
         by_id = {t.task_id: t for t in list(inp.pool) + list(inp.original)}
         seeds = [by_id[i] for i in selected if i in by_id]
-        kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
+        kept, report = [], {"proposals": 0, "parsed": 0, "parse_rate": None, "kept": 0, "drops": {}, "rows": []}
         if cur_cfg.enabled and seeds and inp.task_writer is not None:
             existing = list(inp.pool) + list(inp.original)
             states = {t.task_id: init_state(t) for t in [*existing, *seeds]}
@@ -375,9 +365,9 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             n = cur_cfg.variants_per_seed
             prompts = [cur.build_task_prompt(g, states, cur_cfg.seeds_per_prompt, c)
                        for g, c in zip(groups, cats) for _ in range(n)]
-            texts = inp.task_writer.write(prompts)
             parents = [t for t in seeds for _ in range(n)]
             prompt_cats = [c for c in cats for _ in range(n)]
+            texts = inp.task_writer.write(prompts, prompt_cats)
             templates = [states[t.task_id] if c is not None else None for t, c in zip(parents, prompt_cats)]
             existing_states = {t.task_id: states[t.task_id] for t in existing}
 
@@ -386,19 +376,24 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                 sim = inp.make_sim(init_state)
                 out, _ = rollout(sim, RandomPolicy("feasibility"), tasks, RolloutConfig(
                     group_size=cur_cfg.n_feasibility_rollouts, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
-                    history_window=cfg.history_window, source="synthetic", iteration=k, seed=k))
+                    source="synthetic", iteration=k, seed=k))
                 return out
 
             kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats,
                                           templates)
+        store.put_table("task_proposals", cur.proposals_table(k, report["rows"]))
         store.put_record("synthesis", report)
-        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
-            f"drops {report.get('drops', {})}")
+        rate = report.get("parse_rate")
+        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, parsed {report.get('parsed', 0)}"
+            + (f" ({rate:.0%})" if rate is not None else "") + f", kept {len(kept)}, drops {report.get('drops', {})}")
         return store.put_table("synthesized_tasks", write_tasks(kept))
 
     synth, dt = run_stage(store, "synthesized_tasks", log, do_synth, lambda: store.table("synthesized_tasks"))
     timer.add("synthesis", dt)
     records["synthesis"] = store.record("synthesis") or {}
+    proposals = store.table("task_proposals")
+    if proposals is None:  # a stage result written before proposals were kept
+        proposals = cur.proposals_table(k, [])
 
     # 5. task pool for k+1 ------------------------------------------------------------------------
     def do_pool() -> pa.Table:
@@ -438,7 +433,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     metrics = {**{f"update/{a}": float(b) for a, b in upd.items() if isinstance(b, (int, float))},
                **timer.metrics()}
     return IterationOutputs(rollouts=rollouts, task_scores=scores, synthesized_tasks=synth, task_pool=pool_t,
-                            evaluation=ev, policy_dir=policy_dir, metrics=metrics, records=records)
+                            task_proposals=proposals, evaluation=ev, policy_dir=policy_dir, metrics=metrics,
+                            records=records)
 
 
 def _transition_names() -> tuple[str, ...]:
@@ -449,64 +445,17 @@ def _transition_names() -> tuple[str, ...]:
 _TRANSITION_NAMES = _transition_names()
 
 
-def lm_policy_factory(model, tok, name: str) -> Callable[[str], object]:
-    """mode ('greedy' | 'sampled') -> an LMPolicy over ``model``."""
-    from dreamgym_core.policy import LMPolicy
-
-    return lambda mode: LMPolicy(model, tok, name, greedy=mode == "greedy")
-
-
-def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Sequence[Task], make_real, make_sim,
-             init_state, cfg: LoopConfig, *, real_transitions: int, log: Log = print,
-             modes: Sequence[str] = ("greedy",), episodes: dict | None = None, sim_episodes: dict | None = None,
-             group_size: int = 1) -> pa.Table:
-    """Success on held-out real tasks per mode; success in M_exp (first mode) on the first
-    ``sim_eval_tasks`` of them (the same tasks, same start states, same policy seeds) for
-    ``sim_real_gap``. ``group_size`` episodes per task on both sides (a sampled policy's success on
-    50 tasks has a standard error near 0.06; more episodes measure it closer). ``episodes`` /
-    ``sim_episodes``, if given, receive each mode's real / M_exp trajectories (for paired comparisons:
-    two policies on the same tasks, or one policy's episodes in M_exp against the real ones)."""
-    from dreamgym_core.rollout import RolloutConfig, rollout
-
-    tasks = sorted(tasks, key=lambda t: t.task_id)[:cfg.eval_tasks]
-    rows = []
-    for mode in modes:
-        pol = make_policy(mode)
-        rc = RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps, batch_size=8,
-                           history_window=cfg.history_window, source="real", iteration=k, seed=cfg.seed)
-        real_env = make_real()
-        try:
-            real, _ = rollout(real_env, pol, tasks, rc)
-        finally:
-            real_env.close()
-        if episodes is not None:
-            episodes[mode] = real
-        sim = None
-        if mode == modes[0] and cfg.sim_eval_tasks and make_sim is not None:
-            sim, _ = rollout(make_sim(init_state), pol, tasks[:cfg.sim_eval_tasks],
-                             RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps,
-                                           batch_size=cfg.rollout_batch, history_window=cfg.history_window,
-                                           source="synthetic", iteration=k, seed=cfg.seed))
-            if sim_episodes is not None:
-                sim_episodes[mode] = sim
-        row = eval_rows(name, k, real, sim, real_transitions, mode)
-        log(f"eval {name}@{k} {mode}: real success {row['success_rate']:.2f} "
-            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-            + (f", M_exp {row['sim_success_rate']:.2f} (gap {row['sim_real_gap']:+.2f})" if sim else ""))
-        rows.append(row)
-    return eval_table(rows)
-
-
 def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *, budget: int, rounds: int,
                    name: str, log: Log = print) -> dict:
     """PPO/GRPO directly in the real env with an exact budget of real transitions (real-RL baseline, S2R).
 
-    Each round: rollouts (a GRPO group per task) capped by what is left of ``budget`` -> update.
-    Returns the exact count of real transitions consumed and per-round metrics; the count covers
-    every real transition the policy was trained on (evaluation episodes are reported apart).
+    Each round is one ``rl.step.train_step`` whose rollouts (a GRPO group per task) are capped by what
+    is left of ``budget``. Returns the exact count of real transitions consumed and per-round metrics;
+    the count covers every real transition the policy was trained on (evaluation episodes are
+    reported apart).
     """
-    from dreamgym_core.policy import LMPolicy
-    from dreamgym_core.rollout import RolloutConfig, rollout
+    from dreamgym_core.rl.step import train_step
+    from dreamgym_core.rollout import RolloutConfig
 
     if budget < 0 or rounds < 1:
         raise ValueError(f"{name}: budget must be >= 0 and rounds >= 1 (got {budget}, {rounds})")
@@ -517,25 +466,22 @@ def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *
         if left <= 0:
             break
         batch = sample_tasks(tasks, cfg.tasks_per_iteration, 10_000 + r, cfg.seed)
-        pol = LMPolicy(trainer.model, trainer.tokenizer, f"{name}@{r}", temperature=trainer.cfg.temperature,
-                       max_prompt_tokens=trainer.cfg.max_prompt_tokens)
         env = make_real()
-        t0 = time.perf_counter()
         try:
-            trajs, stats = rollout(env, pol, batch, RolloutConfig(
-                group_size=cfg.group_size if grpo else 1, max_steps=cfg.eval_max_steps, batch_size=8,
-                history_window=cfg.history_window, budget=left, source="real", iteration=r, seed=cfg.seed + r))
+            step = train_step(env, trainer, batch, RolloutConfig(
+                group_size=cfg.group_size if grpo else 1, max_steps=cfg.eval_max_steps, batch_size=8, budget=left,
+                source="real", iteration=r, seed=cfg.seed + r), policy_name=f"{name}@{r}")
         finally:
             env.close()
-        timer.add("rollout", time.perf_counter() - t0)
+        stats = step.stats
+        for phase in ("rollout", "advantages", "update"):
+            timer.add(phase, step.metrics.get(f"timing/{phase}_s", 0.0))
         used += stats.transitions
-        recorded += sum(len(t.steps) for t in trajs if all(s.source == "real" for s in t.steps))
+        recorded += sum(len(t.steps) for t in step.trajectories if all(s.source == "real" for s in t.steps))
         episodes += stats.episodes
         wins += stats.successes
-        if trajs:
-            t0 = time.perf_counter()
-            last = trainer.update(trajs)
-            timer.add("update", time.perf_counter() - t0)
+        if step.trajectories:
+            last = {a: b for a, b in step.metrics.items() if not a.startswith(("rollout/", "timing/"))}
         log(f"{name} round {r + 1}/{rounds}: {stats.transitions} real transitions (total {used}/{budget}), "
             f"train success {stats.successes / max(stats.episodes, 1):.2f}")
     # no raise here: the asset's blocking check real_budget_respected compares the transitions actually

@@ -196,7 +196,11 @@ def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cp
 
 
 def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
-    """Weights (safetensors), tokenizer and ``dreamgym.json`` metadata, written atomically."""
+    """Weights (safetensors), tokenizer and ``dreamgym.json`` metadata, written atomically. A policy
+    model's prompt format (``policy.PolicyFormat``, attached on load or clone) is recorded with it."""
+    fmt = getattr(model, "dreamgym_policy_format", None)
+    if fmt is not None:
+        metadata = {**metadata, **fmt.as_meta()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -209,9 +213,17 @@ def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
     return out_dir
 
 
-def load_checkpoint(path: str):
-    """(model, tokenizer, metadata) from a ``save_checkpoint`` directory."""
-    model, tok = load_causal_lm(path)
+def load_checkpoint(path: str, *, training: bool = False):
+    """(model, tokenizer, metadata) from a ``save_checkpoint`` directory.
+
+    ``training=False`` (the simulator, M_task, evaluation): on the accelerator in bf16 where it has
+    bf16, else CPU fp32 (``device.placement``). ``training=True`` (a model handed to ``PolicyTrainer`` or
+    ``train_sft``): fp32 on the CPU, and ``accelerator.prepare`` moves it to each rank's device.
+    """
+    from dreamgym_core.device import placement
+
+    p = placement() if not training else None
+    model, tok = load_causal_lm(path, dtype=p.dtype_name, device=p.device) if p else load_causal_lm(path)
     meta_path = os.path.join(path, "dreamgym.json")
     meta = {}
     if os.path.exists(meta_path):
@@ -222,4 +234,8 @@ def load_checkpoint(path: str):
             raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    if "policy_format" in meta:  # a policy: its prompt format travels with the model (policy.PolicyFormat)
+        from dreamgym_core.policy import PolicyFormat, set_policy_format
+
+        set_policy_format(model, PolicyFormat.from_meta(meta, path))
     return model, tok, meta
