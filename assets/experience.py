@@ -1,4 +1,5 @@
-"""Experience-model assets (paper §4.1): CoT annotation, M_exp SFT (Eq. 5) and its fidelity."""
+"""Experience-model assets (paper §4.1-4.2): CoT annotation, the replay buffer's offline seed, M_exp SFT
+(Eq. 5, with retrieved demonstrations D_k) and its fidelity."""
 # No `from __future__ import annotations` in asset modules: Dagster reads the annotations at definition time.
 
 import time
@@ -10,6 +11,7 @@ import pyarrow.compute as pc
 from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersAnnotator, annotate_table, placement_knowledge, portable_items
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
+from assets.loop import LoopSettings
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_to_arrow
 from pipelines.resources import Experiment, Launcher
 
@@ -75,6 +77,38 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     return out
 
 
+class ReplaySeedConfig(dg.Config):
+    embedder: str = "hashing"
+    """(state, action) embedder of the replay buffer: "hashing" (no model, fast enough for every
+    simulator step on 2 cores) or "minilm" (all-MiniLM-L6-v2, semantic, about 10x slower per query)."""
+
+
+@dg.asset(group_name=GROUP, kinds={"lancedb"}, io_manager_key="checkpoint_io_manager")
+def replay_seed(context: dg.AssetExecutionContext, config: ReplaySeedConfig,
+                offline_trajectories: pa.Table) -> dg.Output[CheckpointRef]:
+    """The replay buffer (paper §4.2) seeded with the offline real transitions, each embedded by its
+    (state, action): what M_exp's SFT retrieves demonstrations from, and what the loop's buffer grows
+    from. The reference pins the Lance version written here, so SFT reads exactly these rows."""
+    import os
+
+    from assets.runtime import buffer_ref_path, open_buffer
+    from dreamgym_core.schema import TRANSITION_SCHEMA
+    from pipelines.resources import data_root
+
+    path = buffer_ref_path(os.path.join(data_root(), "lancedb"), config.embedder)
+    buf = open_buffer(CheckpointRef(path=path, kind="replay_buffer"))
+    started = time.perf_counter()
+    stored = buf.rows_by_source().get("offline", 0)
+    if stored != offline_trajectories.num_rows:  # (re)seed; an unchanged seed keeps its rows and version
+        cols = [c for c in TRANSITION_SCHEMA.names if c in offline_trajectories.column_names]
+        buf.add(offline_trajectories.select(cols), "offline", 0, replace=True)
+    metrics = {"version": float(buf.version), "rows": float(len(buf)),
+               "offline_rows": float(offline_trajectories.num_rows)}
+    return dg.Output(CheckpointRef(path=path, kind="replay_buffer", metrics=metrics),
+                     metadata={**metrics, "embedder": buf.embedder.model_name, "reseeded": stored != offline_trajectories.num_rows,
+                               "timing/seed_s": round(time.perf_counter() - started, 2)})
+
+
 class ExperienceModelConfig(dg.Config):
     """M_exp SFT (Eq. 5) on the CoT-annotated offline data; a from-scratch tiny Llama on CPU."""
 
@@ -91,6 +125,10 @@ class ExperienceModelConfig(dg.Config):
     lr: float = 2e-3
     max_len: int = 384
     history_window: int = 2
+    num_demos: int = 2
+    """k of D_k: demonstrations retrieved from ``replay_seed`` (by cosine of the (state, action)
+    embedding, from other tasks than the example's own) into every SFT prompt. 0, or the loop's
+    ``replay_buffer: false``, trains without retrieval (the paper's "w/o experience replay")."""
     use_cot: bool = True
     """Ablation: False trains without reasoning traces."""
     use_history: bool = True
@@ -124,20 +162,21 @@ class ExperienceModelConfig(dg.Config):
     seed: int = 0
 
 
-def _config_key(cfg: dg.Config, rows: int) -> str:
+def _config_key(cfg: dg.Config, rows: int, extra: dict | None = None) -> str:
     import hashlib
     import json
 
     # "format": bumped when the SFT examples change shape for the same config (a stale checkpoint
     # would otherwise be reused): v2 = M_task examples in pointer form, v3 = the progress field and
-    # the placement knowledge
-    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 3}, sort_keys=True).encode()
+    # the placement knowledge, v4 = retrieved demonstrations (``extra``: the demos and their buffer)
+    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 4, **(extra or {})}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "accelerate"}, io_manager_key="checkpoint_io_manager")
 def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelConfig, launcher: Launcher,
-                     cot_annotations: pa.Table) -> dg.Output[CheckpointRef]:
+                     loop: LoopSettings, cot_annotations: pa.Table,
+                     replay_seed: CheckpointRef) -> dg.Output[CheckpointRef]:
     """M_exp trained with Eq. 5 (reasoning and next-state terms logged apart).
 
     Checkpoints live under <data>/checkpoints/experience_model/<config hash>: a retried run resumes
@@ -154,7 +193,11 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
     from pipelines.resources import data_root
 
-    root = os.path.join(data_root(), "checkpoints", "experience_model", _config_key(config, cot_annotations.num_rows))
+    num_demos = config.num_demos if loop.replay_buffer else 0  # one switch for SFT and simulation
+    buffer_key = {"num_demos": num_demos, "replay": replay_seed.path if num_demos else "",
+                  "replay_rows": replay_seed.metrics.get("offline_rows", 0) if num_demos else 0}
+    root = os.path.join(data_root(), "checkpoints", "experience_model",
+                        _config_key(config, cot_annotations.num_rows, buffer_key))
     final = os.path.join(root, "final")
     if os.path.exists(os.path.join(final, "dreamgym.json")):
         _, _, meta = load_checkpoint(final)
@@ -162,10 +205,18 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()
-    pc_ = PromptConfig(history_window=config.history_window, use_cot=config.use_cot, use_history=config.use_history,
-                       pointers=config.pointers, progress=config.progress and has_progress(rows),
+    pc_ = PromptConfig(history_window=config.history_window, num_demos=num_demos, use_cot=config.use_cot,
+                       use_history=config.use_history, pointers=config.pointers,
+                       progress=config.progress and has_progress(rows),
                        placements=config.placements and has_progress(rows), affordances=config.affordances)
-    examples = sft_examples(rows, pc_)
+    retrieve = None
+    if num_demos:  # D_k from the offline seed as written, never from the example's own task
+        from assets.runtime import open_buffer
+        from dreamgym_core.experience.retrieval import Retriever
+
+        retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
+                             source="offline", exclude_own_task=True)
+    examples = sft_examples(rows, pc_, retrieve)
     weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
         from dreamgym_core.curriculum import task_writing_examples
@@ -194,7 +245,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     sft_cfg = SFTConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, max_len=config.max_len,
                         time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100,
                         length_bucketing=config.length_bucketing)
-    meta = {"prompt": pc_.__dict__, "examples": len(examples),
+    meta = {"prompt": pc_.__dict__, "examples": len(examples), "replay": replay_seed.path if num_demos else "",
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":
         reported = _launch_sft(context, launcher, root, examples, weights, model, tok, sft_cfg, meta)
@@ -212,7 +263,11 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         extra = {"resumed_from_step": res.resumed_from}
     # an Output, not a bare value: after a Pipes session Dagster requires a typed event stream
     return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=metrics),
-                     metadata={"examples": len(examples), **extra, "loss_curve": dg.MetadataValue.md(_curve(history))})
+                     metadata={"examples": len(examples), **extra, "num_demos": num_demos,
+                               "prompt_tokens_max": max(len(tok(e.prompt, add_special_tokens=False)["input_ids"])
+                                                        for e in examples[:2000]),
+                               "example_prompt": dg.MetadataValue.md("```\n" + examples[0].prompt + "\n```"),
+                               "loss_curve": dg.MetadataValue.md(_curve(history))})
 
 
 def _launch_sft(context: dg.AssetExecutionContext, launcher: Launcher, root: str, examples, weights, model, tok,
@@ -295,8 +350,8 @@ def ablation_name(prompt) -> str:
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
 def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityConfig, experiment: Experiment,
-                          experience_model: CheckpointRef, eval_tasks: pa.Table,
-                          policy_init: CheckpointRef) -> pa.Table:
+                          loop: LoopSettings, experience_model: CheckpointRef, eval_tasks: pa.Table,
+                          policy_init: CheckpointRef, replay_seed: CheckpointRef) -> pa.Table:
     """M_exp against held-out real experience, each number beside the "nothing changes" baseline:
     single-step fidelity (overall and per action verb), multi-step drift of an open-loop replay of
     real trajectories, and the sim-real gap of fixed policies (random, the behaviour-cloned SFT policy)."""
@@ -323,13 +378,20 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
     other = [i for i, r in enumerate(rows) if r["valid"] and not r["won"]]
     chosen = set(rng.sample(wins, min(third, len(wins))) + rng.sample(invalid, min(third, len(invalid))))
     chosen |= set(rng.sample(other, min(config.max_transitions - len(chosen), len(other))))
-    sims = SimulatorFactory(experience_model, experiment)
+    retrieve = None
+    if loop.replay_buffer:  # held-out tasks retrieve from the offline seed, as in training
+        from assets.runtime import open_buffer
+        from dreamgym_core.experience.retrieval import Retriever
+
+        retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
+                             source="offline", exclude_own_task=True)
+    sims = SimulatorFactory(experience_model, experiment, retrieve=retrieve)
     base = {"model": experience_model.path, "ablation": ablation_name(sims.prompt)}
     out: list[dict] = []
 
     # 1. single steps, teacher-forced (real state and history)
     started = time.perf_counter()
-    records = score_transitions(sims(lambda t: ""), rows, select=[i in chosen for i in range(len(rows))])
+    records = score_transitions(sims(lambda t: ""), rows, retrieve, select=[i in chosen for i in range(len(rows))])
     per_s = len(records) / max(time.perf_counter() - started, 1e-9)
     overall = summarize_fidelity(records)
     out.append({**base, "scope": "overall", **_metric_cols(overall), "predictions_per_s": per_s})

@@ -15,7 +15,7 @@ TINY_OPS = {
                                     "batch_size": 4}},
     "policy_init": {"config": {"time_budget_s": 3.0, "hidden": 32, "layers": 1, "steps": 20}},
 }
-HEAD = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model", "policy_init"]
+HEAD = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model", "policy_init"]
 
 
 @pytest.fixture(scope="module")

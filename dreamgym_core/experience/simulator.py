@@ -72,6 +72,9 @@ class SimStats:
     seconds: float = 0.0
     retrieval_seconds: float = 0.0
     """Time spent retrieving D_k (embedding + vector query), part of a step but not of ``seconds``."""
+    prompts: int = 0
+    prompts_with_demos: int = 0
+    """Prompts that showed at least one retrieved demonstration (0 when retrieval is off)."""
 
 
 class ExperienceModel:
@@ -145,6 +148,8 @@ class ExperienceModel:
             prompts.append(prompt)
             contexts.append((self._states[i], refs))
         self.last_prompts = prompts
+        self.stats.prompts += len(prompts)
+        self.stats.prompts_with_demos += sum(bool(d) for d in demos)
         preds = self.predict(prompts, contexts) if prompts else []
         out: list[StepResult | None] = [None] * len(actions)
         for i, pred in zip(live, preds):
