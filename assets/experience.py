@@ -195,6 +195,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
 
     num_demos = config.num_demos if loop.replay_buffer else 0  # one switch for SFT and simulation
     buffer_key = {"num_demos": num_demos, "replay": replay_seed.path if num_demos else "",
+            "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
                   "replay_rows": replay_seed.metrics.get("offline_rows", 0) if num_demos else 0}
     root = os.path.join(data_root(), "checkpoints", "experience_model",
                         _config_key(config, cot_annotations.num_rows, buffer_key))
@@ -246,6 +247,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
                         time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100,
                         length_bucketing=config.length_bucketing)
     meta = {"prompt": pc_.__dict__, "examples": len(examples), "replay": replay_seed.path if num_demos else "",
+            "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":
         reported = _launch_sft(context, launcher, root, examples, weights, model, tok, sft_cfg, meta)

@@ -77,10 +77,20 @@ class SimulatorFactory:
     """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
 
     def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 64):
+        """``retrieve``: D_k for every step (``experience.retrieval.Retriever``), None (no demos), or
+        "seed": the offline replay seed the checkpoint was trained with, at that version (none if it
+        was trained without retrieval)."""
         from dreamgym_core.experience_model import PromptConfig, SimConfig, knowledge_from_meta
         from dreamgym_core.models import load_checkpoint
 
         self.model, self.tokenizer, meta = load_checkpoint(experience_model.path)
+        if retrieve == "seed":
+            retrieve = None
+            if meta.get("replay"):
+                from dreamgym_core.experience.retrieval import Retriever
+
+                retrieve = Retriever(open_buffer(CheckpointRef(path=meta["replay"], kind="replay_buffer")),
+                                     as_of_version=int(meta.get("replay_version") or 0) or None, source="offline")
         self.knowledge = knowledge_from_meta(meta)
         self.prompt = PromptConfig.from_meta(meta)
         self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)
