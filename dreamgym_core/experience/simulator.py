@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 from dreamgym_core.envs.base import Observation, StepResult
 from dreamgym_core.exp_format import Prediction, StateDelta, apply
 from dreamgym_core.experience.decoding import DecodeConfig, Decoder
-from dreamgym_core.experience.prompt import Knowledge, PromptConfig, Query, Retrieve, _feedback, _hint, demos_for, \
-    parse_for, step_prompt
+from dreamgym_core.experience.prompt import Knowledge, PromptConfig, Query, Retrieve, _feedback, demos_for, parse_for, \
+    step_prompt
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
 
@@ -171,10 +171,6 @@ class ExperienceModel:
     def known(self, pair: tuple[str, str]) -> bool | None:
         """What the training data said about an (item, receptacle) pair (saved with the checkpoint)."""
         return self.knowledge.get(pair)
-
-    def hint(self, state: str, action: str) -> str | None:
-        """The ``## known`` line for this step from the model's training-data knowledge (PromptConfig.placements)."""
-        return _hint(state, action, self.knowledge.get) if self.cfg.prompt.placements else None
 
     def close(self) -> None:
         pass
