@@ -28,16 +28,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The UI test drives Debian's chromium with Playwright; install the package once (root or sudo).
-$(CHROMIUM):
-	command -v apt-get >/dev/null || { echo "chromium is needed for the UI test: install it with your package manager"; exit 1; }
+# The UI test drives Debian's chromium with Playwright, and the MiniWoB++ env drives it with selenium
+# through chromedriver; install both packages once (root or sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMIUM) $(CHROMEDRIVER):
+	command -v apt-get >/dev/null || { echo "chromium and chromedriver are needed for the UI and MiniWoB++ tests: install it with your package manager"; exit 1; }
 	$(SUDO) apt-get update -qq
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
 demo: $(STAMP)
 	$(VENV)/bin/dreamgym demo --data $(DATA)
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(CHROMEDRIVER)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -30,6 +30,9 @@ class AnnotationConfig(dg.Config):
     requests_per_second: float = 0.0
     """openai: rate limit (0 = none)."""
     batch_size: int = 64
+    max_fallback_share: float = 0.2
+    """LLM annotators: above this share of transitions given the rule trace instead (the model returned
+    nothing usable), the asset fails rather than train M_exp on rule traces labelled as LLM ones."""
 
 
 def _annotator(cfg: AnnotationConfig, table: pa.Table):
@@ -61,16 +64,25 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     annotator = _annotator(config, table)
     started = time.perf_counter()
 
+    seen = {"unique": 0}
+
     def progress(done: int, total: int) -> None:
+        seen["unique"] = total   # unique transitions: the annotator is called once per each
         if done == total or done % max(1, total // 10) < config.batch_size:
             context.log.info(f"annotated {done}/{total} unique transitions")
 
     out = annotate_table(table, annotator, batch_size=config.batch_size, progress=progress)
+    fallbacks = int(getattr(annotator, "fallbacks", 0))
+    unique = max(seen["unique"], 1)
+    if config.annotator != "rule" and fallbacks / unique > config.max_fallback_share:
+        raise dg.Failure(f"cot_annotations: the {config.annotator} annotator fell back to rule traces for "
+                         f"{fallbacks} of {unique} unique transitions (> max_fallback_share {config.max_fallback_share}); "
+                         "check the model / endpoint, or raise max_fallback_share on purpose")
     words = pc.list_value_length(pc.utf8_split_whitespace(out["reasoning"]))
     context.add_output_metadata({
         "annotator": annotator.name, "rows": out.num_rows,
         "mean_reasoning_words": float(pc.mean(words).as_py() or 0.0),
-        "fallbacks": int(getattr(annotator, "fallbacks", 0)),
+        "fallbacks": fallbacks, "fallback_share": round(fallbacks / unique, 4),
         "timing/annotate_s": round(time.perf_counter() - started, 2),
         "example": dg.MetadataValue.md("```\n" + out["target"][0].as_py() + "\n```"),
     })

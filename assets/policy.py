@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
+from pipelines.checks import real_budget_check
 from pipelines.partitions import iteration_partitions
 from pipelines.resources import Experiment, data_root
 
@@ -145,10 +146,8 @@ def real_rl_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: Re
                    experiment: Experiment, policy_init: CheckpointRef, seed_tasks: pa.Table):
     """The paper's real-env RL baseline: PPO/GRPO from the SFT policy directly in the real env, counted budget."""
     ref = _train_real(context, "real_rl_policy", policy_init, policy_init.path, rl, config, experiment, seed_tasks)
-    used = int(ref.metrics["real_transitions"])
     yield dg.Output(ref, metadata=_budget_metadata(ref, config))
-    yield dg.AssetCheckResult(passed=used <= config.budget, check_name="real_budget_respected",
-                              metadata={"real_transitions": used, "budget": config.budget})
+    yield real_budget_check(ref.metrics, config.budget)
 
 
 class S2RConfig(RealRLConfig):
@@ -172,11 +171,9 @@ def s2r_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: S2RCon
         raise dg.Failure(f"s2r_policy: iteration {key} of `policy` is not materialized (have {sorted(policy)})")
     context.log.info(f"S2R from iteration {key}: {policy[key].path}")
     ref = _train_real(context, "s2r_policy", policy[key], policy_init.path, rl, config, experiment, seed_tasks)
-    used = int(ref.metrics["real_transitions"])
     yield dg.Output(CheckpointRef(path=ref.path, kind="policy", parent=ref.parent, iteration=int(key),
                                   metrics=ref.metrics), metadata={**_budget_metadata(ref, config), "from_iteration": key})
-    yield dg.AssetCheckResult(passed=used <= config.budget, check_name="real_budget_respected",
-                              metadata={"real_transitions": used, "budget": config.budget})
+    yield real_budget_check(ref.metrics, config.budget)
 
 
 class PolicyEvalConfig(dg.Config):

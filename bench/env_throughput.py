@@ -25,6 +25,7 @@ SPECS = [
                                      json.dumps({"rewards": "dense", "goal": "detailed"}),
                                      cache_dir="data/cache")),
     ("scienceworld boil", EnvSpec("scienceworld", "boil", json.dumps({"simplification": "easy"}))),
+    ("miniwob mix", EnvSpec("miniwob", "mix")),
 ]
 
 

@@ -43,7 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dreamgym_core.embed import TextEmbedder
+from dreamgym_core.faults import fault
 from dreamgym_core.io import exists
+from dreamgym_core.lance_journal import recover, replacing, table_lock
 from dreamgym_core.schema import SOURCES, TRANSITION_SCHEMA, Transition, transitions_to_arrow
 
 BUFFER_FORMAT = "1"
@@ -299,6 +301,7 @@ class ReplayBuffer:
 
     def _open_or_create(self):
         try:
+            recover(self._db, self.uri, self.config.table)   # a replace that a killed run left half done
             tbl = self._db.open_table(self.config.table)
         except ValueError:
             # "not found" also happens when the manifest was lost: never start a fresh buffer over it
@@ -431,9 +434,13 @@ class ReplayBuffer:
         """
         rows = encode_rows(self.embedder, data, source, iteration, vectors)
         with self._lance_errors("writing"):
-            if replace:
-                self._tbl.delete(f"source = {_sql_str(source)} AND iteration = {int(iteration)}")
-            if rows.num_rows:
+            if replace:   # delete + add are two commits: journaled, rolled back on a failure or after a kill
+                with table_lock(self.uri, self.config.table), replacing(self._tbl, self.uri, self.config.table):
+                    self._tbl.delete(f"source = {_sql_str(source)} AND iteration = {int(iteration)}")
+                    fault("lance:between_delete_and_add")
+                    if rows.num_rows:
+                        self._tbl.add(rows)
+            elif rows.num_rows:
                 self._tbl.add(rows)
         if self.config.auto_index:
             self.ensure_index()

@@ -10,7 +10,9 @@ of behaviours so that it holds successes, failures and rejected moves:
     invalid  on noisy and random episodes, with probability ``invalid_rate`` a step is replaced by
              an action built from verbs x entities that the env does *not* list, so a learned
              simulator sees "that did nothing" (the feasibility study's tiny model accepted every
-             invalid action because its data had none).
+             invalid action because its data had none). An adapter whose actions are not verbs x
+             entities (MiniWoB's clicks on element ids) offers its own ``invalid_action(state,
+             candidates, rng)``.
 
 Randomness is seeded from (config seed, task seed, episode index), so a collection is reproducible
 whatever order tasks are processed in. Env crashes end the episode as failed and are counted.
@@ -133,7 +135,9 @@ def run_episode(env: Env, task: Task, policy: str, episode: int, cfg: CollectCon
             kind = "noisy" if policy == "noisy" else "random"
             action = rng.choice(obs.candidates) if obs.candidates else "look around"
         if policy != "expert" and rng.random() < cfg.invalid_rate:
-            bad = invalid_action(obs.state, obs.candidates, vocabulary, rng)
+            own = getattr(env, "invalid_action", None)
+            bad = own(obs.state, obs.candidates, rng) if own else invalid_action(obs.state, obs.candidates,
+                                                                                  vocabulary, rng)
             if bad is not None:
                 action, kind = bad, "invalid"
         res = safe_step(env, action)
@@ -158,7 +162,8 @@ def run_episode(env: Env, task: Task, policy: str, episode: int, cfg: CollectCon
 def collect(env: Env, tasks: Sequence[Task], cfg: CollectConfig,
             progress: Callable[[int, int], None] | None = None) -> tuple[list[Trajectory], CollectStats]:
     """Collect ``cfg.episodes`` episodes of each behaviour for every task."""
-    vocabulary = task_vocabulary(env, tasks)
+    # an adapter with its own invalid actions needs no vocabulary (and no extra reset per task)
+    vocabulary = [] if hasattr(env, "invalid_action") else task_vocabulary(env, tasks)
     stats = CollectStats()
     trajs: list[Trajectory] = []
     for i, task in enumerate(tasks):

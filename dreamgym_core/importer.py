@@ -55,6 +55,11 @@ Rules beyond the table:
   by field, before any row is read.
 - A file with no rows, an extension other than .jsonl / .ndjson / .parquet, or a missing file is
   an error.
+- Size limits (module constants, checked before the content is used): a file over
+  ``MAX_FILE_BYTES`` (2 GiB), a string field over ``MAX_FIELD_CHARS`` (200,000 characters: a
+  TextWorld state is a few hundred; a larger one is a dump, not an observation, and would blow up
+  M_exp's prompts and the replay buffer), a candidates list over ``MAX_CANDIDATES`` (1,000) items,
+  or more than ``MAX_ROWS`` (10 million) rows is an error.
 
 Departures and choices, and why:
 - ``source`` is always "imported" (tasks and transitions). Each task's ``initial_state`` is step
@@ -145,6 +150,12 @@ class ImportReport:
     """Trajectories whose log ended before a done step (stored closed and marked truncated)."""
 
 
+MAX_FILE_BYTES = 2 * 1024 ** 3
+MAX_FIELD_CHARS = 200_000
+MAX_CANDIDATES = 1_000
+MAX_ROWS = 10_000_000
+
+
 class _Bad(Exception):
     """A field-level problem inside one row; the caller adds the file and row."""
 
@@ -167,9 +178,15 @@ def import_file(src: str | os.PathLike, dest: str, *, env: str = "external") -> 
                                          f"{', '.join(JSONL_EXTENSIONS + PARQUET_EXTENSIONS)}")
     if not os.path.isfile(src):
         raise TrajectoryImportError(src, "no such file" if not os.path.exists(src) else "not a regular file")
+    size = os.path.getsize(src)
+    if size > MAX_FILE_BYTES:
+        raise TrajectoryImportError(src, f"file is {size:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                                         "(importer.MAX_FILE_BYTES); split it and import the parts under one name each")
     raw_rows = _read_jsonl(src) if ext in JSONL_EXTENSIONS else _read_parquet(src)
     if not raw_rows:
         raise TrajectoryImportError(src, "no rows (an empty file cannot be imported)")
+    if len(raw_rows) > MAX_ROWS:
+        raise TrajectoryImportError(src, f"{len(raw_rows):,} rows, over the limit of {MAX_ROWS:,} (importer.MAX_ROWS)")
     rows = []
     for label, obj in raw_rows:
         try:
@@ -358,6 +375,8 @@ def _check_value(name: str, kind: str, v: Any) -> Any:
         case "str_list":
             if type(v) is not list:
                 raise _Bad(name, f"expected a list of strings, got {_show(v)}")
+            if len(v) > MAX_CANDIDATES:
+                raise _Bad(name, f"{len(v):,} items, over the limit of {MAX_CANDIDATES:,} (importer.MAX_CANDIDATES)")
             for i, item in enumerate(v):
                 if type(item) is not str:
                     raise _Bad(name, f"expected a list of strings, item {i} is {_show(item)}")
@@ -369,6 +388,8 @@ def _check_value(name: str, kind: str, v: Any) -> Any:
 def _as_str(name: str, v: Any) -> str:
     if type(v) is not str:
         raise _Bad(name, f"expected a string, got {_show(v)}")
+    if len(v) > MAX_FIELD_CHARS:
+        raise _Bad(name, f"{len(v):,} characters, over the limit of {MAX_FIELD_CHARS:,} (importer.MAX_FIELD_CHARS)")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates Arrow cannot store

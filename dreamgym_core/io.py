@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dreamgym_core.faults import fault
+
 
 def _fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
@@ -29,6 +31,7 @@ def write_parquet_atomic(table: pa.Table, uri: str) -> str:
     try:
         with fs.open_output_stream(tmp) as f:
             pq.write_table(table, f, compression="zstd")
+        fault("parquet:before_move")
         fs.move(tmp, path)
     except BaseException:
         try:

@@ -33,6 +33,8 @@ from typing import Iterable
 
 import torch
 
+from dreamgym_core.faults import fault
+
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 FORMAT_TOKENS = ["<think>", "</think>", "valid:", "feedback:", "location:", "objects:", "exits:", "inventory:",
                  "reward:", "done:", "## task", "## examples", "## history", "## state", "## action", "## outcome"]
@@ -182,7 +184,9 @@ def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cp
         tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=_DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code).to(device)
-    except (OSError, ValueError) as exc:  # missing files, no tokenizer, wrong format: one line, not a trace
+    except Exception as exc:  # missing files, no tokenizer, a truncated safetensors file...: one line, not a trace
+        if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "SafetensorError":
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot load causal LM {path_or_id!r}: {first}") from None
     if tok.pad_token is None:
@@ -196,6 +200,7 @@ def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    fault("checkpoint:mid_save")
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "dreamgym.json"), "w") as f:
         json.dump(metadata, f, indent=2, default=str)
@@ -208,5 +213,13 @@ def load_checkpoint(path: str):
     """(model, tokenizer, metadata) from a ``save_checkpoint`` directory."""
     model, tok = load_causal_lm(path)
     meta_path = os.path.join(path, "dreamgym.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    meta = {}
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return model, tok, meta

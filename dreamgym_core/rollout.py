@@ -78,6 +78,8 @@ class RolloutStats:
     crashes: int = 0
     truncated: int = 0
     budget_exhausted: bool = False
+    no_candidate_steps: int = 0
+    """Steps whose state listed no candidate actions: the policy acted on the fallback "look around"."""
     per_task: dict[str, list[float]] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, float | int | bool]:
@@ -85,7 +87,8 @@ class RolloutStats:
                 "rollout/success_rate": self.successes / max(self.episodes, 1),
                 "rollout/invalid_action_rate": self.invalid_actions / max(self.transitions, 1),
                 "rollout/crashes": self.crashes, "rollout/truncated": self.truncated,
-                "rollout/budget_exhausted": self.budget_exhausted}
+                "rollout/budget_exhausted": self.budget_exhausted,
+                "rollout/no_candidate_steps": self.no_candidate_steps}
 
 
 def _seed(seed: int, task_id: str, sample: int, step: int) -> int:
@@ -127,6 +130,7 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
                                       tuple(history[i][-cfg.history_window:]) if cfg.history_window else (),
                                       _seed(cfg.seed, chunk[i][0].task_id, chunk[i][1], t)) for i in live]
             choices = policy.act(contexts)
+            stats.no_candidate_steps += sum(not c.candidates for c in contexts)
             actions: list[str | None] = [None] * len(chunk)
             for i, c in zip(live, choices):
                 actions[i] = c.action

@@ -11,7 +11,13 @@ partitions (a ``_partition`` column holds the partition key). Three views are de
     tasks         every task-level asset (seed, eval, synthesized...), with ``asset``
 
 The same views can be created in any DuckDB session with ``create_views(con, data_dir)``.
-Only SELECT / EXPLAIN statements are run: inspection never writes.
+Only SELECT / EXPLAIN statements are run: inspection never writes. That check is the first of
+two: the connection that runs user SQL (``sandboxed_connection``) is also locked down by DuckDB
+itself (``enable_external_access=false`` with ``allowed_paths`` = the Parquet files the views
+read, no extension auto-install or auto-load, then ``lock_configuration``), so even a statement
+that got past the check could not create a file, ATTACH a database, read any other file or switch
+the settings back (it could overwrite one of the allowed Parquet files: only the first layer stops
+that, and DuckDB runs no SELECT that writes). Files under the root that resolve (symlinks) outside it are skipped.
 """
 
 from __future__ import annotations
@@ -44,11 +50,16 @@ def discover_assets(data_dir: str | os.PathLike) -> dict[str, tuple[list[str], b
     found: dict[str, tuple[list[str], bool]] = {}
     if not root.is_dir():
         return found
+    real_root = root.resolve()
+
+    def inside(p: Path) -> bool:
+        return p.resolve().is_relative_to(real_root)
+
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or not inside(entry):
             continue
         if entry.is_dir() and _NAME.match(entry.name):
-            files = sorted(str(p) for p in entry.glob("*.parquet") if not p.name.startswith("."))
+            files = sorted(str(p) for p in entry.glob("*.parquet") if not p.name.startswith(".") and inside(p))
             if files:
                 found[entry.name] = (files, True)
         elif entry.suffix == ".parquet" and _NAME.match(entry.stem):
@@ -127,9 +138,22 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             raise ValueError(f"only SELECT queries are allowed (read-only inspection); got {st.type.name}")
 
 
-def query(data_dir: str | os.PathLike, sql: str) -> duckdb.DuckDBPyRelation | None:
-    con = duckdb.connect(":memory:")
+def sandboxed_connection(data_dir: str | os.PathLike) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory DuckDB with the asset views that can read only ``<data>/parquet`` and nothing
+    else: no writes, no ATTACH, no extensions, settings locked. Returns (connection, view names)."""
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
     views = create_views(con, data_dir)
+    # the exact files the views read, not their folder: a folder would let COPY create files in it
+    files = [f for fs, _ in discover_assets(data_dir).values() for f in fs]
+    con.execute(f"SET allowed_paths = {_quote_list(files)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con, views
+
+
+def query(data_dir: str | os.PathLike, sql: str) -> duckdb.DuckDBPyRelation | None:
+    con, views = sandboxed_connection(data_dir)
     if not views:
         raise ValueError(f"no Parquet assets under {parquet_root(data_dir)}; run `make demo` first")
     _check_read_only(con, sql)

@@ -74,5 +74,27 @@ def fidelity_thresholds(config: FidelityThresholds, experience_model_eval: pa.Ta
                                          "below_target": ", ".join(misses) or "none"})
 
 
+def real_budget_check(metrics: dict, budget: int) -> dg.AssetCheckResult:
+    """``real_budget_respected`` (ERROR, blocking): the real transitions the policy was actually trained
+    on, counted from the recorded trajectories, within ``budget`` and equal to the rollout's own counter.
+    Computed here, not trusted from the code path it checks (which no longer raises first)."""
+    counted = int(metrics.get("real_transitions", -1))
+    recorded = metrics.get("real_transitions_recorded")
+    problems = []
+    if recorded is None:
+        problems.append("no recorded transition count (a checkpoint from before the count was kept): re-run it")
+    else:
+        recorded = int(recorded)
+        if recorded > budget:
+            problems.append(f"{recorded} real transitions recorded, over the budget of {budget}")
+        if recorded != counted:
+            problems.append(f"rollout counted {counted} but {recorded} were recorded: the accounting is off")
+    return dg.AssetCheckResult(check_name="real_budget_respected", passed=not problems,
+                               severity=dg.AssetCheckSeverity.ERROR,
+                               metadata={"real_transitions_recorded": -1 if recorded is None else recorded,
+                                         "real_transitions_counted": counted, "budget": budget,
+                                         "problems": "; ".join(problems) or "none"})
+
+
 ALL_CHECKS = [_schema_asset_check(n) for n in ("seed_tasks", "eval_tasks", "offline_trajectories", "policy_eval")] \
     + [fidelity_thresholds]

@@ -1,10 +1,12 @@
 """The `dreamgym` command line.
 
-    dreamgym demo    [--data DIR] [--iterations N]    the whole loop on the embedded default, then a results table
+    dreamgym demo    [--data DIR] [--iterations N] [--env twx|alfworld|miniwob] [--game G]   the whole loop, then a results table
     dreamgym report  [--out FILE]                     HTML report with the plots
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
+    dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
 
 It lives in pipelines/ (not the core) because `demo` drives Dagster.
 """
@@ -75,6 +77,21 @@ DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_shar
               "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
 
 
+# `dreamgym demo --tiny`: a few tasks, a 1-layer M_exp and policy trained a fixed number of steps (the
+# time budgets are far above what they need, so the result does not depend on the machine's speed):
+# the fault-injection script (scripts/kill_anywhere.py) runs it again and again and compares results.
+TINY_OPS = {
+    "experience_model": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "vocab_size": 400,
+                                    "steps": 20, "batch_size": 4}},
+    "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
+                                         "gap_tasks": 2, "gap_max_steps": 4}},
+    "policy_init": {"config": {"time_budget_s": 3600.0, "hidden": 32, "layers": 1, "steps": 20}},
+    "real_rl_policy": {"config": {"budget": 24, "rounds": 2, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "s2r_policy": {"config": {"budget": 12, "rounds": 1, "tasks_per_round": 2, "group_size": 2, "max_steps": 5}},
+    "policy_eval": {"config": {"eval_tasks": 3, "sim_eval_tasks": 0, "sampled": False, "max_steps": 5}},
+}
+
+
 def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
@@ -92,16 +109,60 @@ def _materialized(instance, key: str, partition: str | None) -> bool:
     return partition in instance.get_materialized_partitions(dg.AssetKey("iteration_eval"))
 
 
+def demo_sizes(env: str = "twx", game: str | None = None) -> dict:
+    """The demo's sizes per environment (resources and op configs that fit a 2-core CPU).
+
+    twx: the embedded default (about 14 minutes). alfworld: its PDDL engine steps in 0.1-0.5 s and
+    resets in 1-4 s (docs/environments.md), a few hundred times slower than TextWorldExpress, so the
+    demo plays a few dozen games: 12 training games, 12 held-out games on unseen floor plans.
+    """
+    match env:
+        case "twx":
+            return {"experiment": {"n_train_tasks": 100, "game": game or "twc"},
+                    "loop": {"tasks_per_iteration": 12, "eval_tasks": 30, "sim_eval_tasks": 15},
+                    "experience_model_eval": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15},
+                    "real_rl_policy": {"budget": 600, "rounds": 3}, "s2r_policy": {"budget": 300, "rounds": 2},
+                    "policy_eval": {"eval_tasks": 30}, "iterations": 3}
+        case "alfworld":
+            return {"experiment": {"env": "alfworld", "game": game or "all", "n_train_tasks": 12, "n_dev_tasks": 6,
+                                   "n_test_tasks": 12, "eval_fold": "test", "episodes_expert": 1,
+                                   "episodes_noisy": 1, "episodes_random": 1, "max_steps": 20},
+                    "loop": {"tasks_per_iteration": 6, "eval_tasks": 6, "sim_eval_tasks": 6},
+                    "experience_model_eval": {"max_transitions": 100, "drift_trajectories": 6, "gap_tasks": 6},
+                    "real_rl_policy": {"budget": 120, "rounds": 2}, "s2r_policy": {"budget": 60, "rounds": 1},
+                    "policy_eval": {"eval_tasks": 12}, "iterations": 2}
+        case "miniwob":
+            # 60 train tasks (10 per task kind, about 800 offline transitions in under a minute of
+            # browser time), held-out tasks from the test seeds, 10-step offline episodes (the longest
+            # expert, click-checkboxes, takes at most 7)
+            return {"experiment": {"env": "miniwob", "game": game or "mix", "n_train_tasks": 60, "eval_fold": "test",
+                                   "max_steps": 10},
+                    "loop": {"tasks_per_iteration": 12, "eval_tasks": 30, "sim_eval_tasks": 15},
+                    "experience_model_eval": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15},
+                    "real_rl_policy": {"budget": 600, "rounds": 3}, "s2r_policy": {"budget": 300, "rounds": 2},
+                    "policy_eval": {"eval_tasks": 30}, "iterations": 3}
+    raise ValueError(f"dreamgym demo: --env must be twx, alfworld or miniwob, got {env!r}")
+
+
 def cmd_demo(args) -> int:
     data = _data_dir(args)
+    # a finished step is skipped on a re-run, so one data folder holds one environment's demo
+    marker = os.path.join(data, "demo_env")
+    if os.path.exists(marker) and open(marker).read().strip() != args.env:
+        print(f"dreamgym demo: {data} holds a --env {open(marker).read().strip()} demo; pass another --data "
+              f"folder for --env {args.env}", file=sys.stderr)
+        return 2
+    os.makedirs(data, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(args.env + "\n")
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
-    os.environ.setdefault("DAGSTER_HOME", home)
-    cfg = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
-    if not os.path.exists(cfg):  # an offline machine: no telemetry attempts, no banner
-        with open(cfg, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+    if not os.environ.get("DAGSTER_HOME"):  # unset or empty
+        os.environ["DAGSTER_HOME"] = home
+    from pipelines.runguard import write_instance_yaml
+
+    write_instance_yaml(os.environ["DAGSTER_HOME"])  # offline: no telemetry; run monitoring for `make ui`
 
     import dagster as dg
 
@@ -109,7 +170,7 @@ def cmd_demo(args) -> int:
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS, build_defs
     from pipelines.resources import Experiment
 
-    defs = build_defs(data)
+    defs = build_defs(data, "tiny" if args.tiny else None)
     from assets.loop import LoopSettings
 
     # the demo's sizes: the assets' defaults are the measured runs (README); the demo trims the
@@ -118,10 +179,12 @@ def cmd_demo(args) -> int:
     # 100 train tasks (not the default 300): in the demo's 240 s M_exp sees under a fifth of the
     # 300-task data anyway, and the replay buffer embeds a third as many transitions (measured:
     # 300 tasks made the demo 874 s of job and M_exp's win recall 0.46; 100 tasks gave 0.60)
+    sizes = demo_sizes(getattr(args, "env", "twx"), getattr(args, "game", None))
     resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm),
-                 "experiment": Experiment(n_train_tasks=100),
-                 "loop": LoopSettings(tasks_per_iteration=12, eval_tasks=30, sim_eval_tasks=15)}
+                 "experiment": Experiment(**sizes["experiment"]), "loop": LoopSettings(**sizes["loop"])}
     started = time.perf_counter()
+    if getattr(args, "iterations", None) is None:
+        args.iterations = sizes["iterations"]
     plan = _demo_plan(args.iterations)
     print(f"[dreamgym] data: {data}  (Dagster run history: {os.environ['DAGSTER_HOME']})", flush=True)
     print(f"[dreamgym] plan: {len(plan)} steps, {args.iterations} DreamGym iterations ({args.algorithm}); "
@@ -129,12 +192,19 @@ def cmd_demo(args) -> int:
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
-           "experience_model_eval": {"config": {"max_transitions": 150, "drift_trajectories": 15, "gap_tasks": 15}},
+           "experience_model_eval": {"config": sizes["experience_model_eval"]},
            "policy_init": {"config": {"time_budget_s": args.policy_budget}},
-           "real_rl_policy": {"config": {"budget": 600, "rounds": 3}},
-           "s2r_policy": {"config": {"budget": 300, "rounds": 2}},
-           "policy_eval": {"config": {"eval_tasks": 30, "sim_eval_tasks": 0, "sampled": False}}}
+           "real_rl_policy": {"config": sizes["real_rl_policy"]},
+           "s2r_policy": {"config": sizes["s2r_policy"]},
+           "policy_eval": {"config": {**sizes["policy_eval"], "sim_eval_tasks": 0, "sampled": False}}}
+    if args.tiny:
+        resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+        ops = TINY_OPS
+    from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
+
     with dg.DagsterInstance.get() as instance:
+        for run_id in mark_dead_runs_failed(instance):
+            print(f"[dreamgym] run {run_id} was killed before it finished: marked failed", flush=True)
         for n, (key, part) in enumerate(plan, 1):
             label = f"{key}[{part}]" if part else key
             if _materialized(instance, key, part):
@@ -146,8 +216,14 @@ def cmd_demo(args) -> int:
                            "policy_eval")
             run_config = {**(loud if long else quiet), "ops": {key: ops[key]} if key in ops else {}}
             selection = LOOP_KEYS if key == "dreamgym_iteration" else [key]
-            result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
-                                    run_config=run_config, partition_key=part, raise_on_error=False)
+            try:
+                with partition_lock(data, [key], part):  # the same lock a UI run of this step takes
+                    result = dg.materialize(ALL_ASSETS, selection=selection, resources=resources, instance=instance,
+                                            run_config=run_config, partition_key=part, raise_on_error=False,
+                                            tags=run_tags())
+            except PartitionBusyError as exc:
+                print(f"[dreamgym] {exc}", file=sys.stderr)
+                return 1
             if not result.success:
                 print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
                       file=sys.stderr)
@@ -161,7 +237,7 @@ def cmd_demo(args) -> int:
     from dreamgym_core.sql import run_query
     from pipelines.report import write_report
 
-    print("\nReal held-out success (TextWorldExpress twc test games; dreamgym sql over policy_eval):")
+    print(f"\nReal held-out success ({resources['experiment'].env}/{resources['experiment'].game} test games; dreamgym sql over policy_eval):")
     print(run_query(data, "SELECT policy, iteration, mode, round(success_rate, 3) AS success, "
                           "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, "
                           "round(sim_success_rate, 3) AS in_m_exp, round(sim_real_gap, 3) AS sim_real_gap, "
@@ -184,7 +260,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from pipelines.results_docs import write_results_doc
+
+    try:
+        print(write_results_doc(args.results, args.out))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"dreamgym results: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["learner"]:  # its own argparse (python -m dreamgym_core.learner_check)
+        from dreamgym_core.learner_check import main as learner_main
+
+        return learner_main(argv[1:], prog="dreamgym learner")
     # --data is accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=argparse.SUPPRESS, help="data folder (default $DREAMGYM_DATA or ./data)")
@@ -198,8 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
     s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
     s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
-    s.add_argument("--iterations", type=int, default=3, help="DreamGym iterations (partitions 001..N)")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
+    s.add_argument("--env", choices=("twx", "alfworld", "miniwob"), default="twx",
+                   help="environment (default twx: TextWorldExpress; alfworld: locally generated ALFWorld games; "
+                        "miniwob: MiniWoB++ web tasks in headless chromium)")
+    s.add_argument("--game", default=None,
+                   help="game within the env (twx: twc, cookingworld...; alfworld: all or one task type; "
+                        "miniwob: mix or comma-separated task names)")
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
+    s.add_argument("--tiny", action="store_true",
+                   help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
     s.set_defaults(func=cmd_demo)
 
     s = add("report", help="write an HTML report (tables and plots) of the run")
@@ -221,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None, help="partition name (default: the file's stem)")
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
+
+    s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",
+            add_help=False)
+    s = add("results", help="generate docs/results.md and its plots from the rows under results/")
+    s.add_argument("--results", default="results", help="folder of result CSVs (default results)")
+    s.add_argument("--out", default="docs/results.md", help="Markdown file to write (default docs/results.md)")
+    s.set_defaults(func=cmd_results)
 
     args = p.parse_args(argv)
     return args.func(args)

@@ -24,6 +24,7 @@ from pipelines.io_managers import CheckpointIOManager, ParquetIOManager  # noqa:
 from pipelines.lance_io import LanceDBIOManager  # noqa: E402
 from pipelines.partitions import iteration_partitions  # noqa: E402
 from pipelines.resources import Experiment, Launcher, data_root  # noqa: E402
+from pipelines.runguard import locking_executor  # noqa: E402
 
 try:  # transformers' own bars (weights loading) ignore the hub variable
     from transformers.utils import logging as _hf_logging
@@ -68,6 +69,8 @@ def build_defs(data_dir: str | None = None, profile: str | None = None) -> dg.De
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
         jobs=[bootstrap_job, iteration_job, real_rl_job],
+        # two runs of one partition at once: the second is refused (pipelines/runguard.py)
+        executor=locking_executor(root),
         resources={"io_manager": ParquetIOManager(base_dir=os.path.join(root, "parquet")),
                    "checkpoint_io_manager": CheckpointIOManager(base_dir=os.path.join(root, "checkpoints")),
                    "lance_io_manager": LanceDBIOManager(uri=os.path.join(root, "lancedb")),

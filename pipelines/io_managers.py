@@ -17,8 +17,28 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from dreamgym_core.faults import fault
 from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import CheckpointRef
+
+
+def missing_partitions(context: dg.InputContext, keys: list[str], present: list[str]) -> list[str]:
+    """A range load (several partitions) that lacks some: the ones after the last present one were not
+    run yet, which is expected and counted in a warning of the run log (Dagster 1.13 cannot attach input
+    metadata to a multi-partition load); a gap before it means a result the reader would silently go without, so it is an error."""
+    missing = [k for k in keys if k not in present]
+    if not missing or len(keys) <= 1:
+        return missing
+    last = max((keys.index(k) for k in present), default=-1)
+    gaps = [k for k in missing if keys.index(k) < last]
+    name = context.asset_key.to_user_string()
+    if gaps:
+        raise FileNotFoundError(f"{name}: partitions {gaps} are missing between materialized ones (up to "
+                                f"{keys[last]}); materialize them (or delete the later ones) so no result is "
+                                "silently left out")
+    context.log.warning(f"{name}: missing_partitions={len(missing)} of {len(keys)} not materialized yet, skipped: "
+                        f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return missing
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -47,10 +67,12 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         if not parts:
             return None
         tables = []
+        if context.has_asset_partitions and len(parts) > 1:
+            missing_partitions(context, parts, [p for p in parts if exists(self._path(key, p))])
         for part in parts:
             path = self._path(key, part)
             if not exists(path):
-                # a missing k-1 (iteration 001) or, over many iterations, the ones not run yet: skipped
+                # over many iterations, the ones not run yet (counted above): skipped
                 if context.has_asset_partitions:
                     continue
                 if getattr(context.dagster_type, "is_nullable", False):
@@ -85,6 +107,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
         part = context.asset_partition_key if context.has_asset_partitions else None
         path = self._manifest(context.asset_key, part)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        fault("checkpoint:before_manifest")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(obj), f, indent=2)
@@ -95,8 +118,25 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
                                      **{k: float(v) for k, v in obj.metrics.items()}})
 
     def _read(self, path: str) -> CheckpointRef:
-        with open(path) as f:
-            return CheckpointRef(**json.load(f))
+        """A manifest -> its ref; a malformed one, or one whose weights are gone, is a one-line error."""
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: manifest must be a JSON object, got {type(obj).__name__}")
+        fields = set(CheckpointRef.__dataclass_fields__)
+        if set(obj) - fields or not {"path", "kind"} <= set(obj):
+            raise ValueError(f"{path}: manifest fields {sorted(obj)} do not match CheckpointRef "
+                             f"(unknown: {sorted(set(obj) - fields)}, missing: {sorted({'path', 'kind'} - set(obj))})")
+        ref = CheckpointRef(**obj)
+        if not isinstance(ref.path, str):
+            raise ValueError(f"{path}: field 'path' must be a string, got {type(ref.path).__name__}")
+        if ref.path and "://" not in ref.path and not os.path.exists(ref.path):
+            raise FileNotFoundError(f"{path}: points to {ref.path}, which does not exist; re-materialize "
+                                    f"{os.path.basename(os.path.dirname(path))}")
+        return ref
 
     def load_input(self, context: dg.InputContext) -> CheckpointRef | dict[str, CheckpointRef] | None:
         """One partition -> its ref (None if absent: iteration 001 has no 000); several partitions (an
@@ -106,6 +146,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
             keys = list(context.asset_partition_keys)
             if len(keys) > 1:
                 found = {k: self._manifest(context.asset_key, k) for k in keys}
+                missing_partitions(context, keys, [k for k, p in found.items() if os.path.exists(p)])
                 return {k: self._read(p) for k, p in found.items() if os.path.exists(p)}
             if not keys:
                 return None

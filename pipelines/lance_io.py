@@ -2,7 +2,10 @@
 
 A partitioned asset owns the rows whose ``partition_column`` equals its partition key (as an int
 when the column is an integer: key "003" -> 3). Re-materializing a partition deletes those rows,
-then adds the new ones, so it is idempotent. After each write the version is tagged
+then adds the new ones, so it is idempotent. Delete and add are two Lance commits, so the pair is
+journaled (``dreamgym_core.lance_journal``): an exception between them restores the previous
+version at once, a kill leaves a journal that the next open of the table (a re-run, a downstream
+load) rolls back first. Readers see the old partition or the new one, never an empty one. After each write the version is tagged
 ``partition-<key>``: a downstream step that asks for a ``LanceTableRef`` reads the table exactly
 as that materialization left it (``ReplayBuffer.search(..., as_of_version=ref.version)``), even
 after later partitions were written. Tables with a ``vector`` column get their ANN index
@@ -27,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dreamgym_core.buffer import LANCE_FILE_VERSION, BufferConfig, ensure_vector_index
+from dreamgym_core.faults import fault as _fault
+from dreamgym_core.lance_journal import recover, recover_locked, replacing, table_lock
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,39 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         lit = str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
         return f"{self.partition_column} = {lit}"
 
+    def _write(self, context, name: str, data: pa.Table, part: str | None):
+        db = lancedb.connect(self.uri)
+        tbl = _open(db, name)
+        tag = _tag(part) if part is not None else None
+        if tbl is None:
+            tbl = db.create_table(name, data=data, data_storage_version=LANCE_FILE_VERSION)
+            return tbl, self._index_and_tag(tbl, data, tag), tag
+        if not tbl.schema.equals(data.schema, check_metadata=True):
+            raise ValueError(f"{context.asset_key.to_user_string()}: output schema differs from table {name} "
+                             f"at {self.uri}:\n  table:  {tbl.schema}\n  output: {data.schema}\n"
+                             "(metadata included, e.g. the embedder); write to a new table or migrate it")
+        if part is None:
+            tbl.add(data, mode="overwrite")   # one commit
+            return tbl, self._index_and_tag(tbl, data, None), None
+        with replacing(tbl, self.uri, name, tag):
+            tbl.delete(self._where(self._value(data.schema, part)))
+            _fault("lance:between_delete_and_add")
+            tbl.add(data)
+            _fault("lance:before_tag")
+            index = self._index_and_tag(tbl, data, tag)
+        return tbl, index, tag
+
+    def _index_and_tag(self, tbl, data: pa.Table, tag: str | None) -> str:
+        index = "none"
+        if "vector" in data.column_names:
+            index = ensure_vector_index(tbl, BufferConfig(index_min_rows=self.index_min_rows))
+        if tag is not None:
+            if tag in tbl.tags.list():
+                tbl.tags.update(tag, tbl.version)
+            else:
+                tbl.tags.create(tag, tbl.version)
+        return index
+
     def handle_output(self, context: dg.OutputContext, obj: pa.Table | pl.DataFrame | None) -> None:
         if obj is None:
             return
@@ -85,8 +123,6 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"{context.asset_key.to_user_string()}: LanceDBIOManager stores pyarrow Tables or "
                             f"polars DataFrames, got {type(obj).__name__}")
         name = self._name(context.asset_key)
-        db = lancedb.connect(self.uri)
-        tbl = _open(db, name)
         part = context.asset_partition_key if context.has_asset_partitions else None
         if part is not None:
             value = self._value(data.schema, part)
@@ -98,27 +134,9 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 bad = sorted(set(data[col].to_pylist()) - {value}, key=str)[:5]
                 raise ValueError(f"{context.asset_key.to_user_string()}[{part}]: rows carry {col} values {bad}; "
                                  f"every row of this partition must have {col} = {value!r}")
-        if tbl is None:
-            tbl = db.create_table(name, data=data, data_storage_version=LANCE_FILE_VERSION)
-        else:
-            if not tbl.schema.equals(data.schema, check_metadata=True):
-                raise ValueError(f"{context.asset_key.to_user_string()}: output schema differs from table {name} "
-                                 f"at {self.uri}:\n  table:  {tbl.schema}\n  output: {data.schema}\n"
-                                 "(metadata included, e.g. the embedder); write to a new table or migrate it")
-            if part is not None:
-                tbl.delete(self._where(value))
-                tbl.add(data)
-            else:
-                tbl.add(data, mode="overwrite")
-        index = "none"
-        if "vector" in data.column_names:
-            index = ensure_vector_index(tbl, BufferConfig(index_min_rows=self.index_min_rows))
-        tag = _tag(part) if part is not None else None
-        if tag is not None:
-            if tag in tbl.tags.list():
-                tbl.tags.update(tag, tbl.version)
-            else:
-                tbl.tags.create(tag, tbl.version)
+        with table_lock(self.uri, name):
+            recovered = recover_locked(lancedb.connect(self.uri), self.uri, name)
+            tbl, index, tag = self._write(context, name, data, part)
         by_source = {}
         if "source" in data.column_names:
             counts = pc.value_counts(tbl.search().select(["source"]).limit(None).to_arrow()["source"])
@@ -127,11 +145,12 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             "path": dg.MetadataValue.path(f"{self.uri.rstrip('/')}/{name}.lance"),
             "lance_version": tbl.version, "tag": tag or "", "rows_written": data.num_rows,
             "table_rows": tbl.count_rows(), "rows_by_source": dg.MetadataValue.json(by_source),
-            "vector_index": index,
+            "vector_index": index, "rolled_back_interrupted_write": recovered,
         })
 
     def load_input(self, context: dg.InputContext):
         name = self._name(context.asset_key)
+        recover(lancedb.connect(self.uri), self.uri, name)
         tbl = _open(lancedb.connect(self.uri), name)
         keys = list(context.asset_partition_keys) if context.has_asset_partitions else None
         if tbl is None or keys == []:     # first iteration: the k-1 mapping yields no partition

@@ -19,6 +19,19 @@ def test_help_lists_commands():
         assert cmd in out.stdout
 
 
+def test_demo_envs_build_valid_experiments_and_a_data_folder_keeps_one_env(tmp_path):
+    from pipelines.cli import demo_sizes
+    from pipelines.resources import Experiment
+
+    for env in ("twx", "alfworld", "miniwob"):
+        sizes = demo_sizes(env)
+        spec = Experiment(**sizes["experiment"]).env_spec()
+        assert spec.env == env and sizes["iterations"] >= 1
+    (tmp_path / "demo_env").write_text("twx\n")
+    out = _run("demo", "--env", "miniwob", data=tmp_path)
+    assert out.returncode == 2 and "holds a --env twx demo" in out.stderr
+
+
 def test_sql_json_and_error_exit_code(tmp_path):
     t = Task("twx/twc/train/0", "twx", "twc", "train", 0, "do it")
     write_parquet_atomic(tasks_to_arrow([t]), str(tmp_path / "parquet" / "seed_tasks.parquet"))

@@ -1,3 +1,5 @@
+import os
+
 import dagster as dg
 import lancedb
 import polars as pl
@@ -94,3 +96,110 @@ def test_rows_labelled_with_another_partition_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must have iteration = 1"):
         dg.materialize([mislabelled], partition_key="001",
                        resources={"lance_io_manager": LanceDBIOManager(uri=str(tmp_path / "db"))})
+
+
+# --- issue 27: replacing a partition is delete + add (two commits), journaled and rolled back ---
+
+def _latest_rows(uri):
+    t = lancedb.connect(uri).open_table("replay_buffer").to_arrow().drop_columns(["vector"])
+    return sorted(t.to_pylist(), key=lambda r: (r["iteration"], r["traj_id"], r["step_idx"]))
+
+
+@pytest.mark.parametrize("point", ["lance:before_delete", "lance:between_delete_and_add", "lance:before_tag"])
+def test_an_exception_mid_replace_rolls_back(tmp_path, monkeypatch, point):
+    uri = str(tmp_path / "lancedb")
+    _run(uri, "001")
+    m2 = _meta(_run(uri, "002"))
+    before = _latest_rows(uri)
+    monkeypatch.setenv("DREAMGYM_FAULT", point + ":raise")
+    res = dg.materialize([replay_buffer], partition_key="001", raise_on_error=False,
+                         resources={"lance_io_manager": LanceDBIOManager(uri=uri)})
+    assert not res.success
+    assert _latest_rows(uri) == before                      # partition 001 still there, nothing doubled
+    tags = lancedb.connect(uri).open_table("replay_buffer").tags.list()
+    assert tags["partition-002"]["version"] == m2["lance_version"]
+    assert not list(tmp_path.glob("lancedb/.*.replace.json"))
+
+
+_KILL_SCRIPT = """
+import sys
+import os
+
+import dagster as dg
+sys.path.insert(0, {tests!r})
+from test_lance_io import replay_buffer
+from pipelines.lance_io import LanceDBIOManager
+dg.materialize([replay_buffer], partition_key="001", resources={{"lance_io_manager": LanceDBIOManager(uri={uri!r})}})
+"""
+
+
+def test_a_kill_between_delete_and_add_is_rolled_back_on_next_open(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = str(tmp_path / "lancedb")
+    _run(uri, "001")
+    _run(uri, "002")
+    before = _latest_rows(uri)
+    script = _KILL_SCRIPT.format(tests=str(Path(__file__).parent), uri=uri)
+    env = {**os.environ, "DREAMGYM_FAULT": "lance:between_delete_and_add:kill",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "lancedb" / ".replay_buffer.replace.json").exists()
+    # the raw table as the killed writer left it: partition 001 deleted, nothing added (what the journal repairs)
+    assert {r["iteration"] for r in _latest_rows(uri)} == {2}
+    # a downstream load (not a re-run) repairs it first and sees the old partition
+    _run(uri, "001", [as_frame])
+    assert _latest_rows(uri) == before
+    assert not (tmp_path / "lancedb" / ".replay_buffer.replace.json").exists()
+    m3 = _meta(_run(uri, "001"))                             # and the re-run completes
+    assert m3["rolled_back_interrupted_write"] is False and m3["table_rows"] == 12
+    assert _latest_rows(uri) == before
+
+
+def test_recovery_at_handle_output_is_reported(tmp_path):
+    from dreamgym_core.lance_journal import journal_path as _journal, write_journal as _write_journal
+
+    uri = str(tmp_path / "lancedb")
+    _run(uri, "001")
+    tbl = lancedb.connect(uri).open_table("replay_buffer")
+    v = tbl.version
+    _write_journal(_journal(uri, "replay_buffer"), {"version": v, "tag": "partition-001",
+                                                     "tag_version": tbl.tags.list()["partition-001"]["version"]})
+    tbl.delete("iteration = 1")                               # a writer that died after its delete
+    m = _meta(_run(uri, "002"))
+    assert m["rolled_back_interrupted_write"] is True
+    assert {r["iteration"] for r in _latest_rows(uri)} == {1, 2} and m["table_rows"] == 12
+
+
+def test_replay_buffer_replace_is_rolled_back_too(tmp_path, monkeypatch):
+    """The loop writes its buffer with ReplayBuffer.add(replace=True): the same delete + add."""
+    from dreamgym_core import faults
+    from dreamgym_core.buffer import ReplayBufferError
+    from dreamgym_core.lance_journal import journal_path, write_journal
+
+    uri = str(tmp_path / "buf")
+    buf = ReplayBuffer(uri, EMB)
+    buf.add(transitions("001"), "synthetic", 1)
+    buf.add(transitions("002"), "synthetic", 2)
+    rows = lambda: sorted(lancedb.connect(uri).open_table("replay_buffer").to_arrow()  # noqa: E731
+                          .drop_columns(["vector"]).to_pylist(), key=lambda r: (r["iteration"], r["traj_id"],
+                                                                                 r["step_idx"]))
+    snapshot = rows()
+    faults.reset()
+    monkeypatch.setenv("DREAMGYM_FAULT", "lance:between_delete_and_add:raise")
+    with pytest.raises((ReplayBufferError, faults.InjectedFault)):
+        buf.add(transitions("001", n=3), "synthetic", 1, replace=True)
+    monkeypatch.delenv("DREAMGYM_FAULT")
+    assert rows() == snapshot and not os.path.exists(journal_path(uri, "replay_buffer"))
+    # a writer killed after its delete: the next open rolls it back
+    tbl = lancedb.connect(uri).open_table("replay_buffer")
+    write_journal(journal_path(uri, "replay_buffer"), {"version": tbl.version, "tag": None, "tag_version": None})
+    tbl.delete("iteration = 1")
+    assert {r["iteration"] for r in rows()} == {2}
+    ReplayBuffer(uri, EMB)
+    assert rows() == snapshot

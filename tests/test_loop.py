@@ -113,5 +113,6 @@ def test_real_rl_budget_is_exact(monkeypatch, budget):
     rec = rl_in_real_env(tr, lambda: CountdownEnv(need=3), TASKS, cfg, budget=budget, rounds=4, name="real_rl")
     full = 4 * 3 * 2 * 3  # rounds x tasks x group x steps per episode
     assert rec["real_transitions"] == min(budget, full) == sum(tr.seen)
+    assert rec["real_transitions_recorded"] == rec["real_transitions"]  # the check compares the two
     with pytest.raises(ValueError):
         rl_in_real_env(tr, lambda: CountdownEnv(), TASKS, cfg, budget=-1, rounds=1, name="x")

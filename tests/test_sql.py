@@ -61,3 +61,72 @@ def test_rejects_writes_and_reports_errors(data_dir, sql, msg):
 def test_empty_data_dir_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="make demo"):
         run_query(tmp_path, "select 1")
+
+
+# --- issue 27 item 7: read-only, and nothing outside the data root, enforced by DuckDB too ---
+
+@pytest.fixture
+def outside(data_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    secret = tmp_path / "secret.parquet"
+    pq.write_table(pa.table({"token": ["s3cr3t"]}), secret)
+    (tmp_path / "secret.csv").write_text("token\ns3cr3t\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("sql", [
+    "select * from read_parquet('{o}/secret.parquet')",
+    "select * from '{o}/secret.parquet'",
+    "select * from read_csv('{o}/secret.csv')",
+    "select * from read_text('{o}/secret.csv')",
+    "select * from read_blob('{o}/secret.csv')",
+    "select * from glob('{o}/*')",
+    "select * from read_parquet('{root}/parquet/../../secret.parquet')",
+])
+def test_cannot_read_outside_the_data_root(data_dir, outside, sql):
+    with pytest.raises(ValueError, match="Permission Error"):
+        run_query(data_dir[0], sql.format(o=outside, root=data_dir[0]))
+
+
+@pytest.mark.parametrize("sql", [
+    "copy (select 1 a) to '{o}/out.csv'",
+    "copy (select 1 a) to '{root}/parquet/new.parquet'",
+    "attach '{o}/new.duckdb' as other",
+    "export database '{o}/dump'",
+    "install httpfs",
+    "load httpfs",
+    "set enable_external_access = true",
+    "set allowed_directories = ['/']",
+    "reset lock_configuration",
+])
+def test_duckdb_itself_refuses_writes_attach_and_settings(data_dir, outside, sql):
+    """The second layer: statements the SELECT-only check would already refuse, run on the sandboxed
+    connection directly (as if that check had a hole)."""
+    import duckdb
+
+    from dreamgym_core.sql import sandboxed_connection
+
+    con, views = sandboxed_connection(data_dir[0])
+    assert "rollouts" in views and con.sql("select count(*) from rollouts").fetchone()[0] > 0
+    with pytest.raises((duckdb.PermissionException, duckdb.InvalidInputException)):
+        con.execute(sql.format(o=outside, root=data_dir[0]))
+    assert not (outside / "out.csv").exists() and not (outside / "new.duckdb").exists()
+    assert not (data_dir[0] / "parquet" / "new.parquet").exists() and not (outside / "dump").exists()
+
+
+def test_cli_refuses_attach_and_writes_before_running(data_dir, outside):
+    for sql in (f"attach '{outside}/x.duckdb'", f"copy rollouts to '{outside}/x.csv'", "set threads = 1"):
+        with pytest.raises(ValueError, match="only SELECT"):
+            run_query(data_dir[0], sql)
+
+
+def test_a_symlink_out_of_the_root_is_not_a_view(tmp_path, outside):
+    root = tmp_path / "data"
+    write_parquet_atomic(pa.table({"a": [1]}), str(root / "parquet" / "inside.parquet"))
+    (root / "parquet" / "leak.parquet").symlink_to(outside / "secret.parquet")
+    (root / "parquet" / "leakdir").symlink_to(outside)
+    views = json.loads(run_query(root, "select count(*) n from inside", fmt="json"))
+    assert views == [{"n": 1}]
+    with pytest.raises(ValueError, match="leak"):
+        run_query(root, "select * from leak")

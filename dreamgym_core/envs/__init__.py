@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
 
-ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp")
+ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp", "alfworld", "miniwob")
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,12 @@ class EnvSpec:
 
     env: str = "twx"
     """Adapter: twx (TextWorldExpress) | textworld (tw-make challenges) | scienceworld | lamp (a learner
-    check with a known optimum, ``envs.lamp``)."""
+    check with a known optimum, ``envs.lamp``) | alfworld (locally generated ALFWorld games) | miniwob
+    (MiniWoB++ web pages in headless Chromium)."""
     game: str = "twc"
-    """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...) or ScienceWorld task name."""
+    """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...), ScienceWorld task name, ALFWorld
+    task type ("all" = the six in turn), or MiniWoB task(s): ``mix`` or comma-separated names from
+    ``miniwob_env.TASKS``."""
     params: str = ""
     """TWX and lamp: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
     step_limit: int = 100
@@ -59,6 +62,15 @@ def make_env(spec: EnvSpec) -> Env:
             from dreamgym_core.envs.lamp import LampEnv
 
             return LampEnv(spec.params)
+        case "alfworld":
+            from dreamgym_core.envs.alfworld_env import ALFWorldEnv
+
+            return ALFWorldEnv(spec.game, json.loads(spec.params or "{}"), cache_dir=spec.cache_dir,
+                               step_limit=spec.step_limit)
+        case "miniwob":
+            from dreamgym_core.envs.miniwob_env import MiniWoBEnv
+
+            return MiniWoBEnv(spec.game, step_limit=spec.step_limit)
     raise AssertionError(spec.env)  # unreachable: validated in EnvSpec
 
 

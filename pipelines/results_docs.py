@@ -1,0 +1,135 @@
+"""docs/results.md and its plots, generated from the rows committed under results/ (never typed by hand).
+
+    dreamgym results [--results results] [--out docs/results.md]
+
+Each ``results/<name>.csv`` that this module knows becomes one section; an unknown CSV is listed with
+its row count so nothing committed is silently left out. Plots are PNG files beside the Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from typing import Sequence
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _num(v: str) -> float | None:
+    return None if v in ("", None) else float(v)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def learner_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
+    """One line per curve (testbed, setting, seed): dev success before and after, train success over
+    the first and last rounds, transitions, wall time; plus a plot of the curves."""
+    curves: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        curves[(r["testbed"], r["setting"], r["seed"])].append(r)
+    out = ["## The learner check", "",
+           "RL (GRPO, `dreamgym_core.learner_check`) on a fixed batch of train tasks replayed every round,",
+           "through the code path every arm uses (`loop.rl_in_real_env`). `lamp` starts from an untrained",
+           "policy on a task with a known optimum (1.0); `twc` from a weak behaviour-cloned policy (300 BC",
+           "steps). Dev success is greedy on games never trained on, with its 95% Wilson interval;",
+           "train success is the sampled success of the round's rollouts (mean of the first / last 3 rounds).",
+           "", "| testbed | setting | seed | rounds | real transitions | train success (first -> last) | "
+           "dev success before | dev success after [95% CI] | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for (testbed, setting, seed), rs in sorted(curves.items()):
+        rs = sorted(rs, key=lambda r: int(r["round"]))
+        train = [_num(r["train_success"]) for r in rs if _num(r["train_success"]) is not None]
+        dev = [(int(r["round"]), _num(r["dev_success"]), _num(r["dev_ci_low"]), _num(r["dev_ci_high"]))
+               for r in rs if _num(r["dev_success"]) is not None]
+        first, last = (sum(train[:3]) / len(train[:3]), sum(train[-3:]) / len(train[-3:])) if train else (None, None)
+        d0 = dev[0] if dev and dev[0][0] == 0 else None
+        d1 = dev[-1] if dev and dev[-1][0] > 0 else None
+        out.append(f"| {testbed} | {setting} | {seed} | {rs[-1]['round']} | {int(float(rs[-1]['transitions'])):,} | "
+                   f"{_fmt(first, 2)} -> {_fmt(last, 2)} | {_fmt(d0[1]) if d0 else ''} | "
+                   + (f"{_fmt(d1[1])} [{_fmt(d1[2], 2)}, {_fmt(d1[3], 2)}]" if d1 else "")
+                   + f" | {float(rs[-1]['wall_s']):.0f} |")
+    png = _learner_plot(curves)
+    if png:
+        name = "learner_curves.png"
+        with open(os.path.join(png_dir, name), "wb") as f:
+            f.write(png)
+        out += ["", f"![learning curves]({rel_dir}/{name})"]
+    settings = sorted({r["setting"] for r in rows})
+    out += ["", "Settings (RLConfig fields that differ from the defaults): " + "; ".join(
+        f"`{s}`: " + _setting_text(next(r for r in rows if r["setting"] == s)) for s in settings), ""]
+    return "\n".join(out)
+
+
+def _setting_text(r: dict) -> str:
+    return (f"lr {r['lr']}, KL {r['kl_coef']}, GiGPO weight {r['step_advantage_weight']}, "
+            f"{r['ppo_epochs']} epoch(s) of minibatches of {r['minibatch_size']}, {r['tasks']} tasks x {r['group_size']}")
+
+
+def _learner_plot(curves: dict) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    testbeds = sorted({k[0] for k in curves})
+    fig, axes = plt.subplots(1, len(testbeds), figsize=(5 * len(testbeds), 3.5), squeeze=False)
+    for ax, tb in zip(axes[0], testbeds):
+        for (t, setting, seed), rs in sorted(curves.items()):
+            if t != tb:
+                continue
+            rs = sorted(rs, key=lambda r: int(r["round"]))
+            xs = [float(r["transitions"]) for r in rs if r["train_success"] != ""]
+            ys = [float(r["train_success"]) for r in rs if r["train_success"] != ""]
+            line, = ax.plot(xs, ys, label=f"{setting} s{seed} train")
+            dev = [(float(r["transitions"]), float(r["dev_success"])) for r in rs if r["dev_success"] != ""]
+            if dev:
+                ax.plot(*zip(*dev), "o--", color=line.get_color(), label=f"{setting} s{seed} dev")
+        ax.set_title(tb)
+        ax.set_xlabel("real transitions")
+        ax.set_ylabel("success")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+SECTIONS = {"learner.csv": learner_section}
+
+
+def write_results_doc(results_dir: str = "results", out_path: str = "docs/results.md") -> str:
+    """Write ``out_path`` (and its PNGs in ``<out dir>/results_png``) from ``results_dir``; returns the path."""
+    if not os.path.isdir(results_dir):
+        raise ValueError(f"{results_dir}: no results folder")
+    out_dir = os.path.dirname(out_path) or "."
+    png_dir = os.path.join(out_dir, "results_png")
+    os.makedirs(png_dir, exist_ok=True)
+    parts = ["# Results", "",
+             "Generated by `dreamgym results` from the rows under `results/`; do not edit by hand.", ""]
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".csv"):
+            continue
+        path = os.path.join(results_dir, name)
+        rows = _rows(path)
+        section = SECTIONS.get(name)
+        parts.append(section(rows, png_dir, "results_png") if section else
+                     f"## {name}\n\n{len(rows)} rows (no section renders this file yet).\n")
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts).rstrip() + "\n")
+    os.replace(tmp, out_path)
+    return out_path
