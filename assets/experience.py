@@ -12,8 +12,10 @@ from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersA
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
 from assets.loop import LoopSettings
-from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_to_arrow
+from dreamgym_core.schema import FIDELITY_SCHEMA, CheckpointRef
+from pipelines import reuse
 from pipelines.resources import Experiment, Launcher
+from pipelines.settings import core
 
 GROUP = "experience_model"
 
@@ -100,7 +102,8 @@ def replay_seed(context: dg.AssetExecutionContext, config: ReplaySeedConfig,
                 offline_trajectories: pa.Table) -> dg.Output[CheckpointRef]:
     """The replay buffer (paper §4.2) seeded with the offline real transitions, each embedded by its
     (state, action): what M_exp's SFT retrieves demonstrations from, and what the loop's buffer grows
-    from. The reference pins the Lance version written here, so SFT reads exactly these rows."""
+    from. The reference pins the Lance version of the seed (tag ``iteration-0000``), so SFT reads
+    exactly these rows whatever the loop adds later."""
     import os
 
     from assets.runtime import buffer_ref_path, open_buffer
@@ -111,13 +114,14 @@ def replay_seed(context: dg.AssetExecutionContext, config: ReplaySeedConfig,
     buf = open_buffer(CheckpointRef(path=path, kind="replay_buffer"))
     started = time.perf_counter()
     stored = buf.rows_by_source().get("offline", 0)
-    if stored != offline_trajectories.num_rows:  # (re)seed; an unchanged seed keeps its rows and version
+    reseed = stored != offline_trajectories.num_rows
+    if reseed:  # an unchanged seed keeps its rows and its version
         cols = [c for c in TRANSITION_SCHEMA.names if c in offline_trajectories.column_names]
         buf.add(offline_trajectories.select(cols), "offline", 0, replace=True)
-    metrics = {"version": float(buf.version), "rows": float(len(buf)),
-               "offline_rows": float(offline_trajectories.num_rows)}
+    version = buf.tag_iteration(0, move=reseed)
+    metrics = {"version": float(version), "offline_rows": float(offline_trajectories.num_rows)}
     return dg.Output(CheckpointRef(path=path, kind="replay_buffer", metrics=metrics),
-                     metadata={**metrics, "embedder": buf.embedder.model_name, "reseeded": stored != offline_trajectories.num_rows,
+                     metadata={**metrics, "embedder": buf.embedder.model_name, "reseeded": reseed,
                                "timing/seed_s": round(time.perf_counter() - started, 2)})
 
 
@@ -176,25 +180,15 @@ class ExperienceModelConfig(dg.Config):
     seed: int = 0
 
 
-def _config_key(cfg: dg.Config, rows: int, extra: dict | None = None) -> str:
-    import hashlib
-    import json
-
-    # "format": bumped when the SFT examples change shape for the same config (a stale checkpoint
-    # would otherwise be reused): v2 = M_task examples in pointer form, v3 = the progress field and
-    # the placement knowledge, v4 = retrieved demonstrations (``extra``: the demos and their buffer)
-    blob = json.dumps({**cfg.model_dump(), "rows": rows, "format": 4, **(extra or {})}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
 @dg.asset(group_name=GROUP, kinds={"pytorch", "accelerate"}, io_manager_key="checkpoint_io_manager")
 def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelConfig, launcher: Launcher,
                      loop: LoopSettings, cot_annotations: pa.Table,
                      replay_seed: CheckpointRef) -> dg.Output[CheckpointRef]:
     """M_exp trained with Eq. 5 (reasoning and next-state terms logged apart).
 
-    Checkpoints live under <data>/checkpoints/experience_model/<config hash>: a retried run resumes
-    from its last checkpoint, and a finished one with the same config and data is reused. With
+    Checkpoints live under <data>/checkpoints/experience_model/<key> (``pipelines.reuse``: the config and
+    the content of ``cot_annotations``): a retried run resumes from its last checkpoint, a finished one
+    with the same key is reused, and a changed annotator (new traces) trains a new M_exp. With
     ``launcher.mode == "accelerate"`` training runs under ``accelerate launch`` through Dagster Pipes
     and the metadata is what rank 0 reported.
     """
@@ -208,22 +202,18 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     from pipelines.resources import data_root
 
     num_demos = config.num_demos if loop.replay_buffer else 0  # one switch for SFT and simulation
-    buffer_key = {"num_demos": num_demos, "replay": replay_seed.path if num_demos else "",
-            "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
-                  "replay_rows": replay_seed.metrics.get("offline_rows", 0) if num_demos else 0}
-    root = os.path.join(data_root(), "checkpoints", "experience_model",
-                        _config_key(config, cot_annotations.num_rows, buffer_key))
+    root = reuse.stage_dir(context, "experience_model", reuse.stage_key(
+        "experience_model", (config, {"num_demos": num_demos}), cot_annotations=cot_annotations,
+        replay_seed=replay_seed if num_demos else None))
     final = os.path.join(root, "final")
     if os.path.exists(os.path.join(final, "dreamgym.json")):
         _, _, meta = load_checkpoint(final)
-        context.log.info(f"reusing finished M_exp at {final}")
+        reuse.reused(context, "experience_model", final)
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()
-    pc_ = PromptConfig(history_window=config.history_window, num_demos=num_demos, use_cot=config.use_cot,
-                       use_history=config.use_history, pointers=config.pointers,
-                       progress=config.progress and has_progress(rows),
-                       placements=config.placements and has_progress(rows), affordances=config.affordances)
+    pc_ = core(PromptConfig, config, progress=config.progress and has_progress(rows),
+               placements=config.placements and has_progress(rows), num_demos=num_demos)
     retrieve = None
     if num_demos:  # D_k from the offline seed as written, never from the example's own task
         from assets.runtime import open_buffer
@@ -256,10 +246,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         else:
             tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
                                   vocab_size=config.vocab_size)
-        model = build_tiny_llama(tok, TinyLlamaConfig(hidden=config.hidden, layers=config.layers), seed=config.seed)
-    sft_cfg = SFTConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, max_len=config.max_len,
-                        time_budget_s=config.time_budget_s, seed=config.seed, checkpoint_every=100,
-                        length_bucketing=config.length_bucketing)
+        model = build_tiny_llama(tok, core(TinyLlamaConfig, config), seed=config.seed)
+    sft_cfg = core(SFTConfig, config, checkpoint_every=100)
     meta = {"prompt": pc_.__dict__, "examples": len(examples), "replay": replay_seed.path if num_demos else "",
             "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
@@ -321,37 +309,15 @@ def _curve(history: list[dict]) -> str:
 
 
 class FidelityConfig(dg.Config):
+    """``dreamgym_core.evaluation.FidelityEvalConfig`` (the same fields, documented there)."""
+
     max_transitions: int = 300
-    """Held-out transitions scored: all wins and invalid actions up to a third each, the rest ordinary."""
     drift_trajectories: int = 40
-    """Held-out real trajectories replayed open-loop through M_exp (multi-step drift)."""
     drift_steps: int = 10
     gap_tasks: int = 50
-    """Held-out tasks on which the fixed policies (random, behaviour-cloned) run in M_exp and in the real env."""
     gap_max_steps: int = 20
     gap_episodes: int = 4
-    """Episodes per gap task for the sampled (random) policy, in each env; the greedy BC policy runs one
-    (its real episodes repeat). 50 tasks x 1 episode give a random policy's success a standard error
-    near 0.06, as large as the gap measured; x 4 halves it."""
     seed: int = 0
-
-
-FIDELITY_METRICS = ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
-                    "win_recall", "win_precision", "invalid_action_accuracy", "valid_action_accuracy")
-FIDELITY_SCHEMA = pa.schema(
-    [("model", pa.string()), ("ablation", pa.string()), ("scope", pa.string()), ("transitions", pa.int64())]
-    + [(m, pa.float64()) for m in FIDELITY_METRICS] + [("baseline_" + m, pa.float64()) for m in FIDELITY_METRICS]
-    + [("step", pa.int64()), ("sim_alive", pa.float64()), ("agree_so_far", pa.float64()),
-       ("policy", pa.string()), ("episodes", pa.int64()), ("sim_success_rate", pa.float64()),
-       ("real_success_rate", pa.float64()), ("sim_real_gap", pa.float64()), ("sim_only_wins", pa.int64()),
-       ("real_only_wins", pa.int64()), ("both_won", pa.int64()), ("same_actions", pa.float64()),
-       ("predictions_per_s", pa.float64())])
-"""``experience_model_eval`` rows, one per ``scope``:
-``overall`` and ``action:<verb>`` (teacher-forced single steps), ``drift:<t>`` (step t of an
-open-loop replay; ``transitions`` = trajectories still that long), ``policy:<name>`` (success of a
-fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap`` = sim - real;
-the same episodes paired by id: ``sim_only_wins`` / ``real_only_wins`` / ``both_won`` and
-``same_actions``, the share of pairs that took the same actions throughout)."""
 
 
 def ablation_name(prompt) -> str:
@@ -366,19 +332,14 @@ def ablation_name(prompt) -> str:
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
 def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityConfig, experiment: Experiment,
-                          loop: LoopSettings, experience_model: CheckpointRef, eval_tasks: pa.Table,
-                          policy_init: CheckpointRef, replay_seed: CheckpointRef) -> pa.Table:
+                          experience_model: CheckpointRef, eval_tasks: pa.Table,
+                          policy_init: CheckpointRef) -> pa.Table:
     """M_exp against held-out real experience, each number beside the "nothing changes" baseline:
     single-step fidelity (overall and per action verb), multi-step drift of an open-loop replay of
     real trajectories, and the sim-real gap of fixed policies (random, the behaviour-cloned SFT policy)."""
-    import random
-
     from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
-    from dreamgym_core.evaluation import sim_real_pairs
-    from dreamgym_core.experience_model import multi_step_drift, score_transitions, summarize_fidelity
-    from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory
+    from dreamgym_core.evaluation import FidelityEvalConfig, model_fidelity
     from dreamgym_core.models import load_checkpoint
-    from dreamgym_core.rollout import RandomPolicy
 
     tasks = heldout(eval_tasks)
     env = make_env(experiment.env_spec())
@@ -386,85 +347,21 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
         trajs, _ = collect(env, tasks, experiment.collect_config())
     finally:
         env.close()
-    rows = trajectories_to_arrow(trajs).to_pylist()
-    rng = random.Random(config.seed)
-    third = config.max_transitions // 3
-    wins = [i for i, r in enumerate(rows) if r["won"]]
-    invalid = [i for i, r in enumerate(rows) if not r["valid"]]
-    other = [i for i, r in enumerate(rows) if r["valid"] and not r["won"]]
-    chosen = set(rng.sample(wins, min(third, len(wins))) + rng.sample(invalid, min(third, len(invalid))))
-    chosen |= set(rng.sample(other, min(config.max_transitions - len(chosen), len(other))))
-    retrieve = None
-    if loop.replay_buffer:  # held-out tasks retrieve from the offline seed, as in training
-        from assets.runtime import open_buffer
-        from dreamgym_core.experience.retrieval import Retriever
-
-        retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
-                             source="offline", exclude_own_task=True)
-    sims = SimulatorFactory(experience_model, experiment, retrieve=retrieve)
-    base = {"model": experience_model.path, "ablation": ablation_name(sims.prompt)}
-    out: list[dict] = []
-
-    # 1. single steps, teacher-forced (real state and history)
-    started = time.perf_counter()
-    records = score_transitions(sims(lambda t: ""), rows, retrieve, select=[i in chosen for i in range(len(rows))])
-    per_s = len(records) / max(time.perf_counter() - started, 1e-9)
-    overall = summarize_fidelity(records)
-    out.append({**base, "scope": "overall", **_metric_cols(overall), "predictions_per_s": per_s})
-    for verb in sorted({r["action_type"] for r in records}):
-        out.append({**base, "scope": f"action:{verb}",
-                    **_metric_cols(summarize_fidelity([r for r in records if r["action_type"] == verb]))})
-    context.log.info(f"single-step fidelity on {len(records)} held-out transitions: exact match "
-                     f"{overall['state_exact_match']:.3f} (baseline {overall['baseline_state_exact_match']:.3f}), "
-                     f"win recall {overall['win_recall']:.3f}, invalid-action accuracy "
-                     f"{overall['invalid_action_accuracy']:.3f}")
-
-    # 2. multi-step drift: real actions replayed through M_exp's own predicted states
-    replay = rng.sample(trajs, min(config.drift_trajectories, len(trajs)))
-    drift = multi_step_drift(sims(initial_state_fn({})), replay, config.drift_steps)
-    for d in drift:
-        out.append({**base, "scope": f"drift:{d['step']}", "step": d["step"], "transitions": d["trajectories"],
-                    "sim_alive": d["sim_alive"], "agree_so_far": d["agree_so_far"],
-                    **{k: d[k] for k in ("state_exact_match", "content_exact_match", "state_token_f1",
-                                         "baseline_state_exact_match", "baseline_content_exact_match",
-                                         "baseline_state_token_f1")}})
-
-    # 3. sim-real gap of fixed policies on the same held-out tasks and start states
-    gap_tasks = tasks[:config.gap_tasks]
-    cfg = LoopConfig(eval_tasks=len(gap_tasks), sim_eval_tasks=len(gap_tasks), eval_max_steps=config.gap_max_steps,
-                     seed=config.seed)
-    run = dict(tasks=gap_tasks, make_real=real_env_factory(experiment), make_sim=sims, cfg=cfg, real_transitions=0,
-               init_state=initial_state_fn(real_start_states(experiment, gap_tasks)), log=context.log.info)
+    sims = SimulatorFactory(experience_model, experiment, retrieve="seed")  # D_k as M_exp was trained with
     model, tok, _ = load_checkpoint(policy_init.path)
-    for name, make, mode in (("random", lambda m: RandomPolicy("random"), "sampled"),
-                             ("bc", lm_policy_factory(model, tok, "bc"), "greedy")):
-        real_eps, sim_eps = {}, {}
-        r = evaluate(make, name, 0, modes=(mode,), episodes=real_eps, sim_episodes=sim_eps,
-                     group_size=config.gap_episodes if mode == "sampled" else 1, **run).to_pylist()[0]
-        pairs = sim_real_pairs(real_eps[mode], sim_eps[mode])
-        context.log.info(f"{name}: {pairs.pairs} episode pairs, won in both {pairs.both}, only in M_exp "
-                         f"{pairs.sim_only}, only real {pairs.real_only}; same actions throughout "
-                         f"{pairs.same_actions:.2f}, mean agreeing steps {pairs.mean_agree_steps:.1f}")
-        out.append({**base, "scope": f"policy:{name}", "policy": name, "episodes": r["episodes"],
-                    "sim_success_rate": r["sim_success_rate"], "real_success_rate": r["success_rate"],
-                    "sim_real_gap": r["sim_real_gap"], "sim_only_wins": pairs.sim_only,
-                    "real_only_wins": pairs.real_only, "both_won": pairs.both, "same_actions": pairs.same_actions})
-
-    table = pa.Table.from_pylist(out, schema=FIDELITY_SCHEMA)
-    gaps = {f"{k}/{r['policy']}": r[k] for r in out if r.get("policy")
+    rep = model_fidelity(trajs, tasks, sims, real_env_factory(experiment), lambda ts: real_start_states(experiment, ts),
+                         (model, tok), core(FidelityEvalConfig, config),
+                         {"model": experience_model.path, "ablation": ablation_name(sims.prompt)}, log=context.log.info)
+    gaps = {f"{k}/{r['policy']}": r[k] for r in rep.rows if r.get("policy")
             for k in ("sim_real_gap", "sim_only_wins", "real_only_wins", "both_won", "same_actions")}
+    drift = rep.drift
     context.add_output_metadata({
-        **{k: float(v) for k, v in overall.items() if v == v}, **gaps,
+        **{k: float(v) for k, v in rep.overall.items() if v == v}, **gaps,
         "drift/agree_at_5": float(drift[min(4, len(drift) - 1)]["agree_so_far"]) if drift else float("nan"),
-        "by_action": dg.MetadataValue.md(_fidelity_md(out)),
+        "by_action": dg.MetadataValue.md(_fidelity_md(rep.rows)),
         "drift_plot": dg.MetadataValue.md(_drift_md(drift)),
     })
-    return table
-
-
-def _metric_cols(m: dict) -> dict:
-    return {"transitions": int(m["transitions"]), **{k: m[k] for k in FIDELITY_METRICS},
-            **{"baseline_" + k: m["baseline_" + k] for k in FIDELITY_METRICS}}
+    return pa.Table.from_pylist(rep.rows, schema=FIDELITY_SCHEMA)
 
 
 def _fmt(v) -> str:

@@ -4,7 +4,8 @@ One ``@multi_asset`` holds the per-iteration stages. Each stage is its own asset
 storage (Parquet, LanceDB, checkpoint), and each has a k-1 **self** edge only: Dagster rejects k-1
 edges between different keys (a cycle), and a multi-asset with sibling edges breaks the backfill
 daemon (shared/notes/dagster-idioms.md §1.3.2, §1.4). The order inside an iteration is code order:
-rollouts -> policy -> task_scores -> synthesized_tasks -> task_pool -> replay_buffer -> iteration_eval
+rollouts -> policy -> task_scores -> synthesized_tasks (+ task_proposals) -> task_pool -> replay_buffer ->
+iteration_eval
 (dreamgym_core.loop). Iteration k reads k-1's ``policy`` and ``task_pool``; iteration 1 starts from
 ``policy_init`` and ``seed_tasks``. Stages already finished for k are skipped on a retry.
 """
@@ -21,11 +22,17 @@ from assets.runtime import SimulatorFactory, heldout, offline_start_states, open
     real_start_states
 from dreamgym_core.experience.retrieval import Retriever
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
+from pipelines import reuse
+from pipelines.io_managers import parquet_path
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
+from pipelines.settings import core
 
 GROUP = "dreamgym_loop"
-PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_pool", "iteration_eval")
+PARQUET_OUTPUTS = ("rollouts", "task_scores", "synthesized_tasks", "task_proposals", "task_pool", "iteration_eval")
+STAGE_TABLES = {"rollouts": "rollouts", "task_scores": "task_scores", "synthesized_tasks": "synthesized_tasks",
+                "task_proposals": "task_proposals", "task_pool": "task_pool", "evaluation": "iteration_eval"}
+"""run_iteration's tables -> the asset whose Parquet partition stores each."""
 
 
 class LoopSettings(dg.ConfigurableResource):
@@ -39,14 +46,15 @@ class LoopSettings(dg.ConfigurableResource):
     sim_eval_tasks: int = 25
     eval_max_steps: int = 20
     curriculum: bool = True
-    """Ablation switch: False keeps the task pool to the original tasks."""
-    variance_threshold: float = 0.0
+    """Ablation switch: False = no M_task and no synthetic task in any rollout batch (originals only)."""
+    threshold: float = 0.0
     """Tasks with V_tau above this seed M_task (then the top_m highest)."""
     top_m: int = 4
     lam: float = 0.3
-    """At most this share of an iteration's task pool is synthetic."""
+    """Share of each rollout batch given to synthetic tasks whenever the pool has some (at least one
+    place), and the most the task pool may hold."""
     variants_per_seed: int = 2
-    feasibility_rollouts: int = 3
+    n_feasibility_rollouts: int = 3
     replay_buffer: bool = True
     """Experience replay (paper §4.2): M_exp's prompts hold k demonstrations retrieved from the LanceDB
     replay buffer, in SFT (``experience_model``) and in simulation, and each iteration adds its
@@ -76,6 +84,8 @@ LOOP_SPECS = [
     _spec("task_scores", "io_manager", {"parquet"}, "Reward variance V_tau per task (Eq. 7) and the seeds chosen."),
     _spec("synthesized_tasks", "io_manager", {"parquet"},
           "Task variants M_task wrote from high-variance seeds that passed the feasibility filter."),
+    _spec("task_proposals", "io_manager", {"parquet"},
+          "Every variant M_task proposed in iteration k: parsed or not, kept or the filter's drop reason."),
     _spec("task_pool", "io_manager", {"parquet"},
           "Tasks for iteration k+1: originals plus at most a fraction lambda of synthetic ones.", ["seed_tasks"]),
     _spec("replay_buffer", "checkpoint_io_manager", {"lancedb"},
@@ -108,7 +118,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                        offline_trajectories: pa.Table, replay_seed: CheckpointRef):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, config_hash, run_iteration
+    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, run_iteration
 
     config = loop
     k = iteration_index(context.partition_key)
@@ -116,16 +126,18 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         raise dg.Failure(f"iteration {k:03d} needs iteration {k - 1:03d}'s policy: materialize it first "
                          "(backfill iterations in order)")
     started = time.perf_counter()
-    loop_cfg = LoopConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
-                          max_steps=config.max_steps, eval_tasks=config.eval_tasks,
-                          sim_eval_tasks=config.sim_eval_tasks, eval_max_steps=config.eval_max_steps, seed=config.seed)
-    cur_cfg = cur.CurriculumConfig(enabled=config.curriculum, threshold=config.variance_threshold, top_m=config.top_m,
-                                   lam=config.lam, variants_per_seed=config.variants_per_seed,
-                                   n_feasibility_rollouts=config.feasibility_rollouts, seed=config.seed)
+    loop_cfg = core(LoopConfig, config)
+    cur_cfg = core(cur.CurriculumConfig, config, enabled=config.curriculum)
     rl_cfg = rl_config(rl)
-    work = os.path.join(data_root(), "loop", config_hash(loop_cfg, cur_cfg, rl_cfg, experience_model.path,
-                                                         policy_init.path, config.replay_buffer))
-    store = StageStore(os.path.join(work, f"{k:03d}"))
+    key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.env_spec(),
+                                            {"k": k, "replay_buffer": config.replay_buffer}),
+                          experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
+                          prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
+                          offline_trajectories=offline_trajectories)
+    # the stage tables live in their assets' Parquet partitions (one copy); records and the policy in `work`
+    tables = {stage: parquet_path(os.path.join(data_root(), "parquet"), asset, context.partition_key)
+              for stage, asset in STAGE_TABLES.items()}
+    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"), tables)
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
@@ -154,13 +166,14 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                     output_name="policy", metadata={"parent_policy": prev_key})
     sel = out.records.get("selection", {})
     yield dg.Output(out.task_scores, output_name="task_scores",
-                    metadata={"threshold": float(sel.get("threshold", config.variance_threshold)),
+                    metadata={"threshold": float(sel.get("threshold", config.threshold)),
                               "selected": int(len(sel.get("selected", []))),
                               "variance_histogram": dg.MetadataValue.md(_histogram_md(sel))})
     syn = out.records.get("synthesis", {})
     yield dg.Output(out.synthesized_tasks, output_name="synthesized_tasks",
                     metadata={"proposals": int(syn.get("proposals", 0)), "kept": out.synthesized_tasks.num_rows,
                               "drops": dg.MetadataValue.json(syn.get("drops", {}))})
+    yield dg.Output(out.task_proposals, output_name="task_proposals", metadata=_proposal_metadata(syn, out))
     share = _synthetic_share(out.task_pool)
     yield dg.Output(out.task_pool, output_name="task_pool",
                     metadata={"tasks": out.task_pool.num_rows, "synthetic_share": share})
@@ -175,7 +188,8 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     from pipelines.checks import schema_check
 
     for name, table in [("rollouts", out.rollouts), ("task_scores", out.task_scores),
-                        ("synthesized_tasks", out.synthesized_tasks), ("task_pool", out.task_pool),
+                        ("synthesized_tasks", out.synthesized_tasks), ("task_proposals", out.task_proposals),
+                        ("task_pool", out.task_pool),
                         ("iteration_eval", out.evaluation)]:
         yield schema_check(name, table)
     yield dg.AssetCheckResult(asset_key="task_pool", check_name="synthetic_share_within_lambda",
@@ -209,6 +223,28 @@ def accelerate_update(context: dg.AssetExecutionContext, launcher: Launcher, rl_
 
 def _num(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+def _proposal_metadata(syn: dict, out) -> dict:
+    """The curriculum's iteration at a glance: M_task's proposals, how many parsed and were kept,
+    each proposal's fate, and how the synthetic tasks of this iteration's batch fared."""
+    rolled = out.records.get("rollouts", {})
+    rows = out.task_proposals.to_pylist()
+    table = ["| # | parent | fate | task |", "|---|---|---|---|"] + [
+        f"| {r['index']} | {r['parent_task_id']} | "
+        + ("kept" if r["kept"] else r["reason"] + (f" ({r['parse_error']})" if r["parse_error"] else ""))
+        + f" | {r['task_id'] or ''} |" for r in rows]
+    meta = {"curriculum/proposals": int(syn.get("proposals", 0)), "curriculum/parsed": int(syn.get("parsed", 0)),
+            "curriculum/kept": out.synthesized_tasks.num_rows,
+            "curriculum/synthetic_tasks": int(rolled.get("curriculum/synthetic_tasks", 0)),
+            "curriculum/synthetic_episodes": int(rolled.get("curriculum/synthetic_episodes", 0)),
+            "drops": dg.MetadataValue.json(syn.get("drops", {})),
+            "proposals_table": dg.MetadataValue.md("\n".join(table) if rows else "no proposals")}
+    for key, value in (("curriculum/parse_rate", syn.get("parse_rate")),
+                       ("curriculum/synthetic_success_rate", rolled.get("curriculum/synthetic_success_rate"))):
+        if value is not None:  # no proposals / no synthetic episode: no rate to show
+            meta[key] = float(value)
+    return meta
 
 
 def _synthetic_share(pool: pa.Table) -> float:

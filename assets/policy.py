@@ -9,9 +9,11 @@ import pyarrow as pa
 
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
+from pipelines import reuse
 from pipelines.checks import real_budget_check
 from pipelines.partitions import iteration_partitions
-from pipelines.resources import Experiment, data_root
+from pipelines.resources import Experiment
+from pipelines.settings import core
 
 GROUP = "policy"
 
@@ -21,8 +23,10 @@ class PolicyInitAssetConfig(dg.Config):
 
     base_model: str = ""
     """'' = from-scratch tiny Llama; else a local causal-LM directory."""
+    vocab_size: int = 2000
     hidden: int = 128
     layers: int = 2
+    heads: int = 4
     steps: int = 2000
     time_budget_s: float = 900.0
     batch_size: int = 16
@@ -32,38 +36,45 @@ class PolicyInitAssetConfig(dg.Config):
     """Offline behaviours whose won episodes are cloned ([] = all)."""
     clone_kinds: list[str] = ["expert"]
     """Action kinds cloned inside them ([] = every valid step)."""
+    max_prompt_tokens: int = 256
     seed: int = 0
 
 
 class RLSettings(dg.ConfigurableResource):
     """The PPO/GRPO trainer (one `algorithm` field, one dispatch), shared by every RL stage of a run:
-    the DreamGym loop, S2R and the real-env baseline (a resource, so one Launchpad edit sets all three)."""
+    the DreamGym loop, S2R and the real-env baseline (a resource, so one Launchpad edit sets all three).
+
+    Each field is ``dreamgym_core.rl.trainer.RLConfig``'s of the same name (documented there)."""
 
     algorithm: str = "grpo"
     """grpo (group-normalized advantages, no critic) | ppo (GAE + value head)."""
     lr: float = 5e-5
     """Measured on twc (README, Results): lr 2e-4 with kl_coef 0.02 drove KL to 0.45 and real success
     from 0.46 to 0.32 in 8 iterations; 5e-5 with 0.1 keeps the policy near the SFT one."""
+    value_lr: float = 1e-3
     ppo_epochs: int = 2
     minibatch_size: int = 32
-    kl_coef: float = 0.1
+    grad_accum_steps: int = 1
     clip_ratio: float = 0.2
+    kl_coef: float = 0.1
+    kl_kind: str = "k3"
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    step_advantage_weight: float = 0.0
+    """GRPO: weight of GiGPO's step-level advantage over anchor states (0 = plain GRPO)."""
+    episode_weighting: bool = False
+    vf_coef: float = 0.5
+    max_grad_norm: float = 1.0
     temperature: float = 1.0
+    max_prompt_tokens: int = 256
     seed: int = 0
+    share_decisions: bool = True
 
 
 def rl_config(cfg: RLSettings):
     from dreamgym_core.rl.trainer import RLConfig
 
-    return RLConfig(algorithm=cfg.algorithm, lr=cfg.lr, ppo_epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size,
-                    kl_coef=cfg.kl_coef, clip_ratio=cfg.clip_ratio, temperature=cfg.temperature, seed=cfg.seed)
-
-
-def _hash(*parts) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return core(RLConfig, cfg)
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, io_manager_key="checkpoint_io_manager")
@@ -73,11 +84,11 @@ def policy_init(context: dg.AssetExecutionContext, config: PolicyInitAssetConfig
     from dreamgym_core.policy_init import PolicyInitConfig, init_policy, policy_dir_ok
     from dreamgym_core.models import load_checkpoint
 
-    dump = config.model_dump()
-    cfg = PolicyInitConfig(**{**dump, "behaviours": tuple(dump["behaviours"]), "clone_kinds": tuple(dump["clone_kinds"])})
-    out = os.path.join(data_root(), "checkpoints", "policy_init", _hash(config.model_dump(), offline_trajectories.num_rows))
+    cfg = core(PolicyInitConfig, config)
+    out = reuse.stage_dir(context, "policy_init",
+                          reuse.stage_key("policy_init", config, offline_trajectories=offline_trajectories))
     if policy_dir_ok(out):
-        context.log.info(f"reusing finished SFT policy at {out}")
+        reuse.reused(context, "policy_init", out)
         return CheckpointRef(path=out, kind="policy", metrics=load_checkpoint(out)[2].get("metrics", {}))
     trajs = trajectories_from_arrow(offline_trajectories)
 
@@ -104,25 +115,26 @@ def _loop_cfg(cfg: RealRLConfig):
     return LoopConfig(tasks_per_iteration=cfg.tasks_per_round, group_size=cfg.group_size, eval_max_steps=cfg.max_steps)
 
 
-def _train_real(context, name: str, start: CheckpointRef, ref_path: str, rl: RLSettings, cfg: RealRLConfig,
+def _train_real(context, name: str, start: CheckpointRef, ref: CheckpointRef, rl: RLSettings, cfg: RealRLConfig,
                 experiment: Experiment, seed_tasks: pa.Table) -> CheckpointRef:
     from dreamgym_core.loop import rl_in_real_env
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    out = os.path.join(data_root(), "checkpoints", name, _hash(start.path, rl.model_dump(), cfg.model_dump()))
+    key = reuse.stage_key(name, (rl, cfg, experiment.env_spec()), start=start, ref=ref, seed_tasks=seed_tasks)
+    out = reuse.stage_dir(context, name, key)
     if os.path.exists(os.path.join(out, "real_budget.json")):
         import json
 
-        context.log.info(f"reusing finished {name} policy at {out}")
+        reuse.reused(context, name, out)
         with open(os.path.join(out, "real_budget.json")) as f:
             return CheckpointRef(path=out, kind="policy", parent=start.path, metrics=json.load(f))
-    ref, _, _ = load_checkpoint(ref_path)
+    ref_model, _, _ = load_checkpoint(ref.path, training=True)
     if os.path.exists(os.path.join(start.path, "trainer.json")):
-        trainer = PolicyTrainer.load(start.path, rl_config(rl), ref_model=ref)
+        trainer = PolicyTrainer.load(start.path, rl_config(rl), ref_model=ref_model)
     else:
-        model, tok, _ = load_checkpoint(start.path)
-        trainer = PolicyTrainer(model, tok, rl_config(rl), ref_model=ref)
+        model, tok, _ = load_checkpoint(start.path, training=True)
+        trainer = PolicyTrainer(model, tok, rl_config(rl), ref_model=ref_model)
     rec = rl_in_real_env(trainer, real_env_factory(experiment), tasks_from_arrow(seed_tasks), _loop_cfg(cfg),
                          budget=cfg.budget, rounds=cfg.rounds, name=name, log=context.log.info)
     trainer.save(out)
@@ -145,7 +157,7 @@ def _budget_metadata(ref: CheckpointRef, cfg: RealRLConfig) -> dict:
 def real_rl_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: RealRLConfig,
                    experiment: Experiment, policy_init: CheckpointRef, seed_tasks: pa.Table):
     """The paper's real-env RL baseline: PPO/GRPO from the SFT policy directly in the real env, counted budget."""
-    ref = _train_real(context, "real_rl_policy", policy_init, policy_init.path, rl, config, experiment, seed_tasks)
+    ref = _train_real(context, "real_rl_policy", policy_init, policy_init, rl, config, experiment, seed_tasks)
     yield dg.Output(ref, metadata=_budget_metadata(ref, config))
     yield real_budget_check(ref.metrics, config.budget)
 
@@ -170,7 +182,7 @@ def s2r_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: S2RCon
     if key not in policy:
         raise dg.Failure(f"s2r_policy: iteration {key} of `policy` is not materialized (have {sorted(policy)})")
     context.log.info(f"S2R from iteration {key}: {policy[key].path}")
-    ref = _train_real(context, "s2r_policy", policy[key], policy_init.path, rl, config, experiment, seed_tasks)
+    ref = _train_real(context, "s2r_policy", policy[key], policy_init, rl, config, experiment, seed_tasks)
     yield dg.Output(CheckpointRef(path=ref.path, kind="policy", parent=ref.parent, iteration=int(key),
                                   metrics=ref.metrics), metadata={**_budget_metadata(ref, config), "from_iteration": key})
     yield real_budget_check(ref.metrics, config.budget)

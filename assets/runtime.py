@@ -90,7 +90,8 @@ class SimulatorFactory:
                 from dreamgym_core.experience.retrieval import Retriever
 
                 retrieve = Retriever(open_buffer(CheckpointRef(path=meta["replay"], kind="replay_buffer")),
-                                     as_of_version=int(meta.get("replay_version") or 0) or None, source="offline")
+                                     as_of_version=int(meta.get("replay_version") or 0) or None, source="offline",
+                                     exclude_own_task=True)
         self.knowledge = knowledge_from_meta(meta)
         self.prompt = PromptConfig.from_meta(meta)
         self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)

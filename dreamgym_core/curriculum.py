@@ -9,7 +9,9 @@ embeddings and scores each cluster.
 Eq. 6: M_task (the experience model's own weights) is prompted with m seed tasks and writes a
 harder-but-feasible variant: an instruction and an initial abstract state. Variants pass a
 feasibility filter (dedupe, format, a quick simulation in M_exp) and join the next iteration's
-task pool, at most a fraction lambda of it.
+task pool, at most a fraction lambda of it. Each iteration's rollout batch gives synthetic tasks
+the share lambda whenever the pool has some (``draw_batch``: originals and synthetic drawn apart,
+the newest variants first), so a variant kept in iteration k is trained on in k + 1.
 
 Departures from the paper, and why:
 - A task here is (instruction, initial abstract state). In TextWorldExpress twc the instruction
@@ -26,6 +28,12 @@ Departures from the paper, and why:
   The filter still drops names no existing task has (literal form).
 - Feasibility also rejects variants that M_exp itself declares unplayable (every rollout ends on
   an invalid or unparseable step): the paper's "feasible" is judged by its LLM; ours is measured.
+- M_task decodes inside its output grammar (``next_task_constraint`` / ``TaskConstraint``): the
+  field names, pointers that exist in the catalogue (none repeated) and the end are forced, so a
+  small M_task's proposals parse (free decoding: 3 of 22 in the README's demo, most pointers out of
+  range); what it writes inside the grammar is still the model's.
+- The paper does not say how the pool is sampled; a pool of ~300 originals sampled as one urn gave
+  a synthetic task 0.1 place per iteration, so ``draw_batch`` reserves max(1, floor(lambda * n)).
 
 Usage (one curriculum step)::
 
@@ -35,10 +43,12 @@ Usage (one curriculum step)::
     cats = [catalogues[location_of(existing_states[t.task_id])] for t in seeds]   # object_catalogue(...)
     groups = seed_groups(seeds, existing_tasks, existing_states, 2, seed=k)
     prompts = [build_task_prompt(g, existing_states, 2, c) for g, c in zip(groups, cats)]
-    texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts)   # M_task
+    texts = TaskWriter(m_exp_model, tokenizer, seed=k).write(prompts, cats)   # M_task, grammar-constrained
     kept, report = synthesize(texts, seeds, existing_tasks, existing_states, simulate, k, cfg, cats,
                               [existing_states[t.task_id] for t in seeds])
+    rows = proposals_table(k, report["rows"])                      # every proposal and its fate
     pool = build_task_pool(original_tasks, old_synthetic + kept, cfg.lam, size, seed=k)
+    batch = draw_batch(pool, n, cfg.lam, k + 1)                    # iteration k+1's rollout tasks
 """
 
 from __future__ import annotations
@@ -52,10 +62,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from dreamgym_core.rl.core_algos import reward_variance
-from dreamgym_core.schema import Task, Trajectory
+from dreamgym_core.schema import PROPOSAL_SCHEMA, Task, Trajectory
 from dreamgym_core.state import AbstractState
 
 TASK_OPEN, TASK_CLOSE = "## seed tasks", "## new task"
@@ -65,13 +76,14 @@ DROP_REASONS = ("parse", "duplicate", "format", "unknown", "trivial", "invalid")
 @dataclass(frozen=True)
 class CurriculumConfig:
     enabled: bool = True
-    """Ablation switch: False keeps the pool to the original tasks (no M_task)."""
+    """Ablation switch: False = no M_task, and no synthetic task in any pool or rollout batch."""
     threshold: float = 0.0
     """Seeds need V_tau strictly above this."""
     top_m: int = 4
     """At most this many seeds (highest V_tau first)."""
     lam: float = 0.3
-    """At most this share of a task pool is synthetic."""
+    """At most this share of a task pool is synthetic; each rollout batch gives synthetic tasks this
+    share (at least one place) whenever the pool has some (``draw_batch``)."""
     variants_per_seed: int = 2
     seeds_per_prompt: int = 2
     """m: seed tasks shown to M_task in one prompt."""
@@ -431,18 +443,184 @@ def task_writing_examples(tasks: Sequence[Task], states: Mapping[str, str], m: i
     return out
 
 
+TASK_FIELDS = ("instruction", "feedback", "location", "objects", "exits", "inventory")
+"""The lines of M_task's output after its reasoning, in order (``_task_block``)."""
+END = "<end>"
+"""``next_task_constraint`` choice: the output is complete, only the end-of-sequence token may follow."""
+MAX_THINK_CHARS = 400
+"""The reasoning is closed after this many characters (the trained one is about 100)."""
+MAX_LINE_CHARS = 400
+"""A free line value is ended after this many characters."""
+
+
+@dataclass(frozen=True)
+class GrammarStep:
+    """What may follow M_task's output so far: one of ``allowed`` (forced), or free text when None."""
+
+    allowed: tuple[str, ...] | None = None
+    newline_ok: bool = True
+    """Free text may end its line here (False while a required value is still blank)."""
+    end_ok: bool = False
+    """Free text may end the output here (the last field's value)."""
+
+
+_FREE = GrammarStep()
+_POINTERS = re.compile(r"( @[0-9]+)( \| @[0-9]+)*")
+
+
+def _pointer_step(value: str, n: int, tight: bool) -> GrammarStep:
+    """The objects line in pointer form: " @a | @b ..." with 1 <= a, b <= n, none repeated."""
+    if value == "":
+        return GrammarStep(tuple(f" @{k}" for k in range(1, n + 1)) or ("\n",))
+    if _POINTERS.fullmatch(value) is None:
+        return _FREE  # off the grammar (cannot happen under the constraint): leave it to the parser
+    nums = re.findall(r"@([0-9]+)", value)
+    last, used = nums[-1], {int(x) for x in nums[:-1]}
+    # a digit may extend the last pointer while the number stays in range (@1 -> @12 when n >= 12)
+    choices = [d for d in "0123456789" if int(last + d) <= n] if not tight and last[0] != "0" else []
+    if 1 <= int(last) <= n and int(last) not in used and last[0] != "0":
+        used.add(int(last))
+        choices = ["\n"] + ([] if tight else [f" | @{k}" for k in range(1, n + 1) if k not in used]) + choices
+    return GrammarStep(tuple(choices)) if choices else _FREE
+
+
+def next_task_constraint(text: str, n_objects: int | None = None, *, template: bool = False,
+                         tokens_left: int | None = None, reserve: int = 40) -> GrammarStep:
+    """M_task's output grammar: what must or may follow ``text`` (the output so far).
+
+    ``<think>`` opens the output and the reasoning is free until ``</think>``; then one line per
+    field of ``TASK_FIELDS``, each opened by its forced name; values are free text except, in
+    pointer form (``n_objects`` = the prompt's catalogue size), the objects line, which is only
+    pointers @1..@n into the catalogue, none repeated, joined by " | ". With ``template`` the output
+    ends after the objects line (``parse_task_output`` takes the rest of the room from the parent).
+    Free text may not end the output before the last field, nor leave the instruction or the
+    location blank. ``tokens_left`` <= ``reserve`` (the generation budget runs out): the reasoning
+    is closed and each non-blank free line ended at once, so the objects line is written before
+    the budget ends. Pure; off-grammar text (impossible under the constraint) gives free text."""
+    tight = tokens_left is not None and tokens_left <= reserve
+    if not text.strip():
+        return GrammarStep(("<think>",))
+    head, sep, after = text.partition("</think>")
+    if not sep:
+        return GrammarStep(("</think>",)) if tight or len(head) > MAX_THINK_CHARS else _FREE
+    if after == "":
+        return GrammarStep(("\n",))
+    if not after.startswith("\n"):
+        return _FREE
+    fields = TASK_FIELDS[:4] if template else TASK_FIELDS
+    *written, current = after[1:].split("\n")
+    if len(written) > len(fields) or any(not ln.startswith(f + ":") for ln, f in zip(written, fields)):
+        return _FREE
+    if len(written) == len(fields):
+        return GrammarStep((END,))
+    field_name = fields[len(written)]
+    if current == "":
+        return GrammarStep((field_name + ":",))
+    if not current.startswith(field_name + ":"):
+        return _FREE
+    value = current[len(field_name) + 1:]
+    if field_name == "objects" and n_objects is not None:
+        return _pointer_step(value, n_objects, tight)
+    blank = not value.strip()
+    if not blank and (tight or len(value) > MAX_LINE_CHARS):
+        return GrammarStep(("\n",))
+    return GrammarStep(None, newline_ok=not (blank and field_name in ("instruction", "location")),
+                       end_ok=field_name == fields[-1] and not template)
+
+
+class TaskConstraint:
+    """A transformers ``LogitsProcessor`` that keeps each row of M_task's generation inside
+    ``next_task_constraint``: where the grammar forces a choice of strings, every token that does not
+    continue one of them gets -inf; in free text the end-of-sequence token (unless ``end_ok``) and
+    tokens holding a newline other than a lone one (which would skip a field) are masked. Like
+    ``experience_model.FormatConstraint`` this removes format failures, not content: the
+    reasoning, the instruction and which objects are pointed at stay the model's.
+
+    ``n_objects``: per row, the size of its prompt's catalogue (None: literal form);
+    ``prompt_len``: columns of ``input_ids`` that are the (left-padded) prompt."""
+
+    _vocab_cache: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+
+    def __init__(self, tokenizer, prompt_len: int, n_objects: Sequence[int | None], *, template: bool,
+                 max_new_tokens: int, reserve: int = 40):
+        self.tok, self.prompt_len, self.n_objects = tokenizer, prompt_len, list(n_objects)
+        self.template, self.max_new_tokens, self.reserve = template, max_new_tokens, reserve
+        self._enc: dict[str, list[int]] = {}
+        self._pending: dict[int, tuple[list[list[int]], int]] = {}
+        self.multiline, self.newline = self._newline_ids(tokenizer)
+
+    @classmethod
+    def _newline_ids(cls, tok) -> tuple[frozenset[int], frozenset[int]]:
+        """(ids whose text holds a newline but is not one lone newline, ids whose text holds one)."""
+        key = hash((id(tok), len(tok)))
+        if key not in cls._vocab_cache:
+            texts = [tok.decode([i]) for i in range(len(tok))]
+            nl = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+            cls._vocab_cache[key] = (frozenset(i for i in nl if texts[i] != "\n"), nl)
+        return cls._vocab_cache[key]
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._enc:
+            self._enc[text] = [self.tok.eos_token_id] if text == END else \
+                self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._enc[text]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n_gen = input_ids.shape[1] - self.prompt_len
+        eos = self.tok.eos_token_id
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b, self.prompt_len:].tolist()
+            if eos in row:
+                continue  # finished: generate pads it, whatever the scores
+            pending = self._pending.pop(b, None)
+            if pending is not None:  # advance along the allowed sequences by the token just chosen
+                seqs, pos = pending
+                seqs = [q for q in seqs if q[pos] == row[-1]]
+                if seqs and all(len(q) > pos + 1 for q in seqs):
+                    self._pending[b] = (seqs, pos + 1)
+            if b not in self._pending:
+                step = next_task_constraint(self.tok.decode(row, skip_special_tokens=True), self.n_objects[b],
+                                            template=self.template, tokens_left=self.max_new_tokens - n_gen,
+                                            reserve=self.reserve)
+                if step.allowed is None:
+                    ban = set(self.newline if not step.newline_ok else self.multiline)
+                    if not step.end_ok:
+                        ban.add(eos)
+                    ban = sorted(i for i in ban if i < scores.shape[-1])
+                    if ban:
+                        scores[b, ban] = float("-inf")
+                    continue
+                self._pending[b] = ([self._ids(a) for a in step.allowed], 0)
+            seqs, pos = self._pending[b]
+            keep = torch.tensor(sorted({q[pos] for q in seqs}), device=scores.device)
+            masked = torch.full_like(scores[b], float("-inf"))
+            masked[keep] = scores[b, keep]
+            scores[b] = masked
+        return scores
+
+
 class TaskWriter:
-    """M_task: M_exp's weights prompted to write task variants (batched, left-padded, seeded sampling)."""
+    """M_task: M_exp's weights prompted to write task variants (batched, left-padded, seeded sampling),
+    decoded inside its output grammar (``TaskConstraint``) unless ``constrained`` is False."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 160, temperature: float = 1.0,
-                 batch_size: int = 16, seed: int = 0, pointers: bool = True):
+                 batch_size: int = 16, seed: int = 0, pointers: bool = True, constrained: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.pointers = pointers
         """Pointer form: prompts carry an object catalogue and outputs point into it (as trained)."""
+        self.constrained = constrained
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.batch_size, self.seed = batch_size, seed
 
-    def write(self, prompts: Sequence[str]) -> list[str]:
+    def write(self, prompts: Sequence[str], catalogues: Sequence[Sequence[str] | None] | None = None,
+              template: bool = True) -> list[str]:
+        """One text per prompt. ``catalogues``: per prompt, the catalogue it lists (pointer form; the
+        constraint keeps pointers inside it); ``template``: the output stops after the objects line
+        (the parent's room supplies the rest, ``parse_task_output`` with a template)."""
+        if catalogues is not None and len(catalogues) != len(prompts):
+            raise ValueError(f"TaskWriter.write: {len(catalogues)} catalogues for {len(prompts)} prompts")
+        from transformers import LogitsProcessorList
+
         tok, out = self.tokenizer, []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
@@ -456,12 +634,20 @@ class TaskWriter:
             for b, x in enumerate(ids):
                 inp[b, P - len(x):] = torch.tensor(x)
                 attn[b, P - len(x):] = 1
+            processors = None
+            if self.constrained:
+                cats = catalogues[start:start + len(chunk)] if catalogues is not None else [None] * len(chunk)
+                n_objects = [len(c) if c is not None and self.pointers else None for c in cats]
+                processors = LogitsProcessorList([TaskConstraint(
+                    tok, P, n_objects, template=template and catalogues is not None and self.pointers,
+                    max_new_tokens=self.max_new_tokens)])
             torch.manual_seed(self.seed * 100_003 + start)
             with torch.no_grad():
                 gen = self.model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
                                           max_new_tokens=self.max_new_tokens, do_sample=True,
                                           temperature=self.temperature, top_p=None, top_k=None,
-                                          pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                                          logits_processor=processors, pad_token_id=pad,
+                                          eos_token_id=tok.eos_token_id)
             for row in gen[:, P:].tolist():
                 if tok.eos_token_id in row:
                     row = row[:row.index(tok.eos_token_id)]
@@ -581,10 +767,24 @@ def synthesize(texts: Sequence[str], parents: Sequence[Task], existing_tasks: Se
     temps = templates if templates is not None else [None] * len(texts)
     proposals = [parse_task_output(t, c, tp) for t, c, tp in zip(texts, cats, temps)]
     kept, rows = feasibility_filter(proposals, parents, existing_tasks, existing_states, simulate, iteration, cfg)
+    for row, p, text in zip(rows, proposals, texts):
+        row["parse_error"] = p.reason if isinstance(p, ParseFailure) else ""
+        row["text"] = text
     drops = Counter(r["reason"] for r in rows if not r["kept"])
     parse_reasons = Counter(p.reason for p in proposals if isinstance(p, ParseFailure))
-    return kept, {"proposals": len(texts), "kept": len(kept), "drops": {r: drops.get(r, 0) for r in DROP_REASONS},
+    parsed = sum(not isinstance(p, ParseFailure) for p in proposals)
+    return kept, {"proposals": len(texts), "parsed": parsed, "parse_rate": parsed / len(texts) if texts else None,
+                  "kept": len(kept), "drops": {r: drops.get(r, 0) for r in DROP_REASONS},
                   "parse_failures": dict(parse_reasons), "rows": rows}
+
+
+def proposals_table(iteration: int, rows: Sequence[Mapping]) -> pa.Table:
+    """``synthesize``'s per-proposal rows (its report's ``rows``) as ``PROPOSAL_SCHEMA``."""
+    return pa.Table.from_pylist([{
+        "iteration": iteration, "index": r["index"], "parent_task_id": r["parent_task_id"], "task_id": r.get("task_id"),
+        "parsed": r["reason"] != "parse", "kept": bool(r["kept"]), "reason": r["reason"],
+        "parse_error": r.get("parse_error", ""), "state": r.get("state"), "text": r.get("text")} for r in rows],
+        schema=PROPOSAL_SCHEMA)
 
 
 def build_task_pool(original: Sequence[Task], synthetic: Sequence[Task], lam: float, size: int,
@@ -606,3 +806,27 @@ def build_task_pool(original: Sequence[Task], synthetic: Sequence[Task], lam: fl
     if len(orig) > n_orig:
         orig = sorted(random.Random(seed).sample(orig_sorted, n_orig), key=lambda t: t.task_id)
     return orig + syn_sorted[:s]
+
+
+def draw_batch(pool: Sequence[Task], n: int, lam: float, iteration: int, seed: int = 0) -> list[Task]:
+    """Iteration ``iteration``'s rollout batch of up to ``n`` tasks, originals and synthetic drawn apart.
+
+    Synthetic tasks (``source == "synthetic"``) fill max(1, floor(lam * n)) places whenever the pool
+    has any and lam > 0 (fewer if it has fewer), the newest first (a variant kept in iteration k is
+    rolled out in k + 1 unless k kept more than there are places), ties drawn at random; originals,
+    drawn at random, fill the rest. Drawing the pool as one urn gave a synthetic task about n / |pool|
+    of its lam share (0.1 task per iteration in the demo). Deterministic in (seed, iteration); the
+    batch is sorted by task id within each part. lam = 0 draws originals only."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"draw_batch: lam must be in [0, 1], got {lam}")
+    if n < 0:
+        raise ValueError(f"draw_batch: n must be >= 0, got {n}")
+    rng = random.Random(f"{seed}|{iteration}|batch")
+    original = sorted((t for t in pool if t.source != "synthetic"), key=lambda t: t.task_id)
+    synthetic = sorted((t for t in pool if t.source == "synthetic"), key=lambda t: t.task_id)
+    n_syn = min(len(synthetic), n, max(1, math.floor(lam * n + 1e-9))) if lam > 0 and synthetic else 0
+    order = {t.task_id: rng.random() for t in synthetic}
+    syn = sorted(synthetic, key=lambda t: (-t.iteration, order[t.task_id]))[:n_syn]
+    n_orig = min(len(original), n - n_syn)
+    orig = original if n_orig == len(original) else rng.sample(original, n_orig)
+    return sorted(orig, key=lambda t: t.task_id) + sorted(syn, key=lambda t: t.task_id)

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from dreamgym_core.schema import Trajectory
+from dreamgym_core.schema import FIDELITY_METRICS, Trajectory
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -140,3 +140,110 @@ def sim_real_pairs(real: Sequence[Trajectory], sim: Sequence[Trajectory]) -> Sim
     n = len(seen)
     return SimRealPairs(pairs=n, both=both, sim_only=sim_only, real_only=real_only, neither=neither,
                         same_actions=same / n if n else 0.0, mean_agree_steps=agree_total / n if n else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# M_exp against held-out real experience (the experience_model_eval asset)
+
+@dataclass(frozen=True)
+class FidelityEvalConfig:
+    """How much held-out real experience M_exp is scored on."""
+
+    max_transitions: int = 300
+    """Held-out transitions scored: all wins and invalid actions up to a third each, the rest ordinary."""
+    drift_trajectories: int = 40
+    """Held-out real trajectories replayed open-loop through M_exp (multi-step drift)."""
+    drift_steps: int = 10
+    gap_tasks: int = 50
+    """Held-out tasks on which the fixed policies (random, behaviour-cloned) run in M_exp and in the real env."""
+    gap_max_steps: int = 20
+    gap_episodes: int = 4
+    """Episodes per gap task for the sampled (random) policy, in each env; the greedy BC policy runs one
+    (its real episodes repeat). 50 tasks x 1 episode give a random policy's success a standard error
+    near 0.06, as large as the gap measured; x 4 halves it."""
+    seed: int = 0
+
+
+@dataclass
+class FidelityReport:
+    rows: list[dict]
+    """``schema.FIDELITY_SCHEMA`` rows: overall, action:<verb>, drift:<t>, policy:<name>."""
+    overall: dict
+    drift: list[dict]
+
+
+def _metric_cols(m: dict) -> dict:
+    return {"transitions": int(m["transitions"]), **{k: m[k] for k in FIDELITY_METRICS},
+            **{"baseline_" + k: m["baseline_" + k] for k in FIDELITY_METRICS}}
+
+
+def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start_states, policy, cfg: FidelityEvalConfig,
+                   base: dict, log=print) -> FidelityReport:
+    """M_exp against held-out real experience, each number beside the "nothing changes" baseline:
+    1. single steps of ``real`` teacher-forced (per action verb too), 2. multi-step drift of an open-loop
+    replay of real trajectories, 3. the sim-real gap of a random and the behaviour-cloned ``policy``
+    ((model, tokenizer)) on the first ``cfg.gap_tasks`` of ``tasks``, paired episode by episode.
+    ``make_sim(initial_state)`` -> an M_exp env; ``start_states(tasks)`` -> task_id -> real start state;
+    ``base``: the columns every row carries (model, ablation)."""
+    import random
+    import time
+
+    from dreamgym_core.experience_model import multi_step_drift, score_transitions, summarize_fidelity
+    from dreamgym_core.loop import LoopConfig, evaluate, initial_state_fn, lm_policy_factory
+    from dreamgym_core.rollout import RandomPolicy
+    from dreamgym_core.schema import trajectories_to_arrow
+
+    rows = trajectories_to_arrow(real).to_pylist()
+    rng = random.Random(cfg.seed)
+    third = cfg.max_transitions // 3
+    wins = [i for i, r in enumerate(rows) if r["won"]]
+    invalid = [i for i, r in enumerate(rows) if not r["valid"]]
+    other = [i for i, r in enumerate(rows) if r["valid"] and not r["won"]]
+    chosen = set(rng.sample(wins, min(third, len(wins))) + rng.sample(invalid, min(third, len(invalid))))
+    chosen |= set(rng.sample(other, min(cfg.max_transitions - len(chosen), len(other))))
+    out: list[dict] = []
+
+    # 1. single steps, teacher-forced (real state and history)
+    started = time.perf_counter()
+    records = score_transitions(make_sim(lambda t: ""), rows, select=[i in chosen for i in range(len(rows))])
+    per_s = len(records) / max(time.perf_counter() - started, 1e-9)
+    overall = summarize_fidelity(records)
+    out.append({**base, "scope": "overall", **_metric_cols(overall), "predictions_per_s": per_s})
+    for verb in sorted({r["action_type"] for r in records}):
+        out.append({**base, "scope": f"action:{verb}",
+                    **_metric_cols(summarize_fidelity([r for r in records if r["action_type"] == verb]))})
+    log(f"single-step fidelity on {len(records)} held-out transitions: exact match "
+        f"{overall['state_exact_match']:.3f} (baseline {overall['baseline_state_exact_match']:.3f}), "
+        f"win recall {overall['win_recall']:.3f}, invalid-action accuracy {overall['invalid_action_accuracy']:.3f}")
+
+    # 2. multi-step drift: real actions replayed through M_exp's own predicted states
+    replay = rng.sample(list(real), min(cfg.drift_trajectories, len(real)))
+    drift = multi_step_drift(make_sim(initial_state_fn({})), replay, cfg.drift_steps)
+    for d in drift:
+        out.append({**base, "scope": f"drift:{d['step']}", "step": d["step"], "transitions": d["trajectories"],
+                    "sim_alive": d["sim_alive"], "agree_so_far": d["agree_so_far"],
+                    **{k: d[k] for k in ("state_exact_match", "content_exact_match", "state_token_f1",
+                                         "baseline_state_exact_match", "baseline_content_exact_match",
+                                         "baseline_state_token_f1")}})
+
+    # 3. sim-real gap of fixed policies on the same held-out tasks and start states
+    gap_tasks = list(tasks)[:cfg.gap_tasks]
+    loop_cfg = LoopConfig(eval_tasks=len(gap_tasks), sim_eval_tasks=len(gap_tasks), eval_max_steps=cfg.gap_max_steps,
+                          seed=cfg.seed)
+    run = dict(tasks=gap_tasks, make_real=make_real, make_sim=make_sim, cfg=loop_cfg, real_transitions=0,
+               init_state=initial_state_fn(start_states(gap_tasks)), log=log)
+    model, tok = policy
+    for name, make, mode in (("random", lambda m: RandomPolicy("random"), "sampled"),
+                             ("bc", lm_policy_factory(model, tok, "bc"), "greedy")):
+        real_eps, sim_eps = {}, {}
+        r = evaluate(make, name, 0, modes=(mode,), episodes=real_eps, sim_episodes=sim_eps,
+                     group_size=cfg.gap_episodes if mode == "sampled" else 1, **run).to_pylist()[0]
+        pairs = sim_real_pairs(real_eps[mode], sim_eps[mode])
+        log(f"{name}: {pairs.pairs} episode pairs, won in both {pairs.both}, only in M_exp {pairs.sim_only}, "
+            f"only real {pairs.real_only}; same actions throughout {pairs.same_actions:.2f}, "
+            f"mean agreeing steps {pairs.mean_agree_steps:.1f}")
+        out.append({**base, "scope": f"policy:{name}", "policy": name, "episodes": r["episodes"],
+                    "sim_success_rate": r["sim_success_rate"], "real_success_rate": r["success_rate"],
+                    "sim_real_gap": r["sim_real_gap"], "sim_only_wins": pairs.sim_only,
+                    "real_only_wins": pairs.real_only, "both_won": pairs.both, "same_actions": pairs.same_actions})
+    return FidelityReport(rows=out, overall=overall, drift=drift)

@@ -50,3 +50,15 @@ def read_parquet(uri: str) -> pa.Table:
 def exists(uri: str) -> bool:
     fs, path = _fs_path(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def file_sha256(uri: str) -> str:
+    """sha256 of a file's bytes (local path or URI)."""
+    import hashlib
+
+    fs, path = _fs_path(uri)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,12 +1,13 @@
 """One DreamGym iteration (paper Algorithm 1) as resumable stages, and RL with a counted real budget.
 
 Iteration k, in order (paper §4):
-  1. rollouts    the policy of iteration k-1 acts in M_exp on the task pool of k-1 (GRPO: a group of
-                 n rollouts per task), every transition tagged with that policy's version;
+  1. rollouts    the policy of iteration k-1 acts in M_exp on a batch drawn from the task pool of k-1
+                 (synthetic tasks at share lambda, ``curriculum.draw_batch``; GRPO: a group of n
+                 rollouts per task), every transition tagged with that policy's version;
   2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
-  4. synthesized_tasks  M_task writes variants of high-variance seeds, the feasibility filter keeps
-                 some (Eq. 6);
+  4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
+                 feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
   6. replay_buffer  the informative synthetic transitions join the buffer that grounds M_exp, which
                  is pruned under a cap (``replay.grow_buffer``); iteration k itself retrieved from
@@ -15,8 +16,8 @@ Iteration k, in order (paper §4):
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
-half-writes a stage. The work directory is keyed by the loop's config hash, so two configurations
-never share stage results.
+half-writes a stage. The caller keys the work directory by the config and the inputs' content
+(``pipelines.reuse``), so two configurations never share stage results.
 
 Departure from the paper: the paper alternates many policy updates per curriculum round; here one
 iteration is one rollout batch + one update (``RLConfig.ppo_epochs`` passes over it), which keeps an
@@ -29,34 +30,58 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.io import read_parquet, write_parquet_atomic
-from dreamgym_core.schema import Task, Trajectory, tasks_from_arrow, tasks_to_arrow, trajectories_from_arrow, \
-    trajectories_to_arrow
+from dreamgym_core.io import exists, file_sha256, read_parquet, write_parquet_atomic
+from dreamgym_core.schema import (EVAL_SCHEMA, TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
+                                  trajectories_from_arrow, trajectories_to_arrow)
 
 Log = Callable[[str], None]
 
 
 class StageStore:
-    """Finished stage results of one iteration: ``<root>/<name>.parquet|.json`` or a directory."""
+    """Finished stage results of one iteration: records ``<root>/<name>.json``, directories ``<root>/<name>``,
+    tables ``<root>/<name>.parquet`` or, where the caller names their final home in ``tables`` (the
+    pipeline's Parquet partition of that asset), there: each table is stored once. A table stored
+    outside ``root`` counts as this store's only while ``<root>/<name>.sha256`` matches the file, so a
+    partition that another configuration has since rewritten is recomputed, not taken for this one's."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tables: dict[str, str] | None = None):
         self.root = root
+        self.tables = dict(tables or {})
         os.makedirs(root, exist_ok=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def table_path(self, name: str) -> str:
+        return self.tables.get(name) or self.path(name + ".parquet")
+
+    def _table_done(self, name: str) -> bool:
+        p = self.table_path(name)
+        if not exists(p):
+            return False
+        if name not in self.tables:
+            return True
+        marker = self.path(name + ".sha256")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            return f.read().strip() == file_sha256(p)
+
     def table(self, name: str) -> pa.Table | None:
-        p = self.path(name + ".parquet")
-        return read_parquet(p) if os.path.exists(p) else None
+        return read_parquet(self.table_path(name)) if self._table_done(name) else None
 
     def put_table(self, name: str, table: pa.Table) -> pa.Table:
-        write_parquet_atomic(table, self.path(name + ".parquet"))
+        write_parquet_atomic(table, self.table_path(name))
+        if name in self.tables:  # the marker last: a kill between the two leaves the stage unfinished
+            marker = self.path(name + ".sha256")
+            with open(marker + ".tmp", "w") as f:
+                f.write(file_sha256(self.table_path(name)))
+            os.replace(marker + ".tmp", marker)
         return table
 
     def record(self, name: str) -> dict | None:
@@ -75,7 +100,7 @@ class StageStore:
 
     def done(self, name: str) -> bool:
         """A stage is finished once its table or record exists (a directory result writes its record last)."""
-        return any(os.path.exists(self.path(name + ext)) for ext in (".parquet", ".json"))
+        return self._table_done(name) or os.path.exists(self.path(name + ".json"))
 
 
 def run_stage(store: StageStore, name: str, log: Log, fn: Callable[[], object], load: Callable[[], object]):
@@ -130,14 +155,6 @@ class Timer:
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}_s": round(v, 3) for k, v in self.seconds.items()}
-
-
-def config_hash(*configs) -> str:
-    import hashlib
-
-    blob = json.dumps([asdict(c) if hasattr(c, "__dataclass_fields__") else c for c in configs],
-                      sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,15 +219,6 @@ def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequ
     return row
 
 
-EVAL_SCHEMA = pa.schema([
-    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
-    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
-    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
-])
-"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
-
-
 def eval_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
 
@@ -256,6 +264,8 @@ class IterationOutputs:
     task_scores: pa.Table
     synthesized_tasks: pa.Table
     task_pool: pa.Table
+    task_proposals: pa.Table
+    """Every M_task proposal of the iteration with its fate (``schema.PROPOSAL_SCHEMA``)."""
     evaluation: pa.Table
     policy_dir: str
     metrics: dict[str, float]
@@ -277,9 +287,9 @@ def _load_trainer(inp: IterationInputs, rl_cfg):
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
-    ref, _, _ = load_checkpoint(inp.ref_policy_dir)
+    ref, _, _ = load_checkpoint(inp.ref_policy_dir, training=True)
     if inp.k == 1:  # a fresh trainer on the SFT weights
-        model, tok, _ = load_checkpoint(inp.prev_policy_dir)
+        model, tok, _ = load_checkpoint(inp.prev_policy_dir, training=True)
         return PolicyTrainer(model, tok, rl_cfg, ref_model=ref)
     return PolicyTrainer.load(inp.prev_policy_dir, rl_cfg, ref_model=ref)
 
@@ -308,16 +318,24 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     # 1. rollouts of policy k-1 in M_exp ------------------------------------------------------
     def do_rollouts() -> pa.Table:
         tr = get_trainer()
-        tasks = sample_tasks(inp.pool, cfg.tasks_per_iteration, k, cfg.seed)
+        # originals and synthetic tasks drawn apart: lam of the batch is synthetic whenever the pool has
+        # any; the ablation (curriculum off) never rolls one out, whatever the pool holds
+        pool = inp.pool if cur_cfg.enabled else [t for t in inp.pool if t.source != "synthetic"]
+        tasks = cur.draw_batch(pool, cfg.tasks_per_iteration, cur_cfg.lam if cur_cfg.enabled else 0.0, k, cfg.seed)
         policy = LMPolicy(tr.model, tr.tokenizer, policy_version(k - 1), temperature=rl_cfg.temperature,
                           max_prompt_tokens=rl_cfg.max_prompt_tokens)
         sim = inp.make_sim(init_state)
         trajs, stats = rollout(sim, policy, tasks, RolloutConfig(
             group_size=cfg.group_size if grpo else 1, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
             history_window=cfg.history_window, source="synthetic", iteration=k, seed=cfg.seed * 1000 + k))
-        store.put_record("rollouts_stats", stats.as_metadata())
-        log(f"iteration {k:03d}: {stats.episodes} synthetic episodes, {stats.transitions} transitions, "
-            f"success {stats.successes / max(stats.episodes, 1):.2f} in M_exp")
+        syn = [t for t in trajs if t.task.source == "synthetic"]
+        syn_rec = {"curriculum/synthetic_tasks": len({t.task.task_id for t in syn}),
+                   "curriculum/synthetic_episodes": len(syn),
+                   "curriculum/synthetic_success_rate": sum(t.won for t in syn) / len(syn) if syn else None}
+        store.put_record("rollouts_stats", {**stats.as_metadata(), **syn_rec})
+        log(f"iteration {k:03d}: {stats.episodes} episodes in M_exp, {stats.transitions} transitions, "
+            f"success {stats.successes / max(stats.episodes, 1):.2f}; {syn_rec['curriculum/synthetic_tasks']} "
+            f"synthetic tasks rolled out ({len(syn)} episodes)")
         return store.put_table("rollouts", trajectories_table(trajs))
 
     rollouts, dt = run_stage(store, "rollouts", log, do_rollouts, lambda: store.table("rollouts"))
@@ -330,7 +348,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
     def do_update() -> dict:
         if inp.update is not None:  # the directory first, then the record: a killed update is re-run
-            m = inp.update(inp.prev_policy_dir, store.path("rollouts.parquet"), policy_dir)
+            m = inp.update(inp.prev_policy_dir, store.table_path("rollouts"), policy_dir)
         else:
             tr = get_trainer()
             m = tr.update(trajs)
@@ -358,9 +376,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         store.put_record("selection", sel.as_record())
         rows = [{"iteration": k, "task_id": t, "variance": v[0], "rollouts": v[1], "mean_return": v[2],
                  "selected": t in sel.selected} for t, v in sorted(variances.items())]
-        schema = pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
-                            ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
-        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=schema))
+        return store.put_table("task_scores", pa.Table.from_pylist(rows, schema=TASK_SCORES_SCHEMA))
 
     scores, dt = run_stage(store, "task_scores", log, do_scores, lambda: store.table("task_scores"))
     timer.add("scores", dt)
@@ -371,7 +387,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
         selected = [r["task_id"] for r in scores.to_pylist() if r["selected"]]
         by_id = {t.task_id: t for t in list(inp.pool) + list(inp.original)}
         seeds = [by_id[i] for i in selected if i in by_id]
-        kept, report = [], {"proposals": 0, "kept": 0, "drops": {}}
+        kept, report = [], {"proposals": 0, "parsed": 0, "parse_rate": None, "kept": 0, "drops": {}, "rows": []}
         if cur_cfg.enabled and seeds and inp.task_writer is not None:
             existing = list(inp.pool) + list(inp.original)
             states = {t.task_id: init_state(t) for t in [*existing, *seeds]}
@@ -384,9 +400,9 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             n = cur_cfg.variants_per_seed
             prompts = [cur.build_task_prompt(g, states, cur_cfg.seeds_per_prompt, c)
                        for g, c in zip(groups, cats) for _ in range(n)]
-            texts = inp.task_writer.write(prompts)
             parents = [t for t in seeds for _ in range(n)]
             prompt_cats = [c for c in cats for _ in range(n)]
+            texts = inp.task_writer.write(prompts, prompt_cats)
             templates = [states[t.task_id] if c is not None else None for t, c in zip(parents, prompt_cats)]
             existing_states = {t.task_id: states[t.task_id] for t in existing}
 
@@ -400,14 +416,19 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
             kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats,
                                           templates)
+        store.put_table("task_proposals", cur.proposals_table(k, report["rows"]))
         store.put_record("synthesis", report)
-        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, kept {len(kept)}, "
-            f"drops {report.get('drops', {})}")
+        rate = report.get("parse_rate")
+        log(f"iteration {k:03d}: M_task proposals {report.get('proposals', 0)}, parsed {report.get('parsed', 0)}"
+            + (f" ({rate:.0%})" if rate is not None else "") + f", kept {len(kept)}, drops {report.get('drops', {})}")
         return store.put_table("synthesized_tasks", write_tasks(kept))
 
     synth, dt = run_stage(store, "synthesized_tasks", log, do_synth, lambda: store.table("synthesized_tasks"))
     timer.add("synthesis", dt)
     records["synthesis"] = store.record("synthesis") or {}
+    proposals = store.table("task_proposals")
+    if proposals is None:  # a stage result written before proposals were kept
+        proposals = cur.proposals_table(k, [])
 
     # 5. task pool for k+1 ------------------------------------------------------------------------
     def do_pool() -> pa.Table:
@@ -447,7 +468,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     metrics = {**{f"update/{a}": float(b) for a, b in upd.items() if isinstance(b, (int, float))},
                **timer.metrics()}
     return IterationOutputs(rollouts=rollouts, task_scores=scores, synthesized_tasks=synth, task_pool=pool_t,
-                            evaluation=ev, policy_dir=policy_dir, metrics=metrics, records=records)
+                            task_proposals=proposals, evaluation=ev, policy_dir=policy_dir, metrics=metrics,
+                            records=records)
 
 
 def _transition_names() -> tuple[str, ...]:

@@ -209,9 +209,17 @@ def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
     return out_dir
 
 
-def load_checkpoint(path: str):
-    """(model, tokenizer, metadata) from a ``save_checkpoint`` directory."""
-    model, tok = load_causal_lm(path)
+def load_checkpoint(path: str, *, training: bool = False):
+    """(model, tokenizer, metadata) from a ``save_checkpoint`` directory.
+
+    ``training=False`` (the simulator, M_task, evaluation): on the accelerator in bf16 where it has
+    bf16, else CPU fp32 (``device.placement``). ``training=True`` (a model handed to ``PolicyTrainer`` or
+    ``train_sft``): fp32 on the CPU, and ``accelerator.prepare`` moves it to each rank's device.
+    """
+    from dreamgym_core.device import placement
+
+    p = placement() if not training else None
+    model, tok = load_causal_lm(path, dtype=p.dtype_name, device=p.device) if p else load_causal_lm(path)
     meta_path = os.path.join(path, "dreamgym.json")
     meta = {}
     if os.path.exists(meta_path):

@@ -180,6 +180,56 @@ _TRAJ_COLUMNS = [
 ]
 TRAJECTORY_ROWS_SCHEMA = pa.schema(list(TRANSITION_SCHEMA) + [pa.field(n, t) for n, t in _TRAJ_COLUMNS])
 
+TASK_SCORES_SCHEMA = pa.schema([
+    ("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()), ("rollouts", pa.int64()),
+    ("mean_return", pa.float64()), ("selected", pa.bool_()),
+])
+"""``task_scores`` rows: reward variance V_tau per task of an iteration (Eq. 7) and whether it seeds M_task."""
+
+EVAL_SCHEMA = pa.schema([
+    ("policy", pa.string()), ("iteration", pa.int64()), ("mode", pa.string()), ("episodes", pa.int64()),
+    ("success_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    ("mean_return", pa.float64()), ("mean_steps", pa.float64()), ("invalid_action_rate", pa.float64()),
+    ("real_transitions", pa.int64()), ("sim_success_rate", pa.float64()), ("sim_real_gap", pa.float64()),
+])
+"""``policy_eval`` rows (issue 5): policy in {random, sft, dreamgym, s2r, real_rl}; mode greedy|sampled."""
+
+FIDELITY_METRICS = ("state_exact_match", "content_exact_match", "state_token_f1", "reward_accuracy", "valid_rate",
+                    "win_recall", "win_precision", "invalid_action_accuracy", "valid_action_accuracy")
+FIDELITY_SCHEMA = pa.schema(
+    [("model", pa.string()), ("ablation", pa.string()), ("scope", pa.string()), ("transitions", pa.int64())]
+    + [(m, pa.float64()) for m in FIDELITY_METRICS] + [("baseline_" + m, pa.float64()) for m in FIDELITY_METRICS]
+    + [("step", pa.int64()), ("sim_alive", pa.float64()), ("agree_so_far", pa.float64()),
+       ("policy", pa.string()), ("episodes", pa.int64()), ("sim_success_rate", pa.float64()),
+       ("real_success_rate", pa.float64()), ("sim_real_gap", pa.float64()), ("sim_only_wins", pa.int64()),
+       ("real_only_wins", pa.int64()), ("both_won", pa.int64()), ("same_actions", pa.float64()),
+       ("predictions_per_s", pa.float64())])
+"""``experience_model_eval`` rows, one per ``scope``:
+``overall`` and ``action:<verb>`` (teacher-forced single steps), ``drift:<t>`` (step t of an
+open-loop replay; ``transitions`` = trajectories still that long), ``policy:<name>`` (success of a
+fixed policy in M_exp vs the real env on the same held-out tasks: ``sim_real_gap`` = sim - real;
+the same episodes paired by id: ``sim_only_wins`` / ``real_only_wins`` / ``both_won`` and
+``same_actions``, the share of pairs that took the same actions throughout)."""
+
+PROPOSAL_SCHEMA = pa.schema([
+    ("iteration", pa.int64()), ("index", pa.int64()), ("parent_task_id", pa.string()), ("task_id", pa.string()),
+    ("parsed", pa.bool_()), ("kept", pa.bool_()), ("reason", pa.string()), ("parse_error", pa.string()),
+    ("state", pa.string()), ("text", pa.string()),
+])
+"""``task_proposals``: one row per M_task proposal of an iteration. ``reason``: the drop reason
+(``curriculum.DROP_REASONS``), "" when kept; ``parse_error``: the parser's reason when ``reason`` is "parse";
+``task_id``: the synthetic task id once the proposal passed format and vocabulary; ``state``: the
+proposed start state (null when it did not parse); ``text``: M_task's raw output."""
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "seed_tasks": TASK_SCHEMA, "eval_tasks": TASK_SCHEMA, "synthesized_tasks": TASK_SCHEMA, "task_pool": TASK_SCHEMA,
+    "offline_trajectories": TRAJECTORY_ROWS_SCHEMA, "rollouts": TRAJECTORY_ROWS_SCHEMA,
+    "task_scores": TASK_SCORES_SCHEMA, "iteration_eval": EVAL_SCHEMA, "policy_eval": EVAL_SCHEMA,
+    "experience_model_eval": FIDELITY_SCHEMA, "task_proposals": PROPOSAL_SCHEMA,
+}
+"""The declared schema of every Parquet asset, by asset name (the schema checks read it; extra columns,
+such as ``cot_annotations``' reasoning, ride on top of ``offline_trajectories``')."""
+
 
 def _raw_to_dict(o: RawObs) -> dict:
     d = asdict(o)

@@ -9,6 +9,9 @@ partitions (a ``_partition`` column holds the partition key). Three views are de
                   step is counted twice
     trajectories  one row per episode of those assets (success, return, length, policy...)
     tasks         every task-level asset (seed, eval, synthesized...), with ``asset``
+    curriculum    one row per iteration: M_task's proposals, parsed, parse_rate, kept, drop_<reason>
+                  (task_proposals), and the synthetic tasks that iteration's batch rolled out with
+                  their episodes and success rate (rollouts)
 
 The same views can be created in any DuckDB session with ``create_views(con, data_dir)``.
 Only SELECT / EXPLAIN statements are run: inspection never writes. That check is the first of
@@ -123,7 +126,35 @@ def create_views(con: duckdb.DuckDBPyConnection, data_dir: str | os.PathLike,
     if task_assets:
         execute(f"CREATE OR REPLACE VIEW tasks AS {union(task_assets, _TASK_COLS)}")
         views.append("tasks")
+    if "task_proposals" in views:
+        execute(_curriculum_view("rollouts" in trajectory_assets))
+        views.append("curriculum")
     return views
+
+
+def _curriculum_view(with_rollouts: bool) -> str:
+    """The ``curriculum`` view: per iteration k, what M_task proposed in k and its fate, beside the
+    synthetic tasks k's batch rolled out (kept in earlier iterations) and how they fared."""
+    from dreamgym_core.curriculum import DROP_REASONS
+
+    drops = ", ".join(f"count(*) FILTER (WHERE reason = '{r}') AS drop_{r}" for r in DROP_REASONS)
+    p = f"""SELECT iteration, count(*) AS proposals, count(*) FILTER (WHERE parsed) AS parsed,
+                   count(*) FILTER (WHERE kept) AS kept, {drops}
+            FROM task_proposals GROUP BY iteration"""
+    r = """SELECT iteration, count(DISTINCT task_id) AS synthetic_rolled_out, count(*) AS synthetic_episodes,
+                  avg(CASE WHEN success THEN 1.0 ELSE 0.0 END) AS synthetic_success_rate
+           FROM (SELECT iteration, traj_id, any_value(task_id) AS task_id, bool_or(success) AS success
+                 FROM rollouts WHERE task_source = 'synthetic' GROUP BY iteration, traj_id)
+           GROUP BY iteration""" if with_rollouts else \
+        "SELECT NULL::BIGINT AS iteration, 0 AS synthetic_rolled_out, 0 AS synthetic_episodes, " \
+        "NULL::DOUBLE AS synthetic_success_rate WHERE false"
+    zero = ", ".join(f"coalesce(drop_{x}, 0) AS drop_{x}" for x in DROP_REASONS)
+    return f"""CREATE OR REPLACE VIEW curriculum AS
+        SELECT iteration, coalesce(proposals, 0) AS proposals, coalesce(parsed, 0) AS parsed,
+               parsed / nullif(proposals, 0) AS parse_rate, coalesce(kept, 0) AS kept, {zero},
+               coalesce(synthetic_rolled_out, 0) AS synthetic_rolled_out,
+               coalesce(synthetic_episodes, 0) AS synthetic_episodes, synthetic_success_rate
+        FROM ({p}) FULL OUTER JOIN ({r}) USING (iteration) ORDER BY iteration"""
 
 
 def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:

@@ -47,7 +47,7 @@ def _sft(spec: dict, acc, pipes) -> None:
     table = read_parquet(spec["examples"])
     examples = [SFTExample(p, r, q) for p, r, q in zip(table["prompt"].to_pylist(), table["reasoning"].to_pylist(),
                                                         table["prediction"].to_pylist())]
-    model, tok, _ = load_checkpoint(spec["init_dir"])
+    model, tok, _ = load_checkpoint(spec["init_dir"], training=True)
 
     def progress(step: int, rec: dict) -> None:  # train_sft calls it on the main process only
         if step % SFT_LOG_EVERY == 0:
@@ -74,11 +74,11 @@ def _policy_update(spec: dict, acc, pipes) -> None:
 
     cfg = RLConfig(**spec["rl"])
     prev, out = spec["prev_policy_dir"], spec["out_dir"]
-    ref, _, _ = load_checkpoint(spec["ref_policy_dir"])
+    ref, _, _ = load_checkpoint(spec["ref_policy_dir"], training=True)
     if spec["resume"]:  # k > 1: the previous iteration's trainer checkpoint, optimizer state included
         trainer = PolicyTrainer.load(prev, cfg, ref_model=ref, accelerator=acc)
     else:  # k = 1: a fresh trainer on the SFT policy's weights
-        model, tok, _ = load_checkpoint(prev)
+        model, tok, _ = load_checkpoint(prev, training=True)
         trainer = PolicyTrainer(model, tok, cfg, ref_model=ref, accelerator=acc)
     trajs = trajectories_from_arrow(read_parquet(spec["rollouts"]))
     if pipes:
@@ -103,11 +103,11 @@ def main(argv: list[str]) -> None:
     with open(spec_path) as f:
         spec = json.load(f)  # every rank needs the spec
 
-    import torch
-    from accelerate import Accelerator
     from dagster_pipes import open_dagster_pipes
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    from dreamgym_core.device import accelerator
+
+    acc = accelerator()
     with (open_dagster_pipes() if acc.is_main_process else nullcontext()) as pipes:
         STAGES[stage](spec, acc, pipes)
 

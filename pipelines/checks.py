@@ -6,24 +6,7 @@ real-transition budgets (the last two are in-step checks of the loop and RL asse
 import dagster as dg
 import pyarrow as pa
 
-from dreamgym_core.schema import TASK_SCHEMA, TRAJECTORY_ROWS_SCHEMA
-
-EXPECTED: dict[str, pa.Schema] = {
-    "seed_tasks": TASK_SCHEMA, "eval_tasks": TASK_SCHEMA, "synthesized_tasks": TASK_SCHEMA, "task_pool": TASK_SCHEMA,
-    "offline_trajectories": TRAJECTORY_ROWS_SCHEMA, "rollouts": TRAJECTORY_ROWS_SCHEMA,
-}
-
-
-def _expected(name: str) -> pa.Schema | None:
-    if name in EXPECTED:
-        return EXPECTED[name]
-    if name in ("iteration_eval", "policy_eval"):
-        from dreamgym_core.loop import EVAL_SCHEMA
-        return EVAL_SCHEMA
-    if name == "task_scores":
-        return pa.schema([("iteration", pa.int64()), ("task_id", pa.string()), ("variance", pa.float64()),
-                          ("rollouts", pa.int64()), ("mean_return", pa.float64()), ("selected", pa.bool_())])
-    return None
+from dreamgym_core.schema import SCHEMAS
 
 
 def schema_problems(table: pa.Table, expected: pa.Schema) -> list[str]:
@@ -38,7 +21,7 @@ def schema_problems(table: pa.Table, expected: pa.Schema) -> list[str]:
 
 
 def schema_check(name: str, table: pa.Table) -> dg.AssetCheckResult:
-    expected = _expected(name)
+    expected = SCHEMAS.get(name)
     problems = schema_problems(table, expected) if expected is not None else ["no declared schema"]
     return dg.AssetCheckResult(asset_key=name, check_name="schema", passed=not problems,
                                metadata={"rows": table.num_rows, "problems": "; ".join(problems) or "none"})

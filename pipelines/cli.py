@@ -77,6 +77,17 @@ DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_shar
               "synthetic_share", "sim_success_rate", "sim_real_gap", "timing/iteration_s")
 
 
+def _curriculum_line(m: dict) -> str:
+    """One iteration's curriculum from its metadata: M_task's parse rate and kept variants, and the
+    synthetic tasks this iteration's batch rolled out (kept in earlier iterations)."""
+    rate = m.get("curriculum/parse_rate")
+    success = m.get("curriculum/synthetic_success_rate")
+    return (f"curriculum: M_task parsed {int(m.get('curriculum/parsed', 0))}/{int(m.get('curriculum/proposals', 0))}"
+            + (f" ({rate:.0%})" if rate is not None else "") + f", kept {int(m.get('curriculum/kept', 0))}; "
+            f"synthetic tasks rolled out {int(m.get('curriculum/synthetic_tasks', 0))}"
+            + (f" (success {success:.2f} in M_exp)" if success is not None else ""))
+
+
 # `dreamgym demo --tiny`: a few tasks, a 1-layer M_exp and policy trained a fixed number of steps (the
 # time budgets are far above what they need, so the result does not depend on the machine's speed):
 # the fault-injection script (scripts/kill_anywhere.py) runs it again and again and compares results.
@@ -228,12 +239,16 @@ def cmd_demo(args) -> int:
                 print(f"[dreamgym] {label} failed; fix the cause and re-run `make demo` (finished steps are kept)",
                       file=sys.stderr)
                 return 1
-            shown = {}
+            shown, numbers = {}, {}
             for mat in result.get_asset_materialization_events():
                 for k, v in mat.materialization.metadata.items():
-                    if k in DEMO_SHOWN and isinstance(v.value, (int, float)):
-                        shown[k] = round(v.value, 3) if isinstance(v.value, float) else v.value
+                    if isinstance(v.value, (int, float)):
+                        numbers[k] = v.value
+                        if k in DEMO_SHOWN:
+                            shown[k] = round(v.value, 3) if isinstance(v.value, float) else v.value
             print(f"[dreamgym]   done in {time.perf_counter() - t0:.1f}s  {shown}", flush=True)
+            if key == "dreamgym_iteration":
+                print(f"[dreamgym]   {_curriculum_line(numbers)}", flush=True)
     from dreamgym_core.sql import run_query
     from pipelines.report import write_report
 
@@ -244,6 +259,12 @@ def cmd_demo(args) -> int:
                           "real_transitions FROM policy_eval "
                           "ORDER BY CASE policy WHEN 'random' THEN 0 WHEN 'sft' THEN 1 WHEN 'dreamgym' THEN 2 "
                           "WHEN 's2r' THEN 3 ELSE 4 END, iteration, mode"))
+    if args.iterations > 0:
+        print("\nThe curriculum per iteration (dreamgym sql \"select * from curriculum\"):")
+        print(run_query(data, "SELECT iteration, proposals, parsed, round(parse_rate, 2) AS parse_rate, kept, "
+                              "drop_parse, drop_duplicate, drop_format, drop_unknown, drop_trivial, drop_invalid, "
+                              "synthetic_rolled_out, round(synthetic_success_rate, 2) AS synthetic_success "
+                              "FROM curriculum ORDER BY iteration"))
     report = write_report(data, os.path.join(data, "report.html"))
     print(f"\n[dreamgym] finished in {time.perf_counter() - started:.1f}s. Report: {report}\n"
           f"  inspect: .venv/bin/dreamgym sql \"select policy, iteration, count(*) from trajectories group by all\"\n"

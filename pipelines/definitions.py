@@ -53,7 +53,7 @@ PROFILES = {
     "tiny": {"experiment": dict(n_train_tasks=8, n_dev_tasks=2, n_test_tasks=4, episodes_noisy=1, episodes_random=1,
                                 max_steps=15),
              "loop": dict(tasks_per_iteration=3, group_size=2, max_steps=3, eval_tasks=3, sim_eval_tasks=2,
-                          eval_max_steps=5, variants_per_seed=1, feasibility_rollouts=2)},
+                          eval_max_steps=5, variants_per_seed=1, n_feasibility_rollouts=2)},
 }
 
 

@@ -22,6 +22,11 @@ from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import CheckpointRef
 
 
+def parquet_path(base_dir: str, asset: str, partition: str | None = None) -> str:
+    """Where ``ParquetIOManager(base_dir)`` keeps ``asset`` (a key's path joined by '/') and its partition."""
+    return f"{base_dir}/{asset}/{partition}.parquet" if partition else f"{base_dir}/{asset}.parquet"
+
+
 def missing_partitions(context: dg.InputContext, keys: list[str], present: list[str]) -> list[str]:
     """A range load (several partitions) that lacks some: the ones after the last present one were not
     run yet, which is expected and counted in a warning of the run log (Dagster 1.13 cannot attach input
@@ -42,12 +47,14 @@ def missing_partitions(context: dg.InputContext, keys: list[str], present: list[
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
+    """Writes a table unless the file already holds exactly that table (the loop's stages write their
+    tables to these paths as they finish: one stored copy, not rewritten when the asset is output)."""
+
     base_dir: str
     """Local folder or URI (s3://..., gs://...) holding one folder per asset."""
 
     def _path(self, key: dg.AssetKey, partition: str | None) -> str:
-        stem = "/".join(key.path)
-        return f"{self.base_dir}/{stem}/{partition}.parquet" if partition else f"{self.base_dir}/{stem}.parquet"
+        return parquet_path(self.base_dir, "/".join(key.path), partition)
 
     def handle_output(self, context: dg.OutputContext, obj: pa.Table | pl.DataFrame | None) -> None:
         if obj is None:
@@ -57,7 +64,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"{context.asset_key.to_user_string()}: ParquetIOManager stores pyarrow Tables "
                             f"or polars DataFrames, got {type(obj).__name__}")
         part = context.asset_partition_key if context.has_asset_partitions else None
-        path = write_parquet_atomic(table, self._path(context.asset_key, part))
+        path = self._path(context.asset_key, part)
+        if not (exists(path) and read_parquet(path).equals(table)):
+            path = write_parquet_atomic(table, path)
         context.add_output_metadata({"path": dg.MetadataValue.path(path), "rows": table.num_rows,
                                      "columns": len(table.column_names)})
 

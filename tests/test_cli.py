@@ -54,3 +54,14 @@ def test_demo_plan_materializes_every_asset_after_its_upstreams(tmp_path):
             assert ups <= seen, f"{k} runs before {sorted(ups - seen)}"
         seen.update(keys)
     assert seen == {k.to_user_string() for k in graph.get_all_asset_keys()}  # the demo covers every asset
+
+
+def test_demo_prints_each_iterations_curriculum():
+    from pipelines.cli import _curriculum_line
+
+    line = _curriculum_line({"curriculum/proposals": 8, "curriculum/parsed": 7, "curriculum/parse_rate": 0.875,
+                             "curriculum/kept": 2, "curriculum/synthetic_tasks": 3,
+                             "curriculum/synthetic_success_rate": 0.25})
+    assert line == ("curriculum: M_task parsed 7/8 (88%), kept 2; synthetic tasks rolled out 3 "
+                    "(success 0.25 in M_exp)")
+    assert _curriculum_line({}) == "curriculum: M_task parsed 0/0, kept 0; synthetic tasks rolled out 0"

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dreamgym_core.curriculum import (CurriculumConfig, ParseFailure, TaskProposal, build_task_pool,
-                                      build_task_prompt, cluster_groups, cluster_variance, feasibility_filter,
+from dreamgym_core.curriculum import (END, CurriculumConfig, ParseFailure, TaskProposal, TaskWriter, build_task_pool,
+                                      build_task_prompt, cluster_groups, cluster_variance, draw_batch,
+                                      feasibility_filter, next_task_constraint,
                                       loose_items, object_catalogue, parse_task_output, recombine_tasks, seed_groups,
                                       select_seed_tasks, synthesize,
                                       task_reward_variance, task_writing_examples)
@@ -248,3 +249,99 @@ def test_recombined_tasks_swap_or_add_known_items_of_the_same_room():
     assert recombine_tasks(tasks, states, 0, 3) == []
     with pytest.raises(ValueError, match="n and extra"):
         recombine_tasks(tasks, states, 2, 1, extra=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout batch: originals and synthetic tasks drawn apart
+
+def _pool(n_orig, n_syn, newest=1):
+    return [_task(i) for i in range(n_orig)] + [
+        _task(1000 + j, source="synthetic", iteration=newest if j % 2 else newest - 1) for j in range(n_syn)]
+
+
+@pytest.mark.parametrize("n_orig,n_syn,n,lam,want_syn,want_orig", [
+    (300, 1, 12, 0.3, 1, 11),     # the demo's case: one variant among 300 originals is always drawn
+    (300, 10, 12, 0.3, 3, 9),     # floor(0.3 * 12) places
+    (300, 10, 12, 0.05, 1, 11),   # a small lambda still gives the pool's variants one place
+    (300, 10, 12, 0.0, 0, 12),    # lambda 0: originals only
+    (300, 0, 12, 0.3, 0, 12),     # no variants yet: a full batch of originals
+    (5, 10, 12, 0.5, 6, 5),       # originals run out: the batch is smaller, never more synthetic
+    (2, 2, 12, 1.0, 2, 2),
+])
+def test_draw_batch_exact_counts(n_orig, n_syn, n, lam, want_syn, want_orig):
+    batch = draw_batch(_pool(n_orig, n_syn), n, lam, iteration=3, seed=0)
+    assert sum(t.source == "synthetic" for t in batch) == want_syn
+    assert sum(t.source != "synthetic" for t in batch) == want_orig
+    assert len({t.task_id for t in batch}) == len(batch)
+
+
+def test_draw_batch_takes_the_newest_variants_first_and_is_seeded():
+    pool = _pool(50, 8, newest=4)   # 4 variants of iteration 4, 4 of iteration 3
+    batch = draw_batch(pool, 10, 0.3, iteration=5, seed=0)
+    syn = [t for t in batch if t.source == "synthetic"]
+    assert len(syn) == 3 and all(t.iteration == 4 for t in syn)
+    assert batch == draw_batch(list(reversed(pool)), 10, 0.3, iteration=5, seed=0)   # order-free, deterministic
+    assert batch != draw_batch(pool, 10, 0.3, iteration=6, seed=0)
+    with pytest.raises(ValueError, match="lam"):
+        draw_batch(pool, 10, 1.5, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# M_task's grammar and its constrained decoding
+
+def test_task_grammar_forces_fields_and_in_range_pointers():
+    head = "<think>more</think>\ninstruction: Put.\nfeedback: x\nlocation: bedroom\nobjects:"
+    assert next_task_constraint("").allowed == ("<think>",)
+    assert next_task_constraint("<think>why").allowed is None                       # reasoning is free
+    assert next_task_constraint("<think>" + "w" * 500).allowed == ("</think>",)     # ...up to a length
+    assert next_task_constraint("<think>why", tokens_left=10).allowed == ("</think>",)  # or the budget
+    assert next_task_constraint("<think>a</think>").allowed == ("\n",)
+    assert next_task_constraint("<think>a</think>\n").allowed == ("instruction:",)
+    blank = next_task_constraint("<think>a</think>\ninstruction:")
+    assert blank.allowed is None and not blank.newline_ok and not blank.end_ok
+    assert next_task_constraint("<think>a</think>\ninstruction: Put.\n").allowed == ("feedback:",)
+    assert next_task_constraint(head, 3, template=True).allowed == (" @1", " @2", " @3")
+    after = next_task_constraint(head + " @2", 3, template=True).allowed
+    assert set(after) == {"\n", " | @1", " | @3"}                                     # no repeat, none past @3
+    assert set(next_task_constraint(head + " @1", 12, template=True).allowed) >= {"0", "1", "2", " | @12"}
+    assert "3" not in next_task_constraint(head + " @1", 12, template=True).allowed   # @13 > 12
+    assert next_task_constraint(head + " @2", 3, template=True, tokens_left=5).allowed == ("\n",)
+    assert next_task_constraint(head + " @2\n", 3, template=True).allowed == (END,)   # the room is the parent's
+    assert next_task_constraint(head + " @2\n", 3).allowed == ("exits:",)
+    assert next_task_constraint(head + " @2\nexits: \ninventory: a", 3).end_ok
+
+
+@pytest.fixture(scope="module")
+def writer_model(tmp_path_factory):
+    """A tiny untrained Llama over a BPE of task-writing texts: it writes noise unless constrained."""
+    from tests.tiny_models import tiny_llama
+
+    tasks = [_task(i) for i in range(8)]
+    states = {t.task_id: AbstractState.make("x", "bedroom", ["bed: empty"] + [f"item {j}" for j in range(1 + i % 4)])
+              .render() for i, t in enumerate(tasks)}
+    ex = task_writing_examples(tasks, states, m=2, n=30, seed=0)
+    model, tok = tiny_llama(tmp_path_factory.mktemp("mtask"), [e.prompt + "\n" + e.reasoning + e.prediction
+                                                               for e in ex], 400, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, max_position_embeddings=1024)
+    return model, tok, tasks, states
+
+
+def test_constrained_task_writer_parses_where_free_decoding_does_not(writer_model):
+    """The grammar, not the weights, makes proposals parse: an untrained model's free samples fail,
+    its constrained samples (same seed) all parse, with every pointer inside its catalogue."""
+    model, tok, tasks, states = writer_model
+    cat = object_catalogue(list(states.values()))["bedroom"]
+    seeds = tasks[:6]
+    groups = seed_groups(seeds, tasks, states, 2, seed=0)
+    prompts = [build_task_prompt(g, states, 2, cat) for g in groups]
+    cats = [cat] * len(prompts)
+    rates = {}
+    for constrained in (False, True):
+        texts = TaskWriter(model, tok, seed=0, max_new_tokens=96, constrained=constrained).write(prompts, cats)
+        parsed = [parse_task_output(t, cat, states[s.task_id]) for t, s in zip(texts, seeds)]
+        rates[constrained] = sum(isinstance(p, TaskProposal) for p in parsed) / len(parsed)
+        if constrained:
+            assert all(t.startswith("<think>") and "\ninstruction:" in t for t in texts), texts
+            assert all(p.state.startswith("feedback: x\nlocation: bedroom") for p in parsed)  # the parent's room
+    assert rates == {False: 0.0, True: 1.0}

@@ -116,3 +116,20 @@ def test_real_rl_budget_is_exact(monkeypatch, budget):
     assert rec["real_transitions_recorded"] == rec["real_transitions"]  # the check compares the two
     with pytest.raises(ValueError):
         rl_in_real_env(tr, lambda: CountdownEnv(), TASKS, cfg, budget=-1, rounds=1, name="x")
+
+
+def test_stage_store_keeps_mapped_tables_in_their_home_once_and_checks_them(tmp_path):
+    """A table whose final home is given (the asset's Parquet partition) is written there only, and
+    counts as finished only while the file is the one this store wrote."""
+    from dreamgym_core.io import write_parquet_atomic
+
+    home = str(tmp_path / "parquet" / "task_pool" / "001.parquet")
+    store = StageStore(str(tmp_path / "work" / "001"), tables={"task_pool": home})
+    assert not store.done("task_pool") and store.table("task_pool") is None
+    t = pa.table({"task_id": ["a", "b"]})
+    store.put_table("task_pool", t)
+    assert os.listdir(store.root) == ["task_pool.sha256"]  # no second copy in the work dir
+    assert store.done("task_pool") and store.table("task_pool").equals(t)
+    assert StageStore(store.root, tables={"task_pool": home}).done("task_pool")  # a retry sees it
+    write_parquet_atomic(pa.table({"task_id": ["other"]}), home)  # another configuration's run rewrote it
+    assert not store.done("task_pool") and store.table("task_pool") is None

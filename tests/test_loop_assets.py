@@ -99,13 +99,19 @@ def test_a_crash_mid_iteration_resumes_without_redoing_stages(run, monkeypatch):
     work = [os.path.join(r, d) for r, ds, _ in os.walk(os.path.join(data, "loop")) for d in ds if d == "003"]
     assert len(work) == 1
     done_before = {f: os.path.getmtime(os.path.join(work[0], f)) for f in os.listdir(work[0])}
-    assert "rollouts.parquet" in done_before and "policy.json" in done_before
-    assert "task_pool.parquet" not in done_before and not any(f.endswith(".tmp") for f in done_before)
+    # stage tables are stored once, in their assets' Parquet partitions; the work dir holds their digests
+    assert "rollouts.sha256" in done_before and "policy.json" in done_before
+    assert not any(f.endswith(".parquet") for f in done_before)
+    assert "task_pool.sha256" not in done_before and not any(f.endswith(".tmp") for f in done_before)
+    stored = os.path.join(data, "parquet", "rollouts", "003.parquet")
+    rollouts_mtime = os.path.getmtime(stored)
     monkeypatch.setattr(cur, "build_task_pool", real)
     assert _iteration(defs, instance, "003").success
     for f, t in done_before.items():  # finished stages were loaded, not recomputed
         assert os.path.getmtime(os.path.join(work[0], f)) == t, f
-    assert os.path.exists(os.path.join(work[0], "task_pool.parquet"))
+    assert os.path.getmtime(stored) == rollouts_mtime  # nor rewritten by the IO manager
+    assert os.path.exists(os.path.join(work[0], "task_pool.sha256"))
+    assert os.path.exists(os.path.join(data, "parquet", "task_pool", "003.parquet"))
 
 
 def test_s2r_real_rl_and_policy_eval_count_real_transitions(run):

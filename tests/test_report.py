@@ -29,7 +29,7 @@ def test_plot_is_a_png_and_embeds_as_markdown():
 
 
 def test_report_shows_fidelity_sections_drift_and_gap(tmp_path):
-    from assets.experience import FIDELITY_SCHEMA
+    from dreamgym_core.schema import FIDELITY_SCHEMA
 
     base = {"model": "m", "ablation": "full"}
     rows = [{**base, "scope": "overall", "transitions": 300, "state_exact_match": 0.9, "baseline_state_exact_match": 0.1,

@@ -63,6 +63,40 @@ def test_empty_data_dir_says_what_to_do(tmp_path):
         run_query(tmp_path, "select 1")
 
 
+def test_curriculum_view_counts_proposals_and_synthetic_rollouts(tmp_path):
+    """Per iteration: proposals / parsed / kept / drops from task_proposals, synthetic tasks rolled out
+    and their success from rollouts (originals left out), by hand."""
+    from dreamgym_core.curriculum import proposals_table
+    from dreamgym_core.schema import Task, Trajectory, Transition
+
+    def traj(task, j, won, k):
+        step = Transition(f"{task.task_id}#{j}", task.task_id, "twx", 0, "s", "a", "s2", float(won), 0.0, True, won,
+                          not won, True, "policy", source="synthetic", policy="p", iteration=k)
+        return Trajectory(step.traj_id, task, "p", (step,))
+
+    orig = Task("t/1", "twx", "twc", "train", 1, "do")
+    syn = [Task(f"syn/001/{i}", "twx", "twc", "train", 1, "do", source="synthetic", parent_task_id="t/1",
+                iteration=1, initial_state="x") for i in range(2)]
+    # iteration 2 rolled out both variants (3 episodes, 2 won) and the original (won, not counted)
+    rolled = [traj(syn[0], 0, True, 2), traj(syn[0], 1, False, 2), traj(syn[1], 0, True, 2), traj(orig, 0, True, 2)]
+    write_parquet_atomic(trajectories_to_arrow([traj(orig, 0, False, 1)]),
+                         str(tmp_path / "parquet/rollouts/001.parquet"))
+    write_parquet_atomic(trajectories_to_arrow(rolled), str(tmp_path / "parquet/rollouts/002.parquet"))
+    rows1 = [{"index": 0, "parent_task_id": "t/1", "task_id": "syn/001/0", "kept": True, "reason": ""},
+             {"index": 1, "parent_task_id": "t/1", "task_id": "syn/001/1", "kept": True, "reason": ""},
+             {"index": 2, "parent_task_id": "t/1", "kept": False, "reason": "parse", "parse_error": "bad-pointer"},
+             {"index": 3, "parent_task_id": "t/1", "kept": False, "reason": "duplicate"}]
+    rows2 = [{"index": 0, "parent_task_id": "t/1", "kept": False, "reason": "trivial", "task_id": "syn/002/a"}]
+    write_parquet_atomic(proposals_table(1, rows1), str(tmp_path / "parquet/task_proposals/001.parquet"))
+    write_parquet_atomic(proposals_table(2, rows2), str(tmp_path / "parquet/task_proposals/002.parquet"))
+    got = json.loads(run_query(tmp_path, "select * from curriculum order by iteration", fmt="json"))
+    assert [(r["iteration"], r["proposals"], r["parsed"], r["kept"], r["drop_parse"], r["drop_duplicate"],
+             r["drop_trivial"]) for r in got] == [(1, 4, 3, 2, 1, 1, 0), (2, 1, 1, 0, 0, 0, 1)]
+    assert [r["parse_rate"] for r in got] == [0.75, 1.0]
+    assert [(r["synthetic_rolled_out"], r["synthetic_episodes"]) for r in got] == [(0, 0), (2, 3)]
+    assert got[0]["synthetic_success_rate"] is None and abs(got[1]["synthetic_success_rate"] - 2 / 3) < 1e-9
+
+
 # --- issue 27 item 7: read-only, and nothing outside the data root, enforced by DuckDB too ---
 
 @pytest.fixture

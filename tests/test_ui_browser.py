@@ -25,7 +25,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STAGES = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
           "experience_model_eval", "policy_init", "rollouts", "policy", "task_scores", "synthesized_tasks",
-          "task_pool", "replay_buffer", "iteration_eval", "s2r_policy", "real_rl_policy", "policy_eval"]
+          "task_proposals", "task_pool", "replay_buffer", "iteration_eval", "s2r_policy", "real_rl_policy",
+          "policy_eval"]
 
 
 def _free_port() -> int:

@@ -45,11 +45,13 @@ def score_transitions(sim: ExperienceModel, rows: Sequence[Mapping], retrieve: R
     """Teacher-forced predictions on real transitions: one record per selected row.
 
     rows: real transitions in trajectory order (TRAJECTORY rows); every row feeds the histories,
-    only rows with ``select`` True (default all) are predicted. ``retrieve`` gives D_k (one call). A record holds the real row's
+    only rows with ``select`` True (default all) are predicted. ``retrieve`` gives D_k in one call
+    (default: the simulator's own retriever). A record holds the real row's
     outcome, M_exp's prediction (next state after applying its delta, win, valid, parse ok) and the
     "nothing changes" baseline's; ``summarize_fidelity`` turns records into metrics.
     """
     cfg = sim.cfg.prompt
+    retrieve = sim.retrieve if retrieve is None else retrieve
     select = [True] * len(rows) if select is None else list(select)
     scored = cfg.progress and has_progress(rows)
     demos = demos_for(retrieve, [Query(r.get("task_id") or "", r["state"], r["action"])

@@ -216,14 +216,14 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig, 
     outcomes (wins are about 2% of twc transitions) often enough; with ``cfg.length_bucketing`` the
     draws are cut into batches by length (``_bucketed_draw``).
     """
-    from accelerate import Accelerator
+    from dreamgym_core.device import accelerator
 
     if not examples:
         raise ValueError("train_sft: no examples")
     if sample_weights is not None and (len(sample_weights) != len(examples) or min(sample_weights) < 0
                                        or sum(sample_weights) <= 0):
         raise ValueError("train_sft: sample_weights needs one non-negative weight per example, not all zero")
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator()
     encoded = [encode_example(tokenizer, e, cfg.max_len) for e in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     lengths = [len(e[0]) for e in encoded]

@@ -340,9 +340,9 @@ class UpdateBatch:
 # The trainer
 
 def _default_accelerator():
-    from accelerate import Accelerator
+    from dreamgym_core.device import accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return accelerator()
 
 
 class PolicyTrainer:
