@@ -152,7 +152,6 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,
         start_states=starts, eval_tasks=test, make_sim=sims, make_real=real_env_factory(experiment),
         task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None,
-        buffer_cap=config.replay_max_synthetic_rows,
         buffer_export=os.path.join(data_root(), "parquet", "replay_buffer_rows", f"{k:03d}.parquet"),
         update=accelerate_update(context, launcher, rl_cfg, policy_init.path, resume=k > 1)
         if launcher.mode == "accelerate" else None)

@@ -178,10 +178,13 @@ class LoopConfig:
     """Held-out real test tasks scored each iteration (greedy)."""
     sim_eval_tasks: int = 25
     """Of those, how many also run in M_exp for the sim-real gap."""
+    replay_max_synthetic_rows: int = 20000
+    """Size cap on the replay buffer's synthetic rows (``replay.grow_buffer``); offline rows are never pruned."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps"):
+        for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps",
+                     "replay_max_synthetic_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_tasks < 0 or self.sim_eval_tasks < 0 or self.history_window < 0:
@@ -246,8 +249,6 @@ class IterationInputs:
     buffer: object | None = None
     """buffer.ReplayBuffer the synthetic transitions join (None: not kept). Tagged at the start of
     iteration k (``tag_iteration``): the version M_exp's retriever reads during k."""
-    buffer_cap: int | None = None
-    """Most synthetic rows the buffer keeps (``replay.grow_buffer``); None = no cap."""
     buffer_export: str | None = None
     """Parquet path the buffer is exported to after stage 6 (``dreamgym sql``); None = no export."""
     embed: Callable[[list[str]], object] | None = None
@@ -446,7 +447,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             return store.put_record("replay_buffer", {"added": 0, "kept": False})
         from dreamgym_core.replay import grow_buffer
         rec = grow_buffer(inp.buffer, rollouts.select([c for c in rollouts.column_names if c in _TRANSITION_NAMES]),
-                          k, inp.buffer_cap, inp.buffer_export)
+                          k, cfg.replay_max_synthetic_rows, inp.buffer_export)
         log(f"iteration {k:03d}: replay buffer +{rec['added']} rows ({rec['filtered']} filtered as uninformative), "
             f"{rec['pruned']} pruned, {rec['size']} rows")
         return store.put_record("replay_buffer", rec)
