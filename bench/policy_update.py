@@ -88,13 +88,15 @@ def _action_of_tokens(tok, rng: random.Random, n: int, vocab_words: list[str]) -
 
 def build_workload(args, workdir: str):
     from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
-    from dreamgym_core.policy import build_policy_prompt
+    from dreamgym_core.policy import PolicyFormat, build_policy_prompt, set_policy_format
     from dreamgym_core.rollout import PolicyContext
     from dreamgym_core.schema import Task, Trajectory, Transition
 
     corpus = _corpus(2000, args.seed)
     tok = train_tokenizer(corpus, os.path.join(workdir, "tok"), vocab_size=3000)
     model = build_tiny_llama(tok, TinyLlamaConfig(), seed=args.seed)
+    fmt = PolicyFormat(history_window=0, max_prompt_tokens=args.prompt_tokens + 64)
+    set_policy_format(model, fmt)
     model.save_pretrained(os.path.join(workdir, "model"))
     tok.save_pretrained(os.path.join(workdir, "model"))
     rng = random.Random(args.seed)
@@ -106,12 +108,13 @@ def build_workload(args, workdir: str):
             state = _text_of_tokens(tok, rng, args.prompt_tokens, corpus)
             cands = tuple(dict.fromkeys(_action_of_tokens(tok, rng, args.cand_tokens, words)
                                         for _ in range(args.candidates)))
-        prompt = build_policy_prompt(PolicyContext(task.instruction, state, cands))
+        prompt = build_policy_prompt(PolicyContext(task.instruction, state, cands), fmt)
         trl_prompts.append(prompt)
         step = Transition(traj_id=f"{task.task_id}#{i}", task_id=task.task_id, env="bench", step_idx=0, state=state,
                           action=cands[rng.randrange(len(cands))], next_state="", reward=float(rng.random() < 0.5),
                           score=0.0, done=True,
-                          won=False, lost=False, valid=True, action_kind="policy", candidates=cands, logprob=0.0)
+                          won=False, lost=False, valid=True, action_kind="policy", candidates=cands, logprob=0.0,
+                          prompt=prompt)
         trajs.append(Trajectory(f"{task.task_id}#{i}", task, "bench", (step,)))
     return tok, model, trajs, trl_prompts
 
@@ -120,12 +123,12 @@ def _with_acting_logprobs(model, tok, trajs, cfg):
     """Replace the placeholder log-probs by the current policy's, as a rollout would have recorded."""
     from dataclasses import replace
 
-    from dreamgym_core.policy import score_candidates
+    from dreamgym_core.policy import policy_format, score_candidates
     from dreamgym_core.rl.trainer import choice_logprobs, decision_samples
 
-    samples = decision_samples(trajs, cfg.history_window)
+    samples = decision_samples(trajs)
     scores = score_candidates(model, tok, [s.prompt for s in samples], [s.candidates for s in samples],
-                              max_prompt_tokens=cfg.max_prompt_tokens)
+                              max_prompt_tokens=policy_format(model).max_prompt_tokens)
     lp, _ = choice_logprobs(scores, [s.chosen for s in samples], cfg.temperature)
     return [replace(t, steps=(replace(t.steps[0], logprob=float(x)),)) for t, x in zip(trajs, lp)]
 
@@ -135,7 +138,7 @@ class OursRunner:
         from dreamgym_core.rl.trainer import PolicyTrainer, RLConfig
 
         self.cfg = RLConfig(algorithm="grpo", lr=1e-4, ppo_epochs=1, minibatch_size=args.batch, kl_coef=0.04,
-                            max_prompt_tokens=args.prompt_tokens + 64, history_window=0, seed=args.seed,
+                            seed=args.seed,
                             share_decisions=not args.no_share)
         self.trainer = PolicyTrainer(model, tok, self.cfg)
         self.phase_s: list[float] = []  # the optimize phase alone: policy forward + backward + AdamW
@@ -227,10 +230,10 @@ def update_flops(trainer, trajectories) -> tuple[int, int]:
     from dreamgym_core.rl.trainer import _distinct, decision_samples
 
     cfg, tok = trainer.cfg, trainer.tokenizer
-    samples = decision_samples(trajectories, cfg.history_window)
+    samples = decision_samples(trajectories)
     first = _distinct(samples)[0] if cfg.share_decisions else range(len(samples))
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    fwd = sum(forward_flops(trainer.model.config, min(len(ids(samples[i].prompt)), cfg.max_prompt_tokens),
+    fwd = sum(forward_flops(trainer.model.config, min(len(ids(samples[i].prompt)), trainer.fmt.max_prompt_tokens),
                             [len(ids(" " + c + END_OF_ACTION)) for c in samples[i].candidates]) for i in first)
     return 3 * fwd, (fwd if trainer.ref_model is not None else 0)
 

@@ -93,6 +93,7 @@ def start_policy(testbed: str, spec, out_dir: str, *, bc_steps: int = 300, seed:
     from dreamgym_core.collect import CollectConfig, collect
     from dreamgym_core.envs import make_env
     from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, save_checkpoint, train_tokenizer
+    from dreamgym_core.policy import PolicyFormat, set_policy_format
     from dreamgym_core.policy_init import PolicyInitConfig, init_policy, policy_corpus, policy_dir_ok
 
     if policy_dir_ok(out_dir):
@@ -109,9 +110,11 @@ def start_policy(testbed: str, spec, out_dir: str, *, bc_steps: int = 300, seed:
         env.close()
     tmp = out_dir.rstrip("/") + ".partial"
     if testbed == "lamp":
-        tok = train_tokenizer(policy_corpus(trajs, 2), tmp + ".tokenizer", vocab_size=500)
+        fmt = PolicyFormat()
+        tok = train_tokenizer(policy_corpus(trajs, fmt), tmp + ".tokenizer", vocab_size=500)
         model = build_tiny_llama(tok, TinyLlamaConfig(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=192),
                                  seed=seed)
+        set_policy_format(model, fmt)  # recorded in the checkpoint, read by every rollout and update
         save_checkpoint(model, tok, tmp, {"kind": "policy", "config": {"from_scratch": True}})
     else:
         log(f"pi0: behaviour cloning {bc_steps} steps on {len(trajs)} offline episodes")
@@ -124,7 +127,8 @@ def start_policy(testbed: str, spec, out_dir: str, *, bc_steps: int = 300, seed:
 
 
 def _dev_success(trainer, make_real, dev: Sequence[Task], run: LearnerRun, k: int) -> dict:
-    from dreamgym_core.loop import LoopConfig, evaluate, lm_policy_factory
+    from dreamgym_core.evaluation import evaluate, lm_policy_factory
+    from dreamgym_core.loop import LoopConfig
 
     cfg = LoopConfig(eval_tasks=len(dev), sim_eval_tasks=0, eval_max_steps=run.max_steps, seed=run.seed)
     table = evaluate(lm_policy_factory(trainer.model, trainer.tokenizer, f"{run.setting}@{k}"), run.setting, k,
@@ -164,7 +168,7 @@ def run_curve(run: LearnerRun, pi0_dir: str, spec, *, log: Log = print) -> list[
     log(f"{run.testbed}/{run.setting}/seed {run.seed}: round 0 dev {first['dev_success']:.3f}")
     for r in range(1, run.rounds + 1):
         cfg = LoopConfig(tasks_per_iteration=len(train), group_size=run.group_size, eval_max_steps=run.max_steps,
-                         history_window=rl.history_window, seed=run.seed * 100_003 + r)
+                         seed=run.seed * 100_003 + r)
         m = rl_in_real_env(trainer, make_real, train, cfg, budget=10 ** 9, rounds=1, name=run.setting,
                            log=lambda _: None)
         used += m["real_transitions"]

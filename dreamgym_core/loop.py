@@ -3,8 +3,10 @@
 Iteration k, in order (paper §4):
   1. rollouts    the policy of iteration k-1 acts in M_exp on a batch drawn from the task pool of k-1
                  (synthetic tasks at share lambda, ``curriculum.draw_batch``; GRPO: a group of n
-                 rollouts per task), every transition tagged with that policy's version;
-  2. policy      one PPO/GRPO update on those rollouts (``rl.trainer``), KL to the SFT policy;
+                 rollouts per task), every transition tagged with that policy's version and the
+                 prompt it saw (``rl.step.act``: the training step's first phase);
+  2. policy      the step's advantages and update on those rollouts (``PolicyTrainer.update``), KL to
+                 the SFT policy;
   3. task_scores reward variance V_tau per task (Eq. 7; GRPO groups, or embedding clusters for PPO);
   4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
                  feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
@@ -12,7 +14,8 @@ Iteration k, in order (paper §4):
   6. replay_buffer  the informative synthetic transitions join the buffer that grounds M_exp, which
                  is pruned under a cap (``replay.grow_buffer``); iteration k itself retrieved from
                  the buffer as tagged at its start;
-  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``).
+  7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``,
+                 ``evaluation.evaluate``).
 
 Every stage writes its result atomically into ``<work>/<k>/`` before the next starts, and a stage
 whose result exists is skipped: a killed iteration resumes where it stopped and never re-does or
@@ -35,8 +38,9 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
+from dreamgym_core.evaluation import evaluate, lm_policy_factory
 from dreamgym_core.io import exists, file_sha256, read_parquet, write_parquet_atomic
-from dreamgym_core.schema import (EVAL_SCHEMA, TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
+from dreamgym_core.schema import (TASK_SCORES_SCHEMA, Task, Trajectory, tasks_from_arrow, tasks_to_arrow,
                                   trajectories_from_arrow, trajectories_to_arrow)
 
 Log = Callable[[str], None]
@@ -172,7 +176,6 @@ class LoopConfig:
     """Synthetic episode cap."""
     rollout_batch: int = 64
     """Episodes run side by side: M_exp decodes their steps as one batch (``SimConfig.batch_size``)."""
-    history_window: int = 2
     eval_max_steps: int = 20
     eval_tasks: int = 50
     """Held-out real test tasks scored each iteration (greedy)."""
@@ -187,8 +190,8 @@ class LoopConfig:
                      "replay_max_synthetic_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_tasks < 0 or self.sim_eval_tasks < 0 or self.history_window < 0:
-            raise ValueError("LoopConfig: eval_tasks, sim_eval_tasks and history_window must be >= 0")
+        if self.eval_tasks < 0 or self.sim_eval_tasks < 0:
+            raise ValueError("LoopConfig: eval_tasks and sim_eval_tasks must be >= 0")
 
 
 def sample_tasks(pool: Sequence[Task], n: int, k: int, seed: int) -> list[Task]:
@@ -199,31 +202,6 @@ def sample_tasks(pool: Sequence[Task], n: int, k: int, seed: int) -> list[Task]:
     if len(pool) <= n:
         return list(pool)
     return sorted(random.Random(f"{seed}|{k}").sample(pool, n), key=lambda t: t.task_id)
-
-
-def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequence[Trajectory] | None,
-              real_transitions: int, mode: str) -> dict:
-    """One ``policy_eval`` row: success with a Wilson interval on real held-out tasks, and in M_exp."""
-    from dreamgym_core.evaluation import summarize
-
-    r = summarize(real)
-    row = {"policy": policy, "iteration": iteration, "mode": mode, "episodes": r.episodes,
-           "success_rate": r.success_rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
-           "mean_return": r.mean_return, "mean_steps": r.mean_steps, "invalid_action_rate": r.invalid_action_rate,
-           "real_transitions": int(real_transitions), "sim_success_rate": None, "sim_real_gap": None}
-    if sim is not None and len(sim):
-        s = summarize(sim)
-        # the gap compares the same tasks: success in M_exp minus success in the real env on those tasks
-        ids = {t.task.task_id for t in sim}
-        same = [t for t in real if t.task.task_id in ids]
-        real_same = sum(t.won for t in same) / max(len(same), 1)
-        row["sim_success_rate"] = s.success_rate
-        row["sim_real_gap"] = s.success_rate - real_same
-    return row
-
-
-def eval_table(rows: Sequence[dict]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=EVAL_SCHEMA)
 
 
 @dataclass
@@ -299,7 +277,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                   log: Log = print) -> IterationOutputs:
     """Stages 1-7 of the module docstring; finished stages are loaded instead of re-run."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.policy import LMPolicy
+    from dreamgym_core.rl.step import act
     from dreamgym_core.rollout import RolloutConfig, rollout
 
     clear_partial(store)
@@ -316,19 +294,15 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
             trainer = _load_trainer(inp, rl_cfg)
         return trainer
 
-    # 1. rollouts of policy k-1 in M_exp ------------------------------------------------------
+    # 1. rollouts of policy k-1 in M_exp (the step's first phase, rl.step.act) ---------------------
     def do_rollouts() -> pa.Table:
-        tr = get_trainer()
         # originals and synthetic tasks drawn apart: lam of the batch is synthetic whenever the pool has
         # any; the ablation (curriculum off) never rolls one out, whatever the pool holds
         pool = inp.pool if cur_cfg.enabled else [t for t in inp.pool if t.source != "synthetic"]
         tasks = cur.draw_batch(pool, cfg.tasks_per_iteration, cur_cfg.lam if cur_cfg.enabled else 0.0, k, cfg.seed)
-        policy = LMPolicy(tr.model, tr.tokenizer, policy_version(k - 1), temperature=rl_cfg.temperature,
-                          max_prompt_tokens=rl_cfg.max_prompt_tokens)
-        sim = inp.make_sim(init_state)
-        trajs, stats = rollout(sim, policy, tasks, RolloutConfig(
+        trajs, stats = act(inp.make_sim(init_state), get_trainer(), tasks, RolloutConfig(
             group_size=cfg.group_size if grpo else 1, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
-            history_window=cfg.history_window, source="synthetic", iteration=k, seed=cfg.seed * 1000 + k))
+            source="synthetic", iteration=k, seed=cfg.seed * 1000 + k), policy_name=policy_version(k - 1))
         syn = [t for t in trajs if t.task.source == "synthetic"]
         syn_rec = {"curriculum/synthetic_tasks": len({t.task.task_id for t in syn}),
                    "curriculum/synthetic_episodes": len(syn),
@@ -344,7 +318,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     records["rollouts"] = store.record("rollouts_stats") or {}
     trajs = read_trajectories(rollouts)
 
-    # 2. policy update (advantages inside the trainer: GRPO groups or GAE) ------------------------
+    # 2. the step's advantages and update (PolicyTrainer.update: GRPO groups or GAE, then PPO passes) ---
     policy_dir = store.path("policy")
 
     def do_update() -> dict:
@@ -412,7 +386,7 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
                 sim = inp.make_sim(init_state)
                 out, _ = rollout(sim, RandomPolicy("feasibility"), tasks, RolloutConfig(
                     group_size=cur_cfg.n_feasibility_rollouts, max_steps=cfg.max_steps, batch_size=cfg.rollout_batch,
-                    history_window=cfg.history_window, source="synthetic", iteration=k, seed=k))
+                    source="synthetic", iteration=k, seed=k))
                 return out
 
             kept, report = cur.synthesize(texts, parents, existing, existing_states, simulate, k, cur_cfg, prompt_cats,
@@ -481,64 +455,17 @@ def _transition_names() -> tuple[str, ...]:
 _TRANSITION_NAMES = _transition_names()
 
 
-def lm_policy_factory(model, tok, name: str) -> Callable[[str], object]:
-    """mode ('greedy' | 'sampled') -> an LMPolicy over ``model``."""
-    from dreamgym_core.policy import LMPolicy
-
-    return lambda mode: LMPolicy(model, tok, name, greedy=mode == "greedy")
-
-
-def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Sequence[Task], make_real, make_sim,
-             init_state, cfg: LoopConfig, *, real_transitions: int, log: Log = print,
-             modes: Sequence[str] = ("greedy",), episodes: dict | None = None, sim_episodes: dict | None = None,
-             group_size: int = 1) -> pa.Table:
-    """Success on held-out real tasks per mode; success in M_exp (first mode) on the first
-    ``sim_eval_tasks`` of them (the same tasks, same start states, same policy seeds) for
-    ``sim_real_gap``. ``group_size`` episodes per task on both sides (a sampled policy's success on
-    50 tasks has a standard error near 0.06; more episodes measure it closer). ``episodes`` /
-    ``sim_episodes``, if given, receive each mode's real / M_exp trajectories (for paired comparisons:
-    two policies on the same tasks, or one policy's episodes in M_exp against the real ones)."""
-    from dreamgym_core.rollout import RolloutConfig, rollout
-
-    tasks = sorted(tasks, key=lambda t: t.task_id)[:cfg.eval_tasks]
-    rows = []
-    for mode in modes:
-        pol = make_policy(mode)
-        rc = RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps, batch_size=8,
-                           history_window=cfg.history_window, source="real", iteration=k, seed=cfg.seed)
-        real_env = make_real()
-        try:
-            real, _ = rollout(real_env, pol, tasks, rc)
-        finally:
-            real_env.close()
-        if episodes is not None:
-            episodes[mode] = real
-        sim = None
-        if mode == modes[0] and cfg.sim_eval_tasks and make_sim is not None:
-            sim, _ = rollout(make_sim(init_state), pol, tasks[:cfg.sim_eval_tasks],
-                             RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps,
-                                           batch_size=cfg.rollout_batch, history_window=cfg.history_window,
-                                           source="synthetic", iteration=k, seed=cfg.seed))
-            if sim_episodes is not None:
-                sim_episodes[mode] = sim
-        row = eval_rows(name, k, real, sim, real_transitions, mode)
-        log(f"eval {name}@{k} {mode}: real success {row['success_rate']:.2f} "
-            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-            + (f", M_exp {row['sim_success_rate']:.2f} (gap {row['sim_real_gap']:+.2f})" if sim else ""))
-        rows.append(row)
-    return eval_table(rows)
-
-
 def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *, budget: int, rounds: int,
                    name: str, log: Log = print) -> dict:
     """PPO/GRPO directly in the real env with an exact budget of real transitions (real-RL baseline, S2R).
 
-    Each round: rollouts (a GRPO group per task) capped by what is left of ``budget`` -> update.
-    Returns the exact count of real transitions consumed and per-round metrics; the count covers
-    every real transition the policy was trained on (evaluation episodes are reported apart).
+    Each round is one ``rl.step.train_step`` whose rollouts (a GRPO group per task) are capped by what
+    is left of ``budget``. Returns the exact count of real transitions consumed and per-round metrics;
+    the count covers every real transition the policy was trained on (evaluation episodes are
+    reported apart).
     """
-    from dreamgym_core.policy import LMPolicy
-    from dreamgym_core.rollout import RolloutConfig, rollout
+    from dreamgym_core.rl.step import train_step
+    from dreamgym_core.rollout import RolloutConfig
 
     if budget < 0 or rounds < 1:
         raise ValueError(f"{name}: budget must be >= 0 and rounds >= 1 (got {budget}, {rounds})")
@@ -549,25 +476,22 @@ def rl_in_real_env(trainer, make_real, tasks: Sequence[Task], cfg: LoopConfig, *
         if left <= 0:
             break
         batch = sample_tasks(tasks, cfg.tasks_per_iteration, 10_000 + r, cfg.seed)
-        pol = LMPolicy(trainer.model, trainer.tokenizer, f"{name}@{r}", temperature=trainer.cfg.temperature,
-                       max_prompt_tokens=trainer.cfg.max_prompt_tokens)
         env = make_real()
-        t0 = time.perf_counter()
         try:
-            trajs, stats = rollout(env, pol, batch, RolloutConfig(
-                group_size=cfg.group_size if grpo else 1, max_steps=cfg.eval_max_steps, batch_size=8,
-                history_window=cfg.history_window, budget=left, source="real", iteration=r, seed=cfg.seed + r))
+            step = train_step(env, trainer, batch, RolloutConfig(
+                group_size=cfg.group_size if grpo else 1, max_steps=cfg.eval_max_steps, batch_size=8, budget=left,
+                source="real", iteration=r, seed=cfg.seed + r), policy_name=f"{name}@{r}")
         finally:
             env.close()
-        timer.add("rollout", time.perf_counter() - t0)
+        stats = step.stats
+        for phase in ("rollout", "advantages", "update"):
+            timer.add(phase, step.metrics.get(f"timing/{phase}_s", 0.0))
         used += stats.transitions
-        recorded += sum(len(t.steps) for t in trajs if all(s.source == "real" for s in t.steps))
+        recorded += sum(len(t.steps) for t in step.trajectories if all(s.source == "real" for s in t.steps))
         episodes += stats.episodes
         wins += stats.successes
-        if trajs:
-            t0 = time.perf_counter()
-            last = trainer.update(trajs)
-            timer.add("update", time.perf_counter() - t0)
+        if step.trajectories:
+            last = {a: b for a, b in step.metrics.items() if not a.startswith(("rollout/", "timing/"))}
         log(f"{name} round {r + 1}/{rounds}: {stats.transitions} real transitions (total {used}/{budget}), "
             f"train success {stats.successes / max(stats.episodes, 1):.2f}")
     # no raise here: the asset's blocking check real_budget_respected compares the transitions actually

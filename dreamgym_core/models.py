@@ -196,7 +196,11 @@ def load_causal_lm(path_or_id: str, *, dtype: str = "float32", device: str = "cp
 
 
 def save_checkpoint(model, tokenizer, out_dir: str, metadata: dict) -> str:
-    """Weights (safetensors), tokenizer and ``dreamgym.json`` metadata, written atomically."""
+    """Weights (safetensors), tokenizer and ``dreamgym.json`` metadata, written atomically. A policy
+    model's prompt format (``policy.PolicyFormat``, attached on load or clone) is recorded with it."""
+    fmt = getattr(model, "dreamgym_policy_format", None)
+    if fmt is not None:
+        metadata = {**metadata, **fmt.as_meta()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -230,4 +234,8 @@ def load_checkpoint(path: str, *, training: bool = False):
             raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    if "policy_format" in meta:  # a policy: its prompt format travels with the model (policy.PolicyFormat)
+        from dreamgym_core.policy import PolicyFormat, set_policy_format
+
+        set_policy_format(model, PolicyFormat.from_meta(meta, path))
     return model, tok, meta

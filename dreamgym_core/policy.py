@@ -29,16 +29,33 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dreamgym_core.rollout import ActionChoice, PolicyContext
+from dreamgym_core.rollout import ActionChoice, PolicyContext, PolicyFormat  # noqa: F401  (PolicyFormat: re-exported)
 from dreamgym_core.schema import Trajectory
 
 END_OF_ACTION = "\n"
+NO_CANDIDATES_FALLBACK = "look around"
+"""What the policy acts on when a state lists no candidate actions."""
 
 
-def build_policy_prompt(ctx: PolicyContext) -> str:
-    """Task, recent history and the abstract state; the action follows after 'Action:'."""
+def set_policy_format(model, fmt: PolicyFormat) -> None:
+    """Attach the format a policy model was cloned with (``models.load_checkpoint`` does it on load)."""
+    model.dreamgym_policy_format = fmt
+
+
+def policy_format(model) -> PolicyFormat:
+    """The format attached to ``model``; an error if none is (a model not loaded from a policy checkpoint)."""
+    fmt = getattr(model, "dreamgym_policy_format", None)
+    if fmt is None:
+        raise ValueError("this model carries no PolicyFormat: load it with models.load_checkpoint from a policy "
+                         "checkpoint, or attach one with policy.set_policy_format")
+    return fmt
+
+
+def build_policy_prompt(ctx: PolicyContext, fmt: PolicyFormat) -> str:
+    """Task, the last ``fmt.history_window`` (action, feedback) pairs and the abstract state; the
+    action follows after 'Action:'."""
     lines = [f"Task: {ctx.instruction}"]
-    for action, feedback in ctx.history:
+    for action, feedback in (ctx.history[-fmt.history_window:] if fmt.history_window else ()):
         lines.append(f"Did: {action} -> {feedback}")
     lines.append(ctx.state)
     lines.append("Action:")
@@ -144,36 +161,44 @@ class ValueHead(torch.nn.Module):
 
 
 class LMPolicy:
-    """A causal LM choosing among candidate actions (``Policy`` protocol of dreamgym_core.rollout)."""
+    """A causal LM choosing among candidate actions (``Policy`` protocol of dreamgym_core.rollout).
+
+    The prompt format is the model's (``policy_format``); ``fmt``, if given, must equal it: acting
+    with another history window than the policy was cloned with is an error, not a silent drift.
+    Each choice carries the prompt it was scored on, which rollouts store on the transition."""
 
     def __init__(self, model, tokenizer, name: str, *, temperature: float = 1.0, greedy: bool = False,
-                 batch_size: int = 16, max_prompt_tokens: int = 384):
+                 batch_size: int = 16, fmt: PolicyFormat | None = None):
         if temperature <= 0:
             raise ValueError("LMPolicy.temperature must be > 0 (use greedy=True for argmax)")
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.temperature, self.greedy = temperature, greedy
-        self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
+        own = policy_format(model)
+        if fmt is not None and fmt != own:
+            raise ValueError(f"LMPolicy {name!r}: acting with {fmt} but the policy checkpoint records {own}; "
+                             "the format is read from the checkpoint, do not set it elsewhere")
+        self.model, self.tokenizer, self.name, self.fmt = model, tokenizer, name, own
+        self.temperature, self.greedy, self.batch_size = temperature, greedy, batch_size
 
     def act(self, contexts: Sequence[PolicyContext]) -> list[ActionChoice]:
         self.model.eval()
         out: list[ActionChoice] = []
         for start in range(0, len(contexts), self.batch_size):
             chunk = contexts[start:start + self.batch_size]
-            cands = [list(c.candidates) or ["look around"] for c in chunk]
-            scores = score_candidates(self.model, self.tokenizer, [build_policy_prompt(c) for c in chunk], cands,
-                                      max_prompt_tokens=self.max_prompt_tokens)
-            for c, cs, s in zip(chunk, cands, scores):
+            cands = [list(c.candidates) or [NO_CANDIDATES_FALLBACK] for c in chunk]
+            prompts = [build_policy_prompt(c, self.fmt) for c in chunk]
+            scores = score_candidates(self.model, self.tokenizer, prompts, cands,
+                                      max_prompt_tokens=self.fmt.max_prompt_tokens)
+            for c, p, cs, s in zip(chunk, prompts, cands, scores):
                 logp = F.log_softmax(s / self.temperature, dim=0)
                 if self.greedy:
                     i = int(torch.argmax(logp))
                 else:
                     u, acc, i = random.Random(c.seed).random(), 0.0, len(cs) - 1
-                    for j, p in enumerate(logp.exp().tolist()):
-                        acc += p
+                    for j, p_j in enumerate(logp.exp().tolist()):
+                        acc += p_j
                         if u < acc:
                             i = j
                             break
-                out.append(ActionChoice(cs[i], float(logp[i])))
+                out.append(ActionChoice(cs[i], float(logp[i]), prompt=p))
         return out
 
 
@@ -187,27 +212,23 @@ class BCExample:
     candidates: tuple[str, ...]
 
 
-def bc_examples(trajs: Sequence[Trajectory], history_window: int = 4,
+def bc_examples(trajs: Sequence[Trajectory], fmt: PolicyFormat,
                 kinds: Sequence[str] | None = None) -> list[BCExample]:
-    """(prompt, action) pairs from successful episodes, dropping rejected actions.
+    """(prompt, action) pairs from successful episodes, dropping rejected actions; prompts in ``fmt``.
 
     ``kinds``: clone only steps whose ``action_kind`` is listed (e.g. ("expert",) keeps the expert's
     choices inside noisy-expert episodes and drops their epsilon-random detours); None = every
     valid step. Every step still enters the history of the steps after it.
     """
-    from dreamgym_core.rollout import _feedback
+    from dreamgym_core.rollout import episode_contexts
 
     out = []
     for t in trajs:
         if not t.won:
             continue
-        hist: list[tuple[str, str]] = []
-        for s in t.steps:
+        for s, ctx in zip(t.steps, episode_contexts(t)):
             if s.valid and (kinds is None or s.action_kind in kinds):
-                ctx = PolicyContext(t.task.instruction, s.state, s.candidates,
-                                    tuple(hist[-history_window:]) if history_window else ())
-                out.append(BCExample(build_policy_prompt(ctx), s.action, s.candidates))
-            hist.append((s.action, _feedback(s.next_state)))
+                out.append(BCExample(build_policy_prompt(ctx, fmt), s.action, s.candidates))
     return out
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from dreamgym_core.rollout import PolicyFormat
 from dreamgym_core.schema import Trajectory
 
 
@@ -41,13 +42,15 @@ class PolicyInitConfig:
     a budget-bound run plans a shorter cosine schedule so it still ends annealed (``policy.train_bc``)."""
     batch_size: int = 16
     lr: float = 2e-3
-    history_window: int = 2
-    """Must equal the rollout's history window: the prompt is rebuilt the same way."""
+    history_window: int = PolicyFormat.history_window
+    """(action, feedback) pairs in the policy's prompt. Set here only: the checkpoint records it
+    (``PolicyFormat``) and every rollout, update and evaluation of this policy reads it from there."""
     behaviours: tuple[str, ...] = ("expert", "noisy")
     """Offline behaviours (``Trajectory.policy``) whose won episodes are cloned; () = every behaviour."""
     clone_kinds: tuple[str, ...] = ("expert",)
     """``Transition.action_kind`` of the cloned steps; () = every valid step of those episodes."""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = PolicyFormat.max_prompt_tokens
+    """Left truncation of the policy's prompts (recorded in its ``PolicyFormat`` like the window)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,16 +60,21 @@ class PolicyInitConfig:
         if self.history_window < 0 or self.time_budget_s <= 0 or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError("PolicyInitConfig: history_window >= 0, time_budget_s > 0 and lr > 0 are required")
 
+    @property
+    def fmt(self) -> PolicyFormat:
+        """The prompt format the cloned policy is saved with."""
+        return PolicyFormat(history_window=self.history_window, max_prompt_tokens=self.max_prompt_tokens)
 
-def policy_corpus(trajs: Sequence[Trajectory], history_window: int) -> list[str]:
+
+def policy_corpus(trajs: Sequence[Trajectory], fmt: PolicyFormat) -> list[str]:
     """Texts the policy tokenizer is trained on: every prompt the policy will see plus its actions."""
     from dreamgym_core.policy import END_OF_ACTION, bc_examples, build_policy_prompt
     from dreamgym_core.rollout import PolicyContext
 
-    texts = [e.prompt + " " + e.action + END_OF_ACTION for e in bc_examples(trajs, history_window)]
+    texts = [e.prompt + " " + e.action + END_OF_ACTION for e in bc_examples(trajs, fmt)]
     for t in trajs:  # states and candidates of failed episodes too: the RL policy meets them
         for s in t.steps[:3]:
-            texts.append(build_policy_prompt(PolicyContext(t.task.instruction, s.state, s.candidates)) + " "
+            texts.append(build_policy_prompt(PolicyContext(t.task.instruction, s.state, s.candidates), fmt) + " "
                          + " | ".join(s.candidates))
     return texts
 
@@ -78,10 +86,10 @@ def init_policy(trajs: Sequence[Trajectory], out_dir: str, cfg: PolicyInitConfig
 
     from dreamgym_core.models import (TinyLlamaConfig, build_tiny_llama, load_causal_lm, save_checkpoint,
                                       train_tokenizer)
-    from dreamgym_core.policy import bc_examples, train_bc
+    from dreamgym_core.policy import bc_examples, set_policy_format, train_bc
 
     chosen = [t for t in trajs if not cfg.behaviours or t.policy in cfg.behaviours]
-    examples = bc_examples(chosen, cfg.history_window, kinds=cfg.clone_kinds or None)
+    examples = bc_examples(chosen, cfg.fmt, kinds=cfg.clone_kinds or None)
     if not examples:
         raise ValueError(f"init_policy: no won episode of {list(cfg.behaviours) or 'any behaviour'} with "
                          f"{list(cfg.clone_kinds) or 'valid'} steps to clone in the offline data")
@@ -91,15 +99,16 @@ def init_policy(trajs: Sequence[Trajectory], out_dir: str, cfg: PolicyInitConfig
         model, tok = load_causal_lm(cfg.base_model)
     else:
         tok_dir = out_dir.rstrip("/") + ".tokenizer"
-        tok = train_tokenizer(policy_corpus(trajs, cfg.history_window), tok_dir, vocab_size=cfg.vocab_size,
+        tok = train_tokenizer(policy_corpus(trajs, cfg.fmt), tok_dir, vocab_size=cfg.vocab_size,
                               extra_tokens=["Task:", "Did:", "Action:", "feedback:", "location:", "objects:",
                                             "exits:", "inventory:"])
         model = build_tiny_llama(tok, TinyLlamaConfig(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                                                       kv_heads=cfg.heads, intermediate=3 * cfg.hidden),
                                  seed=cfg.seed)
+    set_policy_format(model, cfg.fmt)
     info: dict = {}
     losses = train_bc(model, tok, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                      max_prompt_tokens=cfg.max_prompt_tokens, progress=progress, info=info,
+                      max_prompt_tokens=cfg.fmt.max_prompt_tokens, progress=progress, info=info,
                       time_budget_s=max(cfg.time_budget_s - (time.perf_counter() - started), 1e-3))
     metrics = {"bc/examples": float(len(examples)), "bc/steps": float(len(losses)),
                "bc/planned_steps": float(info["planned_steps"]),
@@ -115,4 +124,11 @@ def init_policy(trajs: Sequence[Trajectory], out_dir: str, cfg: PolicyInitConfig
 
 
 def policy_dir_ok(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "dreamgym.json"))
+    """A finished SFT policy that records its prompt format (older ones are cloned again)."""
+    import json
+
+    meta = os.path.join(path, "dreamgym.json")
+    if not os.path.exists(meta):
+        return False
+    with open(meta) as f:
+        return "policy_format" in json.load(f)

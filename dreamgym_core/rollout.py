@@ -15,7 +15,7 @@ rollout is reproducible whatever the batch composition.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol, Sequence
 
 from dreamgym_core.envs.base import BatchEnv, Observation
@@ -31,8 +31,38 @@ class PolicyContext:
     state: str
     candidates: tuple[str, ...]
     history: tuple[tuple[str, str], ...] = ()
-    """(action, feedback) of earlier steps, oldest first."""
+    """(action, feedback) of every earlier step, oldest first; the policy's format decides how many
+    of them its prompt shows (``PolicyFormat.history_window``)."""
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyFormat:
+    """How a policy's prompt is built: fixed when the policy is cloned (``PolicyInitConfig``), saved
+    in its checkpoint's ``dreamgym.json`` under ``policy_format``, and read from there by everything
+    that acts with or trains the policy (rollouts, the update, evaluation), so the prompt a policy
+    learned on is the prompt it meets. ``LMPolicy`` refuses a format other than its model's."""
+
+    history_window: int = 2
+    """(action, feedback) pairs of earlier steps shown in the prompt, most recent last."""
+    max_prompt_tokens: int = 256
+    """Prompts are left-truncated to this many tokens (the state and recent history are at the end)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history_window, int) or self.history_window < 0:
+            raise ValueError(f"PolicyFormat.history_window={self.history_window!r} must be an integer >= 0")
+        if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
+            raise ValueError(f"PolicyFormat.max_prompt_tokens={self.max_prompt_tokens!r} must be an integer >= 1")
+
+    def as_meta(self) -> dict:
+        return {"policy_format": asdict(self)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, where: str = "checkpoint") -> "PolicyFormat":
+        if "policy_format" not in meta:
+            raise ValueError(f"{where}: dreamgym.json records no policy_format (a policy saved before formats were "
+                             "recorded); re-materialize policy_init")
+        return cls(**meta["policy_format"])
 
 
 @dataclass(frozen=True)
@@ -40,6 +70,8 @@ class ActionChoice:
     action: str
     logprob: float
     """Log-probability of ``action`` under the policy (sum over its tokens for an LM policy)."""
+    prompt: str | None = None
+    """The text the policy scored (``Transition.prompt``); None for a policy without a prompt."""
 
 
 class Policy(Protocol):
@@ -55,7 +87,6 @@ class RolloutConfig:
     max_steps: int = 20
     batch_size: int = 8
     """Episodes stepped together (model batch; bounded by the env's engine count for real envs)."""
-    history_window: int = 4
     budget: int | None = None
     """Maximum transitions in total (real-env budget); None = unlimited."""
     source: str = "real"
@@ -102,6 +133,16 @@ def _feedback(state: str) -> str:
         return ""
 
 
+def episode_contexts(traj: Trajectory) -> list[PolicyContext]:
+    """What the policy saw at each step of a stored episode (as ``rollout`` builds it): the task's
+    instruction, the state, the candidates and every earlier (action, feedback) pair."""
+    out, history = [], []
+    for s in traj.steps:
+        out.append(PolicyContext(traj.task.instruction, s.state, tuple(s.candidates), tuple(history)))
+        history.append((s.action, _feedback(s.next_state)))
+    return out
+
+
 def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutConfig) -> tuple[list[Trajectory], RolloutStats]:
     """Run ``cfg.group_size`` episodes of ``policy`` on every task; returns trajectories in task order."""
     jobs = [(task, g) for task in tasks for g in range(cfg.group_size)]
@@ -127,7 +168,7 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
             if not live:
                 break
             contexts = [PolicyContext(chunk[i][0].instruction, observations[i].state, observations[i].candidates,
-                                      tuple(history[i][-cfg.history_window:]) if cfg.history_window else (),
+                                      tuple(history[i]),
                                       _seed(cfg.seed, chunk[i][0].task_id, chunk[i][1], t)) for i in live]
             choices = policy.act(contexts)
             stats.no_candidate_steps += sum(not c.candidates for c in contexts)
@@ -145,7 +186,7 @@ def rollout(env: BatchEnv, policy: Policy, tasks: Sequence[Task], cfg: RolloutCo
                     state=obs.state, action=c.action, next_state=res.obs.state, reward=res.reward, score=res.score,
                     done=res.done, won=res.won, lost=res.lost, valid=res.valid, action_kind="policy",
                     candidates=obs.candidates, obs=obs.raw, next_obs=res.obs.raw, source=cfg.source,
-                    policy=policy.name, iteration=cfg.iteration, logprob=float(c.logprob)))
+                    policy=policy.name, iteration=cfg.iteration, logprob=float(c.logprob), prompt=c.prompt))
                 history[i].append((c.action, _feedback(res.obs.state)))
                 crashed[i] = crashed[i] or res.crashed
                 observations[i] = None if res.done else res.obs

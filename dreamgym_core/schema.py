@@ -108,6 +108,9 @@ class Transition:
     iteration: int = 0
     logprob: float | None = None
     """Log-probability of the action under the acting policy (None for offline/imported data)."""
+    prompt: str | None = None
+    """The exact text the acting policy scored (its checkpoint's ``PolicyFormat``); the update trains
+    on it as recorded. None for data without a prompted policy (offline, random, imported)."""
 
     def __post_init__(self) -> None:
         if self.action_kind not in ACTION_KINDS:
@@ -167,7 +170,7 @@ TRANSITION_SCHEMA = pa.schema([
     ("action_kind", pa.string()), ("candidates", pa.list_(pa.string())),
     ("obs", RAW_OBS_TYPE), ("next_obs", RAW_OBS_TYPE),
     ("source", pa.string()), ("policy", pa.string()), ("iteration", pa.int64()),
-    ("logprob", pa.float64()),
+    ("logprob", pa.float64()), ("prompt", pa.string()),
 ])
 
 # Trajectory-level columns stored on every transition row of TRAJECTORY_ROWS_SCHEMA.
@@ -272,8 +275,15 @@ def transitions_to_arrow(transitions: Iterable[Transition]) -> pa.Table:
     return pa.Table.from_pylist([transition_to_row(t) for t in transitions], schema=TRANSITION_SCHEMA)
 
 
+def _with_prompt(table: pa.Table) -> pa.Table:
+    """Tables written before transitions recorded their prompt read as prompt = None."""
+    if "prompt" in table.column_names:
+        return table
+    return table.append_column(TRANSITION_SCHEMA.field("prompt"), pa.nulls(table.num_rows, pa.string()))
+
+
 def transitions_from_arrow(table: pa.Table) -> list[Transition]:
-    return [transition_from_row(r) for r in table.select(TRANSITION_SCHEMA.names).to_pylist()]
+    return [transition_from_row(r) for r in _with_prompt(table).select(TRANSITION_SCHEMA.names).to_pylist()]
 
 
 def trajectories_to_arrow(trajs: Iterable[Trajectory]) -> pa.Table:
@@ -302,7 +312,7 @@ def trajectories_to_arrow(trajs: Iterable[Trajectory]) -> pa.Table:
 def trajectories_from_arrow(table: pa.Table) -> list[Trajectory]:
     """Inverse of ``trajectories_to_arrow``; steps are ordered by step_idx, episodes by first row."""
     by_traj: dict[str, list[dict]] = {}
-    for row in table.select(TRAJECTORY_ROWS_SCHEMA.names).to_pylist():
+    for row in _with_prompt(table).select(TRAJECTORY_ROWS_SCHEMA.names).to_pylist():
         by_traj.setdefault(row["traj_id"], []).append(row)
     out = []
     for traj_id, rows in by_traj.items():

@@ -5,6 +5,7 @@
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym experiment NAME DATA [key=value ...]     a research run on a data root (pipelines.experiments)
     dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
     dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
 
@@ -272,6 +273,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from pipelines.experiments import main as run_experiment
+
+    return run_experiment([args.name, *args.args])
+
+
 def cmd_report(args) -> int:
     from pipelines.report import write_report
 
@@ -344,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=None, help="partition name (default: the file's stem)")
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
+
+    s = add("experiment", help="a research run on a materialized data root: rl-in-mexp, compare-policies, "
+                               "sim-false-wins (pipelines.experiments; NAME alone prints its usage)")
+    s.add_argument("name", choices=("rl-in-mexp", "compare-policies", "sim-false-wins"))
+    s.add_argument("args", nargs=argparse.REMAINDER, help="DATA and key=value options of the experiment")
+    s.set_defaults(func=cmd_experiment)
 
     s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",
             add_help=False)

@@ -24,7 +24,10 @@ class Experiment(dg.ConfigurableResource):
     """One experiment: environment, task counts, offline data mix."""
 
     env: str = "twx"
+    """twx | textworld | scienceworld | lamp | alfworld (docs/environments.md; `dreamgym demo --env`
+    uses CPU-sized counts per env, pipelines/cli.py demo_sizes)."""
     game: str = "twc"
+    """The env's game: twc, cookingworld... (twx); all or one ALFWorld task type (alfworld)."""
     params: str = ""
     n_train_tasks: int = 300
     """Seed tasks (games) of the offline data; 300 x 5 episodes = about 24,000 transitions (half a

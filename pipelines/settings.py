@@ -66,12 +66,11 @@ def conversions() -> list[Conversion]:
     from dreamgym_core.policy_init import PolicyInitConfig
     from dreamgym_core.rl.trainer import RLConfig
 
-    prompt = "the prompt format is the acting policy's (its checkpoint), not a loop setting"
     fixed = "fixed by how M_task was trained"
     return [
-        Conversion(RLSettings, (RLConfig,), {"history_window": prompt}, own_defaults=("lr", "kl_coef")),
+        Conversion(RLSettings, (RLConfig,), own_defaults=("lr", "kl_coef")),
         Conversion(LoopSettings, (LoopConfig, CurriculumConfig),
-                   {"history_window": prompt, "rollout_batch": "sized to M_exp's batch (SimConfig.batch_size)",
+                   {"rollout_batch": "sized to M_exp's batch (SimConfig.batch_size)",
                     "enabled": "LoopSettings.curriculum", "seeds_per_prompt": fixed, "max_state_chars": fixed,
                     "cluster_size": "PPO's task clusters: fixed"},
                    asset_only=("curriculum", "replay_buffer")),

@@ -40,12 +40,32 @@ def test_generator_is_deterministic_balanced_and_respects_the_pairing_split():
             assert spec.task_type == TASK_TYPES[i]
             assert spec.floor_plan in split_floor_plans(split)
             if spec.parent_target:  # look_at_obj_in_light has no receptacle target
-                assert heldout_pair(spec.object_target, spec.parent_target) == (split == "test_pairs")
+                assert heldout_pair(spec.object_target, spec.parent_target) == split.endswith("_pairs")
             else:
                 assert spec.toggle_target in ("DeskLamp", "FloorLamp")
             assert "(:goal" in problem and f"{spec.object_target}Type" in problem
             specs[split, i] = spec
     assert specs["train", 0] != specs["dev", 0]
+
+
+def test_heldout_pairs_setting_maps_dev_and_test_to_unseen_pairings(tmp_path):
+    env = make_env(EnvSpec(env="alfworld", game="pick_and_place_simple", params=json.dumps({"heldout": "pairs"}),
+                           cache_dir=str(tmp_path)))
+    tasks = env.tasks("test", 3)
+    assert [t.task_id for t in tasks] == ["alfworld/test_pairs/0", "alfworld/test_pairs/6", "alfworld/test_pairs/12"]
+    assert all(t.split == "test" for t in tasks)
+    for t in tasks:
+        spec, _ = sample_game("test_pairs", t.seed)
+        assert spec.task_type == "pick_and_place_simple" and spec.instruction == t.instruction
+        assert heldout_pair(spec.object_target, spec.parent_target)
+        assert spec.floor_plan in split_floor_plans("train")
+    with pytest.raises(ValueError, match="heldout must be"):
+        make_env(EnvSpec(env="alfworld", params=json.dumps({"heldout": "rooms"})))
+    with pytest.raises(ValueError, match="unknown key"):
+        make_env(EnvSpec(env="alfworld", params=json.dumps({"objects": 3})))
+    with pytest.raises(ValueError, match="unknown ALFWorld game"):
+        make_env(EnvSpec(env="alfworld", game="pick_and_place"))
+    assert make_env(EnvSpec(env="alfworld")).game == "all"  # EnvSpec's default game is TWX's
 
 
 def _facts(*items):
@@ -121,19 +141,23 @@ def test_invalid_action_is_rejected_and_changes_nothing(env):
 
 @pytest.mark.slow
 def test_expert_succeeds_on_every_task_type_and_split(tmp_path):
-    env = make_env(EnvSpec(env="alfworld", game="all", cache_dir=str(tmp_path), step_limit=50))
+    envs = {heldout: make_env(EnvSpec(env="alfworld", game="all", params=json.dumps({"heldout": heldout}),
+                                      cache_dir=str(tmp_path), step_limit=50)) for heldout in ("layouts", "pairs")}
     try:
         wins = {}
-        for split in ("train", "test", "test_pairs"):
+        for heldout, split in (("layouts", "train"), ("layouts", "test"), ("pairs", "test")):
+            env = envs[heldout]
             for task in env.tasks(split, 6):
                 env.reset(task)
                 res = None
                 for action in env.expert_actions():
                     res = env.step(action)
-                wins[split, task.seed] = bool(res and res.won)
-        assert sum(wins.values()) >= 0.8 * len(wins), wins
+                wins[task.task_id] = bool(res and res.won)
+        assert len(wins) == 18
+        assert all(wins.values()), wins  # the cached path: handcoded expert, else FastDownward's plan
     finally:
-        env.close()
+        for env in envs.values():
+            env.close()
 
 
 _TRACE = """

@@ -77,7 +77,8 @@ def test_checkpoint_range_load_refuses_gaps(tmp_path):
 
     @dg.asset(partitions_def=PARTS, io_manager_key="ckpt")
     def pol(context: dg.AssetExecutionContext) -> CheckpointRef:
-        return CheckpointRef(path=str(tmp_path / context.partition_key), kind="policy")
+        (tmp_path / "w" / context.partition_key).mkdir(parents=True)
+        return CheckpointRef(path=str(tmp_path / "w" / context.partition_key), kind="policy")
 
     @dg.asset(ins={"pol": dg.AssetIn(partition_mapping=dg.AllPartitionMapping(), input_manager_key="ckpt")})
     def latest(pol: dict) -> None:

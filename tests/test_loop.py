@@ -5,7 +5,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.loop import (LoopConfig, StageStore, clear_partial, eval_rows, initial_state_fn, policy_version,
+from dreamgym_core.evaluation import eval_rows, evaluate, wilson_interval
+from dreamgym_core.loop import (LoopConfig, StageStore, clear_partial, initial_state_fn, policy_version,
                                 rl_in_real_env, run_stage, sample_tasks)
 from dreamgym_core.schema import Task, Trajectory, Transition
 from tests.test_rollout import TASKS, CountdownEnv
@@ -68,6 +69,24 @@ def test_eval_row_gap_compares_the_same_tasks():
     assert eval_rows("sft", 0, real, None, 7, "sampled")["sim_real_gap"] is None
 
 
+def test_evaluate_scores_real_and_sim_on_the_same_tasks():
+    """The one evaluation: real success per mode with its Wilson interval, M_exp success on the first
+    ``sim_eval_tasks`` of the same tasks (here the 'sim' env never lets 'go' win: gap = -real)."""
+    from tests.test_rollout import Always
+
+    cfg = LoopConfig(eval_tasks=2, sim_eval_tasks=1, eval_max_steps=5)
+    episodes, sims = {}, {}
+    table = evaluate(lambda mode: Always("go"), "go", 4, TASKS, lambda: CountdownEnv(need=3),
+                     lambda init: CountdownEnv(need=99), None, cfg, real_transitions=11, log=lambda s: None,
+                     modes=("greedy", "sampled"), episodes=episodes, sim_episodes=sims)
+    rows = table.to_pylist()
+    assert [r["mode"] for r in rows] == ["greedy", "sampled"] and all(r["episodes"] == 2 for r in rows)
+    assert rows[0]["success_rate"] == 1.0 and (rows[0]["ci_low"], rows[0]["ci_high"]) == wilson_interval(2, 2)
+    assert rows[0]["sim_success_rate"] == 0.0 and rows[0]["sim_real_gap"] == -1.0
+    assert rows[1]["sim_real_gap"] is None and rows[0]["real_transitions"] == 11
+    assert [t.task.task_id for t in episodes["greedy"]] == ["t/0", "t/1"] and len(sims["greedy"]) == 1
+
+
 def test_policy_version_names():
     assert policy_version(0) == "sft" and policy_version(2) == "dreamgym@002"
 
@@ -86,7 +105,7 @@ class _FakeTrainer:
     def __init__(self, algorithm="grpo"):
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(algorithm=algorithm, temperature=1.0, max_prompt_tokens=64)
+        self.cfg = SimpleNamespace(algorithm=algorithm, temperature=1.0)
         self.seen = []
         self.model = self.tokenizer = None
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamgym_core.policy import (
-    BCExample, LMPolicy, ValueHead, _ids, build_policy_prompt, score_candidates, train_bc,
+    BCExample, LMPolicy, PolicyFormat, ValueHead, _ids, bc_examples, build_policy_prompt, score_candidates,
+    set_policy_format, train_bc,
 )
 from dreamgym_core.rollout import PolicyContext
 
@@ -51,14 +52,43 @@ def test_act_returns_normalized_choice_logprobs_and_is_seeded(tiny):
     model, tok = tiny
     ctx = [PolicyContext("tidy", "objects: counter: apple1", ("take apple1", "open fridge", "look around"), seed=s)
            for s in range(6)]
+    set_policy_format(model, PolicyFormat())
     pol = LMPolicy(model, tok, "p")
     a, b = pol.act(ctx), pol.act(ctx)
     assert a == b
     assert all(c.action in ctx[0].candidates and c.logprob <= 0 for c in a)
+    assert a[0].prompt == build_policy_prompt(ctx[0], PolicyFormat())  # each choice says what it scored
     greedy = LMPolicy(model, tok, "g", greedy=True).act(ctx[:1])[0]
-    scores = score_candidates(model, tok, [build_policy_prompt(ctx[0])], [list(ctx[0].candidates)])[0]
+    scores = score_candidates(model, tok, [build_policy_prompt(ctx[0], PolicyFormat())], [list(ctx[0].candidates)])[0]
     assert greedy.action == ctx[0].candidates[int(scores.argmax())]
     assert math.isclose(math.exp(greedy.logprob), F.softmax(scores, 0).max().item(), rel_tol=1e-5)
+
+
+def test_the_prompt_shows_the_formats_history_window():
+    ctx = PolicyContext("tidy", "objects: apple1", ("take apple1",), history=(("a1", "f1"), ("a2", "f2"), ("a3", "f3")))
+    assert build_policy_prompt(ctx, PolicyFormat(history_window=0)) == "Task: tidy\nobjects: apple1\nAction:"
+    two = build_policy_prompt(ctx, PolicyFormat(history_window=2))
+    assert two == "Task: tidy\nDid: a2 -> f2\nDid: a3 -> f3\nobjects: apple1\nAction:"
+    assert build_policy_prompt(ctx, PolicyFormat(history_window=8)).count("Did: ") == 3
+    with pytest.raises(ValueError, match="history_window"):
+        PolicyFormat(history_window=-1)
+    with pytest.raises(ValueError, match="policy_format"):
+        PolicyFormat.from_meta({"kind": "policy"}, "ckpt")
+
+
+def test_bc_examples_rebuild_the_prompt_a_rollout_shows():
+    """BC clones from stored episodes: its prompts are the ones ``rollout`` + ``LMPolicy`` would build."""
+    from dreamgym_core.schema import Task, Trajectory, Transition
+    from dreamgym_core.state import AbstractState
+
+    task = Task("t/0", "x", "g", "train", 0, "tidy")
+    states = [AbstractState.make(f"you did {i}", "room", [f"apple{i}"]).render() for i in range(4)]
+    steps = tuple(Transition("t/0#e#0", "t/0", "x", i, states[i], f"take apple{i}", states[i + 1], float(i == 2), 0.0,
+                             i == 2, i == 2, False, True, "expert", (f"take apple{i}",)) for i in range(3))
+    traj = Trajectory("t/0#e#0", task, "e", steps)
+    ex = bc_examples([traj], PolicyFormat(history_window=1))
+    assert [e.action for e in ex] == ["take apple0", "take apple1", "take apple2"]
+    assert ex[2].prompt == f"Task: tidy\nDid: take apple1 -> you did 2\n{states[2]}\nAction:"
 
 
 def test_bc_raises_the_expert_choice_probability(tiny):

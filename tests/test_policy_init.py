@@ -4,7 +4,7 @@ import pytest
 
 from dreamgym_core.collect import CollectConfig, collect
 from dreamgym_core.models import load_checkpoint
-from dreamgym_core.policy import LMPolicy
+from dreamgym_core.policy import LMPolicy, PolicyFormat
 from dreamgym_core.policy_init import PolicyInitConfig, init_policy, policy_dir_ok
 from dreamgym_core.rollout import PolicyContext
 
@@ -26,6 +26,24 @@ def test_bc_init_trains_saves_and_acts(tmp_path, trajs):
     (choice,) = LMPolicy(model, tok, "sft", greedy=True).act([PolicyContext(trajs[0].task.instruction, s.state,
                                                                              s.candidates)])
     assert choice.action in s.candidates and choice.logprob <= 0
+
+
+def test_the_cloned_window_is_recorded_and_acting_with_another_raises(tmp_path, trajs):
+    """policy_init.history_window 8: the checkpoint says 8, every consumer reads 8, acting with 2 raises."""
+    out = str(tmp_path / "sft8")
+    init_policy(trajs, out, PolicyInitConfig(hidden=32, layers=1, heads=2, steps=2, vocab_size=400, history_window=8))
+    model, tok, meta = load_checkpoint(out)
+    assert meta["policy_format"]["history_window"] == 8 and LMPolicy(model, tok, "p").fmt == PolicyFormat(8)
+    with pytest.raises(ValueError, match="history_window=8"):
+        LMPolicy(model, tok, "p", fmt=PolicyFormat(history_window=2))
+
+
+def test_a_policy_without_a_recorded_format_is_cloned_again(tmp_path):
+    import json
+
+    os.makedirs(tmp_path / "old")
+    (tmp_path / "old" / "dreamgym.json").write_text(json.dumps({"kind": "policy"}))
+    assert not policy_dir_ok(str(tmp_path / "old"))
 
 
 def test_bc_init_stops_at_its_wall_budget(tmp_path, trajs):

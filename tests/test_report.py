@@ -1,7 +1,7 @@
 import pyarrow as pa
 
 from dreamgym_core.io import write_parquet_atomic
-from dreamgym_core.loop import eval_table
+from dreamgym_core.evaluation import eval_table
 from pipelines.report import png_markdown, success_plot, write_report
 
 

@@ -64,6 +64,28 @@ def test_groups_rewards_and_history():
     assert stats.per_task == {f"t/{i}": [1.0, 1.0] for i in range(3)}
 
 
+def test_transitions_keep_what_the_policy_saw():
+    """The policy gets every earlier (action, feedback) pair; its prompt lands on the transition, and
+    ``episode_contexts`` rebuilds the same contexts from the stored episode (as BC does)."""
+    from dreamgym_core.rollout import episode_contexts
+
+    seen = []
+
+    class Prompting(Always):
+        def act(self, contexts):
+            seen.extend(contexts)
+            return [ActionChoice(self.action, -0.5, prompt=f"p{len(c.history)}") for c in contexts]
+
+    trajs, _ = rollout(CountdownEnv(need=4), Prompting("go"), TASKS[:1], RolloutConfig(max_steps=10))
+    assert [len(c.history) for c in seen] == [0, 1, 2, 3]
+    assert seen[3].history == (("go", "step 1"), ("go", "step 2"), ("go", "step 3"))
+    assert [s.prompt for s in trajs[0].steps] == ["p0", "p1", "p2", "p3"]
+    assert [(c.state, c.candidates, c.history) for c in episode_contexts(trajs[0])] == \
+        [(c.state, c.candidates, c.history) for c in seen]
+    plain, _ = rollout(CountdownEnv(), Always("go"), TASKS[:1], RolloutConfig())
+    assert plain[0].steps[0].prompt is None  # a policy without a prompt records none
+
+
 def test_step_cap_closes_episodes_as_truncated_failures():
     trajs, stats = rollout(CountdownEnv(need=99), Always("go"), TASKS[:1], RolloutConfig(max_steps=4))
     assert len(trajs[0]) == 4 and trajs[0].truncated and trajs[0].steps[-1].done and not trajs[0].won

@@ -6,10 +6,10 @@ import torch
 from dreamgym_core.envs import Observation, StepResult
 from dreamgym_core.evaluation import wilson_interval
 from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
-from dreamgym_core.policy import LMPolicy, build_policy_prompt, score_candidates
+from dreamgym_core.policy import LMPolicy, PolicyFormat, build_policy_prompt, score_candidates, set_policy_format
+from dreamgym_core.rl.step import train_step
 from dreamgym_core.rl.trainer import (
-    Decision, PolicyTrainer, RLConfig, choice_logprobs, decision_samples, evaluate_policy, gae_advantages,
-    grpo_advantages, train_iteration,
+    Decision, PolicyTrainer, RLConfig, choice_logprobs, decision_samples, gae_advantages, grpo_advantages,
 )
 from dreamgym_core.rollout import RolloutConfig, rollout
 from dreamgym_core.schema import Task
@@ -71,15 +71,17 @@ def tok(tmp_path_factory):
     return train_tokenizer(lines * 5, str(tmp_path_factory.mktemp("tok")), vocab_size=350, min_frequency=1)
 
 
-def _model(tok, seed=0):
-    return build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
-                                                 max_positions=256), seed=seed)
+def _model(tok, seed=0, hw=2):
+    model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
+                                                  max_positions=256), seed=seed)
+    set_policy_format(model, PolicyFormat(history_window=hw, max_prompt_tokens=256))
+    return model
 
 
-def _trajs(model, tok, reward=True, group=2, seed=0, hw=2):
-    pol = LMPolicy(model, tok, "p", max_prompt_tokens=256)
+def _trajs(model, tok, reward=True, group=2, seed=0):
+    pol = LMPolicy(model, tok, "p")
     return rollout(KeyEnv(reward), pol, TASKS, RolloutConfig(group_size=group, max_steps=4, batch_size=8,
-                                                            history_window=hw, seed=seed))[0]
+                                                            seed=seed))[0]
 
 
 def _params(model):
@@ -87,14 +89,14 @@ def _params(model):
 
 
 def _cfg(**kw):
-    base = dict(lr=1e-2, ppo_epochs=1, minibatch_size=8, kl_coef=0.0, max_prompt_tokens=256, history_window=2)
+    base = dict(lr=1e-2, ppo_epochs=1, minibatch_size=8, kl_coef=0.0)
     return RLConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("field, value", [
     ("algorithm", "dpo"), ("kl_kind", "k4"), ("ppo_epochs", 0), ("minibatch_size", 0), ("lr", 0.0),
     ("lr", float("nan")), ("clip_ratio", -0.1), ("kl_coef", -1.0), ("gamma", 1.5), ("gae_lambda", -0.1),
-    ("temperature", 0.0), ("history_window", -1), ("max_grad_norm", 0.0), ("grad_accum_steps", 64),
+    ("temperature", 0.0), ("max_grad_norm", 0.0), ("grad_accum_steps", 64),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field) as err:
@@ -102,19 +104,19 @@ def test_config_validation_names_the_field(field, value):
     assert "\n" not in str(err.value)
 
 
-def test_samples_rebuild_the_acting_prompts_exactly(tok):
-    model = _model(tok)
+def test_samples_carry_the_acting_prompts_exactly(tok):
+    model = _model(tok, hw=1)
     seen = []
 
     class Recording(LMPolicy):
         def act(self, contexts):
-            seen.extend(build_policy_prompt(c) for c in contexts)
+            seen.extend(build_policy_prompt(c, self.fmt) for c in contexts)
             return super().act(contexts)
 
-    pol = Recording(model, tok, "p", max_prompt_tokens=256)
-    trajs, _ = rollout(KeyEnv(), pol, TASKS[:2], RolloutConfig(group_size=1, max_steps=4, batch_size=1,
-                                                               history_window=1))
-    samples = decision_samples(trajs, history_window=1)
+    pol = Recording(model, tok, "p")
+    trajs, _ = rollout(KeyEnv(), pol, TASKS[:2], RolloutConfig(group_size=1, max_steps=4, batch_size=1))
+    assert [s.prompt for t in trajs for s in t.steps] == seen  # the transition records what the policy saw
+    samples = decision_samples(trajs)
     assert [s.prompt for s in samples] == seen
     assert "Did: " in samples[1].prompt and "Did: " not in samples[0].prompt  # history is there from step 1
     assert [(s.episode, s.step, s.group) for s in samples] == [(0, 0, "k/0"), (0, 1, "k/0"), (1, 0, "k/1"),
@@ -125,13 +127,14 @@ def test_samples_rebuild_the_acting_prompts_exactly(tok):
     assert torch.allclose(lp, torch.tensor([s.old_logprob for s in samples]), atol=1e-5)
 
 
-def test_samples_reject_transitions_without_a_policy_logprob(tok):
+@pytest.mark.parametrize("field", ["logprob", "prompt"])
+def test_samples_reject_transitions_without_what_the_policy_saw(tok, field):
     from dataclasses import replace
 
     traj = _trajs(_model(tok), tok, group=1)[0]
-    bad = replace(traj, steps=(replace(traj.steps[0], logprob=None),) + traj.steps[1:])
-    with pytest.raises(ValueError, match="logprob"):
-        decision_samples([bad], 2)
+    bad = replace(traj, steps=(replace(traj.steps[0], **{field: None}),) + traj.steps[1:])
+    with pytest.raises(ValueError, match="logprob/prompt"):
+        decision_samples([bad])
 
 
 def _d(episode, step, group, reward):
@@ -288,7 +291,7 @@ def test_shared_decisions_give_the_same_update_with_fewer_tokens(tok, algorithm)
     copies. Scoring each distinct decision once must give the very same step (one minibatch, so the
     order does not matter) while running fewer tokens through the model."""
     trajs = _trajs(_model(tok), tok, group=4)
-    samples = decision_samples(trajs, 2)
+    samples = decision_samples(trajs)
     assert len({(d.prompt, d.candidates) for d in samples}) < len(samples)  # the workload has copies
     grads, metrics = [], []
     for share in (False, True):
@@ -314,7 +317,7 @@ def test_shared_decisions_give_the_same_update_with_fewer_tokens(tok, algorithm)
 def test_shared_decisions_shuffle_keeps_copies_together(tok):
     trajs = _trajs(_model(tok), tok, group=4)
     trainer = PolicyTrainer(_model(tok), tok, _cfg())
-    samples = decision_samples(trajs, 2)
+    samples = decision_samples(trajs)
     order = trainer._order(samples)
     assert sorted(order) == list(range(len(samples)))
     keys = [(samples[i].prompt, samples[i].candidates) for i in order]
@@ -347,7 +350,7 @@ def test_save_load_resumes_exactly(tok, tmp_path):
 
 def _p_key(model, tok):
     """pi(take key) at the second decision of every task, after 'open box'."""
-    samples = [s for s in decision_samples(_trajs(model, tok, group=1, seed=99), 2) if s.step == 1]
+    samples = [s for s in decision_samples(_trajs(model, tok, group=1, seed=99)) if s.step == 1]
     prompts = [s.prompt.replace(s.prompt.split("Did: ")[1].split(" ->")[0], "open box") for s in samples]
     scores = score_candidates(model, tok, prompts, [SECOND] * len(prompts))
     return torch.stack([torch.softmax(s, 0)[0] for s in scores]).mean().item()
@@ -359,9 +362,8 @@ def test_grpo_raises_the_probability_of_the_rewarded_action(tok):
     p0 = _p_key(trainer.model, tok)
     successes = []
     for it in range(6):
-        _, stats, m = train_iteration(KeyEnv(), trainer, TASKS, RolloutConfig(group_size=4, max_steps=4, batch_size=12,
-                                                                               history_window=2, seed=it),
-                                      policy_name=f"p{it}")
+        m = train_step(KeyEnv(), trainer, TASKS, RolloutConfig(group_size=4, max_steps=4, batch_size=12, seed=it),
+                       policy_name=f"p{it}").metrics
         successes.append(m["rollout/success_rate"])
         assert {"timing/rollout_s", "timing/advantages_s", "timing/update_s"} <= set(m)
     p1 = _p_key(trainer.model, tok)
@@ -369,15 +371,24 @@ def test_grpo_raises_the_probability_of_the_rewarded_action(tok):
     assert successes[-1] > successes[0]
 
 
-def test_train_iteration_refuses_a_history_window_mismatch(tok):
-    trainer = PolicyTrainer(_model(tok), tok, _cfg())
-    with pytest.raises(ValueError, match="history_window"):
-        train_iteration(KeyEnv(), trainer, TASKS, RolloutConfig(history_window=3), policy_name="p")
+def test_the_checkpoint_records_the_prompt_format_and_acting_with_another_raises(tok, tmp_path):
+    """policy_init.history_window 8 travels in the checkpoint; acting with 2 is an error, not a drift."""
+    from dreamgym_core.models import load_checkpoint, save_checkpoint
+
+    save_checkpoint(_model(tok, hw=8), tok, str(tmp_path / "sft"), {"kind": "policy"})
+    model, _, meta = load_checkpoint(str(tmp_path / "sft"))
+    assert meta["policy_format"] == {"history_window": 8, "max_prompt_tokens": 256}
+    assert LMPolicy(model, tok, "p").fmt.history_window == 8
+    with pytest.raises(ValueError, match="history_window=8"):
+        LMPolicy(model, tok, "p", fmt=PolicyFormat(history_window=2))
+    trainer = PolicyTrainer(model, tok, _cfg())
+    trainer.save(str(tmp_path / "k1"))  # the trainer's checkpoint keeps the format it was given
+    assert PolicyTrainer.load(str(tmp_path / "k1"), _cfg()).fmt == PolicyFormat(history_window=8)
+    step = train_step(KeyEnv(), trainer, TASKS[:1], RolloutConfig(max_steps=4), policy_name="p")
+    assert step.trajectories[0].steps[1].prompt.count("Did: ") == 1  # one earlier step: all of it is shown
 
 
-def test_evaluate_policy_reports_success_with_wilson_interval(tok):
-    out = evaluate_policy(KeyEnv(), _model(tok), tok, TASKS, greedy=True, max_steps=4, seed=0)
-    wins = round(out["success_rate"] * len(TASKS))
-    assert (out["ci_low"], out["ci_high"]) == pytest.approx(wilson_interval(wins, len(TASKS)))
-    assert out["transitions"] == 2 * len(TASKS) and out["mean_steps"] == 2.0
-    assert out["mean_return"] == pytest.approx(out["success_rate"])
+def test_a_model_without_a_format_cannot_act(tok):
+    model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
+    with pytest.raises(ValueError, match="PolicyFormat"):
+        LMPolicy(model, tok, "p")

@@ -65,7 +65,9 @@ def make_env(spec: EnvSpec) -> Env:
         case "alfworld":
             from dreamgym_core.envs.alfworld_env import ALFWorldEnv
 
-            return ALFWorldEnv(spec.game, json.loads(spec.params or "{}"), cache_dir=spec.cache_dir,
+            # the spec's default game is TWX's twc: Experiment(env="alfworld") alone means all task types
+            game = "all" if spec.game == "twc" else spec.game
+            return ALFWorldEnv(game, json.loads(spec.params or "{}"), cache_dir=spec.cache_dir,
                                step_limit=spec.step_limit)
         case "miniwob":
             from dreamgym_core.envs.miniwob_env import MiniWoBEnv

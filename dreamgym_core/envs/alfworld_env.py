@@ -6,7 +6,9 @@ played by the unmodified ALFWorld engine: TextWorld's PDDL environment with ALFW
 ``alfworld_gen`` from the package's shipped domain, grammar, floor plans and goal templates.
 
 Tasks: ``game`` = "all" (the six task types in turn) or one task type name; ``Task.seed`` is the
-generator's index within the split (train | dev | test | test_pairs, see ``alfworld_gen``).
+generator's index within the split. Held-out tasks (dev, test) are on unseen floor plans, or with
+settings ``{"heldout": "pairs"}`` on seen floor plans with unseen (object, receptacle) goal
+pairings (the generator's dev_pairs / test_pairs; see ``alfworld_gen``).
 
 Abstract state (paper §4.5), built from the engine's facts, restricted to what the agent sees:
     location   the receptacle the agent stands at ("countertop 1"), "middle of room" at the start
@@ -19,8 +21,10 @@ in the feedback of the step that changed them.
 
 Reward: outcome reward 1.0 on the step the goal holds, else 0.0 (ALFWorld is sparse; ``score`` is
 0/1 too). Validity: an action is valid iff it was among the admissible commands of its state.
-Candidates: the admissible commands (minus "help"). Expert: ALFWorld's handcoded expert, played
-once per game at its first reset and cached beside the game as a fixed path (``expert.json``).
+Candidates: the admissible commands (minus "help"). Expert: ALFWorld's handcoded expert (it explores
+like an agent: opens receptacles until it sees the object), played once per game at its first reset
+and cached beside the game as a fixed path (``expert.json``); where it fails (a third of the games,
+mostly pick-two), FastDownward's optimal plan from the start state, which knows every placement.
 
 Speed (measured, docs/environments.md): about 0.1-0.5 s per step and 1-3 s per reset, since the
 engine lists and verbalises every admissible command at every step and FastDownward translates
@@ -41,12 +45,14 @@ from copy import deepcopy
 from pathlib import Path
 
 from dreamgym_core.envs._deadline import deadline, failure
-from dreamgym_core.envs.alfworld_gen import SPLITS, TASK_TYPES, ensure_game, load_spec
+from dreamgym_core.envs.alfworld_gen import TASK_TYPES, ensure_game, load_spec
 from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState, clean_text
 
 GAMES = ("all", *TASK_TYPES)
+SETTINGS = {"max_object_types": 8, "heldout": "layouts"}
+"""Settings (``EnvSpec.params`` JSON) and their defaults: object types per room; what dev/test hold out."""
 EXPERT_MAX_STEPS = 50
 """ALFWorld's own episode limit; the expert's path is cut there (or when it is lost)."""
 CENTER = "middle of room"
@@ -223,11 +229,12 @@ class ALFWorldEnv:
         if game not in GAMES:
             raise ValueError(f"unknown ALFWorld game {game!r}; choose one of {', '.join(GAMES)}")
         settings = dict(settings or {})
-        unknown = sorted(set(settings) - {"max_object_types"})
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise ValueError(f"ALFWorld settings: unknown key(s) {unknown}; known: ['max_object_types']")
+            raise ValueError(f"ALFWorld settings: unknown key(s) {unknown}; known: {sorted(SETTINGS)}")
+        if settings.get("heldout", "layouts") not in ("layouts", "pairs"):
+            raise ValueError(f"ALFWorld settings: heldout must be 'layouts' or 'pairs', got {settings['heldout']!r}")
         self.game = game
-        self.max_object_types = int(settings.get("max_object_types", 8))
         self.params = json.dumps(settings, sort_keys=True) if settings else ""
         self.cache_dir = str(cache_dir)
         self.step_limit = step_limit
@@ -246,18 +253,25 @@ class ALFWorldEnv:
         """Generator index of the i-th task: every index for "all", one task type's indices otherwise."""
         return i if self.game == "all" else i * len(TASK_TYPES) + TASK_TYPES.index(self.game)
 
+    @staticmethod
+    def generator_split(split: str, settings: dict) -> str:
+        """Task split -> generator split: dev/test become dev_pairs/test_pairs with heldout="pairs"."""
+        return f"{split}_pairs" if split != "train" and settings.get("heldout") == "pairs" else split
+
     def game_folder(self, task: Task) -> Path:
-        settings = json.loads(task.params) if task.params else {}
-        return ensure_game(self.cache_dir, task.split, task.seed, int(settings.get("max_object_types", 8)))
+        settings = {**SETTINGS, **(json.loads(task.params) if task.params else {})}
+        return ensure_game(self.cache_dir, self.generator_split(task.split, settings), task.seed,
+                           int(settings["max_object_types"]))
 
     def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
         """``n`` generated games of a split (written to the cache on first use, milliseconds each)."""
-        if split not in SPLITS:
-            raise ValueError(f"ALFWorld split must be one of {SPLITS}, got {split!r}")
+        if split not in ("train", "dev", "test"):
+            raise ValueError(f"ALFWorld split must be train, dev or test, got {split!r}")
+        gen_split = self.generator_split(split, json.loads(self.params) if self.params else {})
         out = []
         for i in range(start, start + n):
             idx = self._index(i)
-            task = Task(task_id=f"alfworld/{split}/{idx}", env=self.name, game=self.game, split=split,
+            task = Task(task_id=f"alfworld/{gen_split}/{idx}", env=self.name, game=self.game, split=split,
                         seed=idx, instruction="", params=self.params)
             spec = load_spec(self.game_folder(task))
             out.append(Task(task_id=task.task_id, env=self.name, game=self.game, split=split, seed=idx,
@@ -298,11 +312,25 @@ class ALFWorldEnv:
                 actions.append(action)
                 # the expert answers "look" when its own next command is not admissible: it is lost
                 idle = idle + 1 if action in ("look", "help", "inventory") and len(actions) > 1 else 0
-        won = bool(st["won"])
+        won, expert = bool(st["won"]), "handcoded"
         if not won:
-            actions = actions[:len(actions) - idle]  # drop the trailing idle moves
+            # The handcoded expert loses its way in some generated games (stale memory of where it saw
+            # an object, mostly in pick-two tasks): fall back to FastDownward's optimal plan, which
+            # knows every placement (so it never explores) and solved every generated game we tried.
+            with deadline(self.step_timeout_s * 4), _keep_argv():
+                self._env.reset()
+                pddl = self._env
+                while hasattr(pddl, "_wrapped_env"):
+                    pddl = pddl._wrapped_env
+                plan = list(pddl._pddl_state.replan(pddl._entity_infos) or [])
+                for action in plan:
+                    st, _, _ = self._env.step(action)
+            if st["won"]:
+                actions, won, expert = plan, True, "planner"
+            else:
+                actions = actions[:len(actions) - idle]  # drop the trailing idle moves
         tmp = folder / f".expert-{time.monotonic_ns()}"
-        tmp.write_text(json.dumps({"actions": actions, "won": won}))
+        tmp.write_text(json.dumps({"actions": actions, "won": won, "expert": expert}))
         tmp.replace(cached)
         return actions
 
@@ -357,6 +385,10 @@ class ALFWorldEnv:
 
     def expert_actions(self) -> list[str]:
         return list(self._gold)
+
+    def expert_info(self, task: Task) -> dict:
+        """{"actions", "won", "expert": "handcoded" | "planner"} of a game already reset once."""
+        return json.loads((self.game_folder(task) / "expert.json").read_text())
 
     def propose_candidates(self, state: str) -> list[str]:
         return propose_candidates(state)

@@ -15,8 +15,8 @@ Splits (all deterministic in (split, index)):
     train       seen floor plans, seen (object, receptacle) goal pairings
     dev / test  unseen floor plans (disjoint sets: in each room type of 30 plans, 25-26 are dev and
                 27-30 test), seen pairings
-    test_pairs  seen floor plans, goal pairings never used as a goal in train (about one in six
-                (object type, receptacle type) pairs, chosen by a hash)
+    dev_pairs / test_pairs  seen floor plans, goal pairings never used as a goal in train (about
+                one in six (object type, receptacle type) pairs, chosen by a hash)
 Task type = index % 6, so every split is balanced over the six types.
 
 Departures from ALFWorld: object placement and the number of instances are sampled by us, not
@@ -40,7 +40,7 @@ from pathlib import Path
 
 TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
-SPLITS = ("train", "dev", "test", "test_pairs")
+SPLITS = ("train", "dev", "test", "dev_pairs", "test_pairs")
 ROOM_GROUPS = (range(1, 31), range(201, 231), range(301, 331), range(401, 431))
 """The 120 floor plans: kitchens 1-30, living rooms 201-230, bedrooms 301-330, bathrooms 401-430."""
 LAMP_HOSTS = ("Desk", "SideTable", "Dresser", "Shelf", "DiningTable", "CoffeeTable", "Sofa", "ArmChair", "Bed")
@@ -50,18 +50,19 @@ GENERATOR_VERSION = 1
 
 
 def split_floor_plans(split: str) -> list[int]:
-    """Floor plans of a split: per room type, 1-24 train (and test_pairs), 25-26 dev, 27-30 test."""
+    """Floor plans of a split: per room type, 1-24 train (and *_pairs), 25-26 dev, 27-30 test."""
     if split not in SPLITS:
         raise ValueError(f"ALFWorld split must be one of {SPLITS}, got {split!r}")
     out = []
     for group in ROOM_GROUPS:
         plans = list(group)
-        out += {"train": plans[:24], "test_pairs": plans[:24], "dev": plans[24:26], "test": plans[26:]}[split]
+        out += {"train": plans[:24], "dev_pairs": plans[:24], "test_pairs": plans[:24], "dev": plans[24:26],
+                "test": plans[26:]}[split]
     return out
 
 
 def heldout_pair(obj_type: str, recep_type: str) -> bool:
-    """True for the (object, receptacle) goal pairings reserved for ``test_pairs`` (about 1 in 6)."""
+    """True for the (object, receptacle) goal pairings reserved for ``*_pairs`` (about 1 in 6)."""
     return zlib.crc32(f"{obj_type}->{recep_type}".encode()) % 6 == 0
 
 
@@ -146,7 +147,7 @@ def _goal_candidates(task_type, objs, placed, rec_type, lamp_types, split) -> li
         for rt in present_rt:
             if ot not in C.VAL_RECEPTACLE_OBJECTS.get(rt, ()) or (task_type in need and rt == need[task_type][1]):
                 continue  # (the appliance itself is never the target: "cool a mug and put it in the fridge")
-            if heldout_pair(ot, rt) != (split == "test_pairs"):
+            if heldout_pair(ot, rt) != split.endswith("_pairs"):
                 continue
             if any(otype(o) == ot and rec_type[placed[o]] == rt for o in objs):
                 continue  # already satisfied at the start

@@ -3,10 +3,11 @@
 What this implements
 --------------------
 One DreamGym policy-learning step (paper §4.4, Algorithm 1 line "update pi with PPO/GRPO on the
-synthetic rollouts"), as three named phases that ``train_iteration`` times one by one:
+synthetic rollouts"), as three named phases that ``rl.step.train_step`` times one by one:
 
   1. rollout     ``rollout()`` of the trainer's current model (sampled ``LMPolicy``) in any BatchEnv;
-  2. advantages  ``PolicyTrainer.prepare``: per-decision rows, then
+  2. advantages  ``PolicyTrainer.prepare``: per-decision rows (each with the prompt the acting policy
+                 recorded on its transition), then
                  GRPO: A = group-normalized episode return (group = the rollouts of one task in the
                  batch, ``core_algos.group_normalized_advantages``), the same A for every decision of
                  the episode;
@@ -64,12 +65,13 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from dreamgym_core.policy import LMPolicy, ValueHead, _ids, build_policy_prompt, score_candidates, END_OF_ACTION
+from dreamgym_core.policy import (
+    END_OF_ACTION, NO_CANDIDATES_FALLBACK, ValueHead, _ids, policy_format, score_candidates,
+)
 from dreamgym_core.rl.core_algos import (
     aggregate_loss, compute_gae, group_normalized_advantages, kl_penalty, masked_whiten, ppo_clip_loss, value_loss,
 )
-from dreamgym_core.rollout import PolicyContext, RolloutConfig, RolloutStats, _feedback, rollout
-from dreamgym_core.schema import Task, Trajectory
+from dreamgym_core.schema import Trajectory
 
 Algorithm = Literal["ppo", "grpo"]
 
@@ -77,7 +79,6 @@ _STATE_FILE = "trainer_state.pt"
 _VALUE_FILE = "value_head.safetensors"
 _META_FILE = "trainer.json"
 _FORMAT = 1
-_NO_CANDIDATES_FALLBACK = "look around"  # what LMPolicy acts on when a state lists no candidates
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,8 @@ class RLConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (policy and value head together)."""
     temperature: float = 1.0
-    """Softmax temperature over candidate scores; must equal the acting LMPolicy's."""
-    max_prompt_tokens: int = 256
-    """Left truncation of prompts; must equal the acting LMPolicy's."""
-    history_window: int = 2
-    """(action, feedback) pairs in the prompt; must equal the rollout's ``RolloutConfig.history_window``."""
+    """Softmax temperature over candidate scores; ``rl.step`` acts with it. (The prompt format, history
+    window and truncation, is the policy checkpoint's ``PolicyFormat``, not an RL setting.)"""
     seed: int = 0
     """Seeds the minibatch shuffling."""
     share_decisions: bool = True
@@ -139,7 +137,7 @@ class RLConfig:
             raise ValueError(f"RLConfig.algorithm={self.algorithm!r}: use 'ppo' or 'grpo'")
         if self.kl_kind not in ("k1", "k2", "k3"):
             raise ValueError(f"RLConfig.kl_kind={self.kl_kind!r}: use 'k1', 'k2' or 'k3'")
-        for name in ("ppo_epochs", "minibatch_size", "grad_accum_steps", "max_prompt_tokens"):
+        for name in ("ppo_epochs", "minibatch_size", "grad_accum_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be an integer >= 1")
         if self.grad_accum_steps > self.minibatch_size:
@@ -156,8 +154,6 @@ class RLConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} must be within [0, 1]")
-        if not isinstance(self.history_window, int) or self.history_window < 0:
-            raise ValueError(f"RLConfig.history_window={self.history_window!r} must be an integer >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,29 +186,22 @@ def _anchor(state: str) -> str:
     return state.split("\n", 1)[1] if "\n" in state else state
 
 
-def decision_samples(trajectories: Sequence[Trajectory], history_window: int) -> list[Decision]:
-    """Every decision of ``trajectories``, with the prompt rebuilt exactly as ``rollout()`` +
-    ``LMPolicy`` built it (same history of (action, feedback), same window, same empty-candidates
-    fallback), so re-scoring with the acting weights reproduces ``Transition.logprob``."""
-    if history_window < 0:
-        raise ValueError(f"history_window={history_window} must be >= 0")
+def decision_samples(trajectories: Sequence[Trajectory]) -> list[Decision]:
+    """Every decision of ``trajectories`` with the prompt its policy recorded (``Transition.prompt``),
+    so re-scoring with the acting weights reproduces ``Transition.logprob``; the candidates are the
+    ones the policy scored (``NO_CANDIDATES_FALLBACK`` when the state listed none)."""
     out: list[Decision] = []
     for e, traj in enumerate(trajectories):
-        history: list[tuple[str, str]] = []
         for k, s in enumerate(traj.steps):
-            cands = tuple(s.candidates) or (_NO_CANDIDATES_FALLBACK,)
-            if s.logprob is None:
-                raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: logprob is None; the trainer "
-                                 "needs the acting policy's log-prob (roll out an LMPolicy)")
+            cands = tuple(s.candidates) or (NO_CANDIDATES_FALLBACK,)
+            if s.logprob is None or s.prompt is None:
+                raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: no logprob/prompt recorded; the "
+                                 "trainer needs what the acting policy saw (roll out an LMPolicy)")
             if s.action not in cands:
                 raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: action {s.action!r} is not "
                                  "one of its candidates")
-            ctx = PolicyContext(traj.task.instruction, s.state, cands,
-                                tuple(history[-history_window:]) if history_window else ())
-            out.append(Decision(build_policy_prompt(ctx), cands, cands.index(s.action), float(s.logprob),
-                                float(s.reward), bool(s.done), e, traj.task.task_id, k, traj.traj_id,
-                                _anchor(s.state)))
-            history.append((s.action, _feedback(s.next_state)))
+            out.append(Decision(s.prompt, cands, cands.index(s.action), float(s.logprob), float(s.reward),
+                                bool(s.done), e, traj.task.task_id, k, traj.traj_id, _anchor(s.state)))
     return out
 
 
@@ -356,6 +345,8 @@ class PolicyTrainer:
     def __init__(self, model, tokenizer, cfg: RLConfig, ref_model=None, value_head: ValueHead | None = None,
                  accelerator=None):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.fmt = policy_format(model)
+        """The policy checkpoint's prompt format: scoring truncates prompts as acting did."""
         self.accelerator = accelerator or _default_accelerator()
         device = self.accelerator.device
         if cfg.kl_coef > 0 and ref_model is None:
@@ -389,11 +380,11 @@ class PolicyTrainer:
         ``share_decisions`` each distinct (prompt, candidates) is run once and its copies share it."""
         if not self.cfg.share_decisions:
             return score_candidates(model, self.tokenizer, [d.prompt for d in samples], [d.candidates for d in samples],
-                                    max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+                                    max_prompt_tokens=self.fmt.max_prompt_tokens, grad=grad, return_hidden=hidden)
         first, inverse = _distinct(samples)
         uniq = [samples[i] for i in first]
         out = score_candidates(model, self.tokenizer, [d.prompt for d in uniq], [d.candidates for d in uniq],
-                               max_prompt_tokens=self.cfg.max_prompt_tokens, grad=grad, return_hidden=hidden)
+                               max_prompt_tokens=self.fmt.max_prompt_tokens, grad=grad, return_hidden=hidden)
         scores, h = out if hidden else (out, None)
         scores = [scores[j] for j in inverse]
         return (scores, h[torch.tensor(inverse, device=h.device)]) if hidden else scores
@@ -409,7 +400,7 @@ class PolicyTrainer:
         for idx in self._chunks(len(uniq)):
             chunk = [uniq[i] for i in idx]
             out = score_candidates(model, self.tokenizer, [d.prompt for d in chunk], [d.candidates for d in chunk],
-                                   max_prompt_tokens=self.cfg.max_prompt_tokens, return_hidden=hidden)
+                                   max_prompt_tokens=self.fmt.max_prompt_tokens, return_hidden=hidden)
             scores.extend(out[0] if hidden else out)
             if hidden:
                 hs.append(out[1])
@@ -441,7 +432,7 @@ class PolicyTrainer:
         cand_len: dict[str, int] = {}
         counts = []
         for d in samples:
-            n = min(len(_ids(self.tokenizer, d.prompt)), self.cfg.max_prompt_tokens)
+            n = min(len(_ids(self.tokenizer, d.prompt)), self.fmt.max_prompt_tokens)
             for c in d.candidates:
                 if c not in cand_len:
                     cand_len[c] = len(_ids(self.tokenizer, " " + c + END_OF_ACTION))
@@ -453,7 +444,7 @@ class PolicyTrainer:
     def prepare(self, trajectories: Sequence[Trajectory]) -> UpdateBatch:
         """Phase 2: decisions -> (PPO: values) -> advantages, plus reference log-probs for the KL."""
         cfg = self.cfg
-        samples = decision_samples(trajectories, cfg.history_window)
+        samples = decision_samples(trajectories)
         if not samples:
             raise ValueError("PolicyTrainer: no decisions to train on (every trajectory is empty)")
         metrics: dict[str, float] = {"samples": float(len(samples)), "episodes": float(len(trajectories))}
@@ -625,7 +616,7 @@ class PolicyTrainer:
         ``kl_coef > 0`` the reference model must be passed: it is the SFT policy, not this checkpoint."""
         from safetensors.torch import load_file
 
-        from dreamgym_core.models import load_causal_lm
+        from dreamgym_core.models import load_checkpoint
 
         meta_path = os.path.join(path, _META_FILE)
         if not os.path.exists(meta_path):
@@ -637,7 +628,7 @@ class PolicyTrainer:
         if cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("PolicyTrainer.load: ref_model is required when kl_coef > 0 (the reference is the "
                              "SFT policy, not the resumed checkpoint)")
-        model, tok = load_causal_lm(path)
+        model, tok, _ = load_checkpoint(path)  # with the policy's recorded PolicyFormat
         head = None
         if cfg.algorithm == "ppo":
             head = ValueHead(model.config.hidden_size)
@@ -652,42 +643,3 @@ class PolicyTrainer:
         trainer.updates, trainer.optimizer_steps = int(state["updates"]), int(state["optimizer_steps"])
         trainer.generator.set_state(state["rng"])
         return trainer
-
-
-# --------------------------------------------------------------------------------------------
-# The training step and evaluation
-
-def train_iteration(env, trainer: PolicyTrainer, tasks: Sequence[Task], rollout_cfg: RolloutConfig, *,
-                    policy_name: str) -> tuple[list[Trajectory], RolloutStats, dict[str, float]]:
-    """One step of policy learning as the paper reads: rollout -> advantages -> update."""
-    cfg = trainer.cfg
-    if rollout_cfg.history_window != cfg.history_window:
-        raise ValueError(f"rollout_cfg.history_window={rollout_cfg.history_window} differs from "
-                         f"RLConfig.history_window={cfg.history_window}; the trainer must rebuild the same prompts")
-    policy = LMPolicy(trainer.model, trainer.tokenizer, policy_name, temperature=cfg.temperature,
-                      max_prompt_tokens=cfg.max_prompt_tokens)
-
-    t0 = time.perf_counter()
-    trajectories, stats = rollout(env, policy, tasks, rollout_cfg)
-    t1 = time.perf_counter()
-    batch = trainer.prepare(trajectories)
-    t2 = time.perf_counter()
-    metrics = trainer.optimize(batch)
-    t3 = time.perf_counter()
-
-    return trajectories, stats, {**stats.as_metadata(), **batch.metrics, **metrics, "timing/rollout_s": t1 - t0,
-                                 "timing/advantages_s": t2 - t1, "timing/update_s": t3 - t2}
-
-
-def evaluate_policy(env, model, tokenizer, tasks: Sequence[Task], *, greedy: bool, max_steps: int, seed: int,
-                    history_window: int = 2, max_prompt_tokens: int = 256, temperature: float = 1.0,
-                    batch_size: int = 8) -> dict[str, float]:
-    """One episode per task; success rate with its Wilson 95% interval (``evaluation.summarize``)."""
-    from dreamgym_core.evaluation import summarize
-
-    policy = LMPolicy(model, tokenizer, "eval", temperature=temperature, greedy=greedy,
-                      max_prompt_tokens=max_prompt_tokens)
-    trajs, stats = rollout(env, policy, tasks, RolloutConfig(max_steps=max_steps, batch_size=batch_size,
-                                                             history_window=history_window, seed=seed,
-                                                             source="eval"))
-    return {**summarize(trajs).as_dict(), "transitions": stats.transitions}
