@@ -62,7 +62,7 @@ class LoopSettings(dg.ConfigurableResource):
     ablation: no demonstrations anywhere and nothing added."""
     replay_max_synthetic_rows: int = 20000
     """Size cap on the buffer's synthetic rows; above it the oldest synthetic trajectories per task go
-    (``dreamgym_core.loop.grow_buffer``). Offline real rows are never pruned."""
+    (``dreamgym_core.replay.grow_buffer``). Offline real rows are never pruned."""
     seed: int = 0
 
 
