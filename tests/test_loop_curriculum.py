@@ -13,6 +13,7 @@ from dreamgym_core.curriculum import CurriculumConfig, object_catalogue
 from dreamgym_core.envs import Observation, StepResult
 from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, read_tasks, read_trajectories, run_iteration
 from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, load_checkpoint, save_checkpoint, train_tokenizer
+from dreamgym_core.policy import PolicyFormat, set_policy_format
 from dreamgym_core.rl.trainer import RLConfig
 from dreamgym_core.schema import Task
 from dreamgym_core.state import AbstractState
@@ -87,12 +88,13 @@ def sft_dir(tmp_path_factory):
     tok = train_tokenizer(lines * 5, str(root / "tok"), vocab_size=300, min_frequency=1)
     model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64,
                                                   max_positions=512), seed=0)
+    set_policy_format(model, PolicyFormat(history_window=2, max_prompt_tokens=256))
     return save_checkpoint(model, tok, str(root / "policy"), {"kind": "policy"})
 
 
 CFG = LoopConfig(tasks_per_iteration=6, group_size=4, max_steps=4, rollout_batch=16, eval_tasks=2,
                  sim_eval_tasks=0, eval_max_steps=4, seed=0)
-RL = RLConfig(algorithm="grpo", lr=1e-2, minibatch_size=16, ppo_epochs=1, max_prompt_tokens=256)
+RL = RLConfig(algorithm="grpo", lr=1e-2, minibatch_size=16, ppo_epochs=1)
 
 
 def _iteration(k, prev_dir, sft_dir, pool, root, cur_cfg, writer=None):
