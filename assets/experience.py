@@ -1,4 +1,5 @@
-"""Experience-model assets (paper §4.1): CoT annotation, M_exp SFT (Eq. 5) and its fidelity."""
+"""Experience-model assets (paper §4.1-4.2): CoT annotation, the replay buffer's offline seed, M_exp SFT
+(Eq. 5, with retrieved demonstrations D_k) and its fidelity."""
 # No `from __future__ import annotations` in asset modules: Dagster reads the annotations at definition time.
 
 import time
@@ -10,6 +11,7 @@ import pyarrow.compute as pc
 from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersAnnotator, annotate_table, placement_knowledge, portable_items
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
+from assets.loop import LoopSettings
 from dreamgym_core.schema import FIDELITY_SCHEMA, CheckpointRef
 from pipelines import reuse
 from pipelines.resources import Experiment, Launcher
@@ -89,6 +91,40 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     return out
 
 
+class ReplaySeedConfig(dg.Config):
+    embedder: str = "hashing"
+    """(state, action) embedder of the replay buffer: "hashing" (no model, fast enough for every
+    simulator step on 2 cores) or "minilm" (all-MiniLM-L6-v2, semantic, about 10x slower per query)."""
+
+
+@dg.asset(group_name=GROUP, kinds={"lancedb"}, io_manager_key="checkpoint_io_manager")
+def replay_seed(context: dg.AssetExecutionContext, config: ReplaySeedConfig,
+                offline_trajectories: pa.Table) -> dg.Output[CheckpointRef]:
+    """The replay buffer (paper §4.2) seeded with the offline real transitions, each embedded by its
+    (state, action): what M_exp's SFT retrieves demonstrations from, and what the loop's buffer grows
+    from. The reference pins the Lance version of the seed (tag ``iteration-0000``), so SFT reads
+    exactly these rows whatever the loop adds later."""
+    import os
+
+    from assets.runtime import buffer_ref_path, open_buffer
+    from dreamgym_core.schema import TRANSITION_SCHEMA
+    from pipelines.resources import data_root
+
+    path = buffer_ref_path(os.path.join(data_root(), "lancedb"), config.embedder)
+    buf = open_buffer(CheckpointRef(path=path, kind="replay_buffer"))
+    started = time.perf_counter()
+    stored = buf.rows_by_source().get("offline", 0)
+    reseed = stored != offline_trajectories.num_rows
+    if reseed:  # an unchanged seed keeps its rows and its version
+        cols = [c for c in TRANSITION_SCHEMA.names if c in offline_trajectories.column_names]
+        buf.add(offline_trajectories.select(cols), "offline", 0, replace=True)
+    version = buf.tag_iteration(0, move=reseed)
+    metrics = {"version": float(version), "offline_rows": float(offline_trajectories.num_rows)}
+    return dg.Output(CheckpointRef(path=path, kind="replay_buffer", metrics=metrics),
+                     metadata={**metrics, "embedder": buf.embedder.model_name, "reseeded": reseed,
+                               "timing/seed_s": round(time.perf_counter() - started, 2)})
+
+
 class ExperienceModelConfig(dg.Config):
     """M_exp SFT (Eq. 5) on the CoT-annotated offline data; a from-scratch tiny Llama on CPU."""
 
@@ -103,8 +139,14 @@ class ExperienceModelConfig(dg.Config):
     cosine schedule anneals to 0 by the same rule (on 2 CPU cores the time budget binds)."""
     batch_size: int = 16
     lr: float = 2e-3
-    max_len: int = 384
+    max_len: int = 448
+    """Tokens of prompt + target; a longer prompt loses its start. With k = 2 compact demos twc prompts
+    measured median 209, max 291 tokens (142 / 183 without), plus a target of up to ~120."""
     history_window: int = 2
+    num_demos: int = 2
+    """k of D_k: demonstrations retrieved from ``replay_seed`` (by cosine of the (state, action)
+    embedding, from other tasks than the example's own) into every SFT prompt. 0, or the loop's
+    ``replay_buffer: false``, trains without retrieval (the paper's "w/o experience replay")."""
     use_cot: bool = True
     """Ablation: False trains without reasoning traces."""
     use_history: bool = True
@@ -140,7 +182,8 @@ class ExperienceModelConfig(dg.Config):
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "accelerate"}, io_manager_key="checkpoint_io_manager")
 def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelConfig, launcher: Launcher,
-                     cot_annotations: pa.Table) -> dg.Output[CheckpointRef]:
+                     loop: LoopSettings, cot_annotations: pa.Table,
+                     replay_seed: CheckpointRef) -> dg.Output[CheckpointRef]:
     """M_exp trained with Eq. 5 (reasoning and next-state terms logged apart).
 
     Checkpoints live under <data>/checkpoints/experience_model/<key> (``pipelines.reuse``: the config and
@@ -158,8 +201,10 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
     from pipelines.resources import data_root
 
-    root = reuse.stage_dir(context, "experience_model",
-                           reuse.stage_key("experience_model", config, cot_annotations=cot_annotations))
+    num_demos = config.num_demos if loop.replay_buffer else 0  # one switch for SFT and simulation
+    root = reuse.stage_dir(context, "experience_model", reuse.stage_key(
+        "experience_model", (config, {"num_demos": num_demos}), cot_annotations=cot_annotations,
+        replay_seed=replay_seed if num_demos else None))
     final = os.path.join(root, "final")
     if os.path.exists(os.path.join(final, "dreamgym.json")):
         _, _, meta = load_checkpoint(final)
@@ -168,8 +213,15 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
                          metadata={"reused": True})
     rows = cot_annotations.to_pylist()
     pc_ = core(PromptConfig, config, progress=config.progress and has_progress(rows),
-               placements=config.placements and has_progress(rows))
-    examples = sft_examples(rows, pc_)
+               placements=config.placements and has_progress(rows), num_demos=num_demos)
+    retrieve = None
+    if num_demos:  # D_k from the offline seed as written, never from the example's own task
+        from assets.runtime import open_buffer
+        from dreamgym_core.experience.retrieval import Retriever
+
+        retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
+                             source="offline", exclude_own_task=True)
+    examples = sft_examples(rows, pc_, retrieve)
     weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
         from dreamgym_core.curriculum import task_writing_examples
@@ -196,7 +248,8 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
                                   vocab_size=config.vocab_size)
         model = build_tiny_llama(tok, core(TinyLlamaConfig, config), seed=config.seed)
     sft_cfg = core(SFTConfig, config, checkpoint_every=100)
-    meta = {"prompt": pc_.__dict__, "examples": len(examples),
+    meta = {"prompt": pc_.__dict__, "examples": len(examples), "replay": replay_seed.path if num_demos else "",
+            "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
             "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
     if launcher.mode == "accelerate":
         reported = _launch_sft(context, launcher, root, examples, weights, model, tok, sft_cfg, meta)
@@ -214,7 +267,11 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         extra = {"resumed_from_step": res.resumed_from}
     # an Output, not a bare value: after a Pipes session Dagster requires a typed event stream
     return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=metrics),
-                     metadata={"examples": len(examples), **extra, "loss_curve": dg.MetadataValue.md(_curve(history))})
+                     metadata={"examples": len(examples), **extra, "num_demos": num_demos,
+                               "prompt_tokens_max": max(len(tok(e.prompt, add_special_tokens=False)["input_ids"])
+                                                        for e in examples[:2000]),
+                               "example_prompt": dg.MetadataValue.md("```\n" + examples[0].prompt + "\n```"),
+                               "loss_curve": dg.MetadataValue.md(_curve(history))})
 
 
 def _launch_sft(context: dg.AssetExecutionContext, launcher: Launcher, root: str, examples, weights, model, tok,
@@ -290,7 +347,7 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
         trajs, _ = collect(env, tasks, experiment.collect_config())
     finally:
         env.close()
-    sims = SimulatorFactory(experience_model, experiment)
+    sims = SimulatorFactory(experience_model, experiment, retrieve="seed")  # D_k as M_exp was trained with
     model, tok, _ = load_checkpoint(policy_init.path)
     rep = model_fidelity(trajs, tasks, sims, real_env_factory(experiment), lambda ts: real_start_states(experiment, ts),
                          (model, tok), core(FidelityEvalConfig, config),

@@ -18,7 +18,9 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.policy import RLSettings, rl_config
-from assets.runtime import SimulatorFactory, heldout, offline_start_states, real_env_factory, real_start_states
+from assets.runtime import SimulatorFactory, heldout, offline_start_states, open_buffer, real_env_factory, \
+    real_start_states
+from dreamgym_core.experience.retrieval import Retriever
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines import reuse
 from pipelines.io_managers import parquet_path
@@ -54,7 +56,13 @@ class LoopSettings(dg.ConfigurableResource):
     variants_per_seed: int = 2
     n_feasibility_rollouts: int = 3
     replay_buffer: bool = True
-    """Add each iteration's synthetic transitions to the LanceDB replay buffer."""
+    """Experience replay (paper §4.2): M_exp's prompts hold k demonstrations retrieved from the LanceDB
+    replay buffer, in SFT (``experience_model``) and in simulation, and each iteration adds its
+    informative synthetic transitions to the buffer. False = the paper's "w/o experience replay"
+    ablation: no demonstrations anywhere and nothing added."""
+    replay_max_synthetic_rows: int = 20000
+    """Size cap on the buffer's synthetic rows; above it the oldest synthetic trajectories per task go
+    (``dreamgym_core.replay.grow_buffer``). Offline real rows are never pruned."""
     seed: int = 0
 
 
@@ -69,7 +77,8 @@ def _spec(key: str, io: str, kinds: set, description: str, extra_deps=()) -> dg.
 
 LOOP_SPECS = [
     _spec("rollouts", "io_manager", {"parquet"}, "Synthetic episodes of policy k-1 in M_exp (GRPO groups), "
-          "each transition naming the policy version that acted.", ["experience_model", "policy_init"]),
+          "each transition naming the policy version that acted.", ["experience_model", "policy_init",
+                                                                    "offline_trajectories"]),
     _spec("policy", "checkpoint_io_manager", {"pytorch", "accelerate"},
           "Policy after iteration k: one PPO/GRPO update on the rollouts, KL to the SFT policy."),
     _spec("task_scores", "io_manager", {"parquet"}, "Reward variance V_tau per task (Eq. 7) and the seeds chosen."),
@@ -80,8 +89,8 @@ LOOP_SPECS = [
     _spec("task_pool", "io_manager", {"parquet"},
           "Tasks for iteration k+1: originals plus at most a fraction lambda of synthetic ones.", ["seed_tasks"]),
     _spec("replay_buffer", "checkpoint_io_manager", {"lancedb"},
-          "The LanceDB replay buffer after adding iteration k's synthetic transitions (offline seed included).",
-          ["offline_trajectories"]),
+          "The LanceDB replay buffer after adding iteration k's informative synthetic transitions and pruning "
+          "(offline seed included); queryable as the replay_buffer_rows view.", ["replay_seed"]),
     _spec("iteration_eval", "io_manager", {"parquet"},
           "Held-out real success of policy k beside its success in M_exp on the same tasks (sim_real_gap).",
           ["eval_tasks"]),
@@ -100,13 +109,13 @@ _CHECKS = [dg.AssetCheckSpec("schema", asset=k, description="columns and types m
     ins={"prev_policy": dg.AssetIn("policy"), "prev_task_pool": dg.AssetIn("task_pool"),
          "prev_eval": dg.AssetIn("iteration_eval"),
          "experience_model": dg.AssetIn(), "policy_init": dg.AssetIn(), "seed_tasks": dg.AssetIn(),
-         "eval_tasks": dg.AssetIn(), "offline_trajectories": dg.AssetIn()},
+         "eval_tasks": dg.AssetIn(), "offline_trajectories": dg.AssetIn(), "replay_seed": dg.AssetIn()},
 )
 def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, experiment: Experiment,
                        rl: RLSettings, launcher: Launcher, prev_policy: CheckpointRef | None,
                        prev_task_pool: pa.Table | None, prev_eval: pa.Table | None, experience_model: CheckpointRef,
                        policy_init: CheckpointRef, seed_tasks: pa.Table, eval_tasks: pa.Table,
-                       offline_trajectories: pa.Table):
+                       offline_trajectories: pa.Table, replay_seed: CheckpointRef):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
     from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, run_iteration
@@ -132,8 +141,10 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
-    sims = SimulatorFactory(experience_model, experiment)
-    buffer = _buffer(context, offline_trajectories) if config.replay_buffer else None
+    buffer = open_buffer(replay_seed) if config.replay_buffer else None
+    # iteration k simulates with the buffer as it stood at its start (the tag run_iteration writes)
+    sims = SimulatorFactory(experience_model, experiment,
+                            retrieve=Retriever(buffer, iteration=k) if buffer is not None else None)
     writer = cur.TaskWriter(sims.model, sims.tokenizer, seed=config.seed + k, pointers=sims.prompt.pointers) \
         if config.curriculum else None
     inp = IterationInputs(
@@ -141,6 +152,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,
         start_states=starts, eval_tasks=test, make_sim=sims, make_real=real_env_factory(experiment),
         task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None,
+        buffer_export=os.path.join(data_root(), "parquet", "replay_buffer_rows", f"{k:03d}.parquet"),
         update=accelerate_update(context, launcher, rl_cfg, policy_init.path, resume=k > 1)
         if launcher.mode == "accelerate" else None)
     out = run_iteration(inp, loop_cfg, rl_cfg, cur_cfg, store, log=context.log.info)
@@ -165,9 +177,10 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     yield dg.Output(out.task_pool, output_name="task_pool",
                     metadata={"tasks": out.task_pool.num_rows, "synthetic_share": share})
     buf = out.records.get("replay_buffer", {})
-    yield dg.Output(CheckpointRef(path=buffer.uri if buffer is not None else "", kind="replay_buffer",
+    yield dg.Output(CheckpointRef(path=replay_seed.path if buffer is not None else "", kind="replay_buffer",
                                   iteration=k, metrics=_num(buf)), output_name="replay_buffer",
-                    metadata={"by_source": dg.MetadataValue.json(buf.get("by_source", {}))})
+                    metadata={**{f"replay/{a}": b for a, b in _num(buf).items()},
+                              "by_source": dg.MetadataValue.json(buf.get("by_source", {}))})
     yield dg.Output(out.evaluation, output_name="iteration_eval",
                     metadata={**_num(out.evaluation.to_pylist()[0]), **sims.totals(),
                               "timing/iteration_s": round(time.perf_counter() - started, 1)})
@@ -205,26 +218,6 @@ def accelerate_update(context: dg.AssetExecutionContext, launcher: Launcher, rl_
                              f"got {len(reports)} report(s)")
         return reports[0]["metrics"]
     return update
-
-
-def _buffer(context, offline: pa.Table):
-    """The run's replay buffer, seeded once with the offline real transitions (iteration 0)."""
-    from dreamgym_core.buffer import ReplayBuffer
-    from dreamgym_core.embed import Embedder
-
-    cache = os.path.join(data_root(), "cache")
-    os.makedirs(cache, exist_ok=True)
-    buf = ReplayBuffer(os.path.join(data_root(), "lancedb"), Embedder(cache_path=os.path.join(cache, "embeddings.sqlite")))
-    if not buf.rows_by_source().get("offline"):
-        t0 = time.perf_counter()
-        from dreamgym_core.schema import TRANSITION_SCHEMA
-
-        buf.add(offline.select([c for c in TRANSITION_SCHEMA.names if c in offline.column_names]), "offline", 0,
-                replace=True)
-        buf.tag_iteration(1)
-        context.log.info(f"replay buffer seeded with {offline.num_rows} offline transitions in "
-                         f"{time.perf_counter() - t0:.1f}s")
-    return buf
 
 
 def _num(d: dict) -> dict:

@@ -219,7 +219,7 @@ def policy_eval(context: dg.AssetExecutionContext, config: PolicyEvalConfig, exp
     test = heldout(eval_tasks)[:config.eval_tasks]
     cfg = LoopConfig(eval_tasks=config.eval_tasks, sim_eval_tasks=config.sim_eval_tasks,
                      eval_max_steps=config.max_steps, seed=config.seed)
-    sims = SimulatorFactory(experience_model, experiment)
+    sims = SimulatorFactory(experience_model, experiment, retrieve="seed")  # M_exp's D_k as it was trained
     init_state = initial_state_fn(real_start_states(experiment, test))
     modes = ("greedy", "sampled") if config.sampled else ("greedy",)
     run = dict(tasks=test, make_real=real_env_factory(experiment), make_sim=sims, init_state=init_state, cfg=cfg,

@@ -51,14 +51,47 @@ def real_start_states(experiment, tasks: list[Task]) -> dict[str, str]:
         env.close()
 
 
+def buffer_ref_path(uri: str, embedder: str) -> str:
+    """Where ``replay_seed`` keeps the buffer for ``embedder``: one table per embedder (a table records
+    its embedder and refuses another), ``<uri>/replay_<embedder>.lance``."""
+    return f"{uri.rstrip('/')}/replay_{embedder}.lance"
+
+
+def open_buffer(ref: CheckpointRef):
+    """The replay buffer a ``replay_seed`` (or loop ``replay_buffer``) reference points at."""
+    import os
+
+    from dreamgym_core.buffer import BufferConfig, ReplayBuffer
+    from dreamgym_core.embed import make_embedder
+    from pipelines.resources import data_root
+
+    uri, name = os.path.split(ref.path.rstrip("/"))
+    table = name.removesuffix(".lance")
+    if not table.startswith("replay_"):
+        raise ValueError(f"{ref.path}: not a replay buffer table (expected <uri>/replay_<embedder>.lance)")
+    cache = os.path.join(data_root(), "cache", "embeddings.sqlite")
+    return ReplayBuffer(uri, make_embedder(table.removeprefix("replay_"), cache), BufferConfig(table=table))
+
+
 class SimulatorFactory:
     """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
 
     def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 64):
+        """``retrieve``: D_k for every step (``experience.retrieval.Retriever``), None (no demos), or
+        "seed": the offline replay seed the checkpoint was trained with, at that version (none if it
+        was trained without retrieval)."""
         from dreamgym_core.experience_model import PromptConfig, SimConfig, knowledge_from_meta
         from dreamgym_core.models import load_checkpoint
 
         self.model, self.tokenizer, meta = load_checkpoint(experience_model.path)
+        if retrieve == "seed":
+            retrieve = None
+            if meta.get("replay"):
+                from dreamgym_core.experience.retrieval import Retriever
+
+                retrieve = Retriever(open_buffer(CheckpointRef(path=meta["replay"], kind="replay_buffer")),
+                                     as_of_version=int(meta.get("replay_version") or 0) or None, source="offline",
+                                     exclude_own_task=True)
         self.knowledge = knowledge_from_meta(meta)
         self.prompt = PromptConfig.from_meta(meta)
         self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)
@@ -77,6 +110,9 @@ class SimulatorFactory:
 
     def totals(self) -> dict[str, float]:
         steps = sum(s.steps for s in self.stats)
-        secs = sum(s.seconds for s in self.stats)
+        secs = sum(s.seconds + s.retrieval_seconds for s in self.stats)
+        prompts = sum(s.prompts for s in self.stats)
         return {"sim/steps": float(steps), "sim/parse_failures": float(sum(s.parse_failures for s in self.stats)),
-                "sim/steps_per_s": round(steps / secs, 2) if secs else 0.0}
+                "sim/steps_per_s": round(steps / secs, 2) if secs else 0.0,
+                "replay/demo_share": round(sum(s.prompts_with_demos for s in self.stats) / prompts, 3) if prompts else 0.0,
+                "timing/retrieval_s": round(sum(s.retrieval_seconds for s in self.stats), 2)}

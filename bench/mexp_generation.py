@@ -1,10 +1,11 @@
 """M_exp generation: synthetic steps/s of the batched simulator against one-at-a-time ``generate``.
 
     .venv/bin/python -m bench.mexp_generation [--model DIR] [--batch-sizes 1,8,32,64]
+    .venv/bin/python -m bench.mexp_generation --retrieval 2 [--model DIR]   # steps/s, retrieval on vs off
 
 Workload: ``--prompts`` real M_exp prompts (default 64) built from the transitions of a few TWX twc
 train episodes collected here (``collect``), exactly as the simulator builds them: history window of
-the same trajectory, ``refs_for`` + ``make_prompt`` with the model's ``PromptConfig``, and the
+the same trajectory, ``step_prompt`` with the model's ``PromptConfig``, and the
 (state, refs) context that pointer-form outputs are parsed against. Sampled with a fixed seed, in
 that random order (the simulator batches whichever episodes are live, not prompts sorted by length).
 
@@ -33,6 +34,10 @@ that load from other processes hits both alike (after one untimed warm-up call e
 predictions per second; tokens/s counts generated tokens up to EOS. "same text" is the fraction of
 prompts whose generated text equals the one-at-a-time one: left padding changes the positions'
 arithmetic (masked keys, padded matmuls), so greedy argmax ties may flip; it is reported, not hidden.
+
+``--retrieval K`` (``retrieval_cost``) instead times ``ExperienceModel.step_batch`` with K demos
+retrieved per prompt from a replay buffer of the collected transitions against no retrieval: the
+cost of D_k is one embedding call, one vector query and longer prompts to prefill.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from typing import Mapping, Sequence
 import torch
 
 from dreamgym_core.experience_model import (ExperienceModel, PromptConfig, SimConfig, _feedback, _ids,
-                                            knowledge_from_meta, make_prompt, parse_for, refs_for)
+                                            knowledge_from_meta, parse_for, step_prompt)
 from dreamgym_core.exp_format import Prediction, progress_percent
 from dreamgym_core.schema import Trajectory
 
@@ -60,18 +65,17 @@ def simulator_prompts(trajs: Sequence[Trajectory], cfg: PromptConfig,
                       knowledge: Mapping | None = None) -> tuple[list[str], list[Context]]:
     """One M_exp prompt and (state, refs) context per transition, as ``ExperienceModel.step_batch`` builds them.
 
-    No retrieval: demos are empty (the pipeline's M_exp uses ``num_demos=0``).
+    No retrieval here: demos are empty (``--retrieval`` times the simulator with and without them).
     """
     prompts, contexts = [], []
-    sim = ExperienceModel(None, None, initial_state=lambda t: "", propose_candidates=lambda s: [],
-                          cfg=SimConfig(prompt=cfg), knowledge=knowledge)
+    known = dict(knowledge or {}).get
     for traj in trajs:
         history: list[tuple[str, str]] = []
         for t in traj.steps:
-            refs = refs_for(t.state, t.action, cfg)
             before = progress_percent(t.obs.score if t.obs is not None else 0.0) if cfg.progress else None
-            prompts.append(make_prompt(traj.task.instruction, history, t.state, t.action, [], cfg, refs, before,
-                                       sim.hint(t.state, t.action)))
+            prompt, refs = step_prompt(traj.task.instruction, history, t.state, t.action, cfg, progress=before,
+                                       known=known)
+            prompts.append(prompt)
             contexts.append((t.state, refs))
             history.append((t.action, _feedback(t.next_state)))
     return prompts, contexts
@@ -203,6 +207,50 @@ ABLATIONS = (("one-forward prefill", {"prefill_rows": 0}),
 grouped by length); the last row has none of the three."""
 
 
+def retrieval_cost(model, tok, trajs: Sequence[Trajectory], cfg: SimConfig, num_demos: int, repeats: int,
+                   workdir: str, knowledge: Mapping | None = None) -> dict[str, dict]:
+    """Simulator steps/s with retrieval on vs off, the same run: one ``ExperienceModel.step_batch``
+    over one live episode per trajectory (its real start state and first action), with D_k retrieved
+    from a replay buffer holding every transition of ``trajs`` (hashing embedder, exact search, the
+    pipeline's defaults) and ``num_demos`` demos in the prompt, against no retriever and no demos.
+    The two alternate within each repeat (after one untimed warm-up each); medians over ``repeats``."""
+    from dataclasses import replace as _replace
+
+    from dreamgym_core.buffer import ReplayBuffer
+    from dreamgym_core.embed import HashingEmbedder
+    from dreamgym_core.experience.retrieval import Retriever
+    from dreamgym_core.schema import transitions_to_arrow
+
+    buf = ReplayBuffer(os.path.join(workdir, "lancedb"), HashingEmbedder())
+    buf.add(transitions_to_arrow([s for t in trajs for s in t.steps]), "offline", 0)
+    starts = [t for t in trajs if t.steps]
+    tasks = [_replace(t.task, task_id=f"{t.task.task_id}#{t.traj_id}", initial_state=t.steps[0].state) for t in starts]
+    actions = [t.steps[0].action for t in starts]
+    variants = {"retrieval off": (None, _replace(cfg.prompt, num_demos=0)),
+                "retrieval on": (Retriever(buf), _replace(cfg.prompt, num_demos=num_demos))}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    stats: dict[str, list] = {k: [] for k in variants}
+    for rep in range(repeats + 1):
+        for name, (retrieve, prompt) in variants.items():
+            sim = ExperienceModel(model, tok, initial_state=lambda t: t.initial_state, propose_candidates=lambda s: [],
+                                  retrieve=retrieve, cfg=SimConfig(prompt=prompt, decoding=cfg.decoding),
+                                  knowledge=knowledge)
+            sim.reset_batch(tasks)
+            t0 = time.perf_counter()
+            sim.step_batch(actions)
+            if rep:  # the first round warms up (tokenizer caches, the buffer's exact index)
+                times[name].append(time.perf_counter() - t0)
+                stats[name].append(sim)
+    out = {}
+    for name, ts in times.items():
+        last = stats[name][-1]
+        lens = [len(_ids(tok, p + "\n")) for p in last.last_prompts]
+        out[name] = {"steps_per_s": len(tasks) / statistics.median(ts), "seconds": statistics.median(ts),
+                     "retrieval_s": statistics.median(s.stats.retrieval_seconds for s in stats[name]),
+                     "prompt_tokens": statistics.median(lens), "demo_share": last.stats.prompts_with_demos / len(tasks)}
+    return out
+
+
 def _random_init_model(prompts: Sequence[str], workdir: str, seed: int):
     from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
 
@@ -223,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--free", action="store_true", help="free decoding (SimConfig.constrained=False) on both sides")
     ap.add_argument("--ablate", action="store_true", help="also time the batched simulator with transformers' "
                     "forward (SimConfig.forward) and with transformers' DynamicCache (SimConfig.kv_cache)")
+    ap.add_argument("--retrieval", type=int, default=0, metavar="K",
+                    help="instead: simulator steps/s with K retrieved demos per prompt vs none (same run)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
@@ -246,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         what = "random-init default TinyLlamaConfig (outputs are noise: no parse, ~no EOS)"
     cfg = SimConfig(max_new_tokens=args.max_new_tokens, greedy=True, prompt=pcfg, batch_size=args.batch_size)
     if args.free:
-        cfg = replace(cfg, constrained=False)
+        cfg = SimConfig(prompt=cfg.prompt, decoding=replace(cfg.decoding, constrained=False))
+    if args.retrieval:
+        return _print_retrieval(model, tok, cfg, args, what, knowledge_from_meta(meta) if args.model else None)
     decoding = "grammar-constrained" if getattr(cfg, "constrained", False) else "free"
     sizes = sorted({args.batch_size, *(int(b) for b in args.batch_sizes.split(",") if b.strip())})
     res = compare(model, tok, prompts, contexts, cfg, sizes, args.repeats,
@@ -273,6 +325,32 @@ def main(argv: list[str] | None = None) -> None:
     head = res[f"batched_{args.batch_size}"]["steps_per_s"] / base["steps_per_s"]
     print(f"\nbatched (B={args.batch_size}) / one-at-a-time: {head:.1f}x steps/s "
           f"(target >= 10x: {'met' if head >= 10 else 'NOT met'})")
+
+
+def _print_retrieval(model, tok, cfg: SimConfig, args, what: str, knowledge) -> None:
+    from dreamgym_core.collect import CollectConfig, collect
+    from dreamgym_core.envs import EnvSpec, make_env
+
+    env = make_env(EnvSpec("twx", args.game))
+    try:
+        trajs, _ = collect(env, env.tasks("train", args.tasks), CollectConfig(seed=args.seed))
+    finally:
+        env.close()
+    trajs = trajs[:args.prompts]
+    res = retrieval_cost(model, tok, trajs, cfg, args.retrieval, args.repeats,
+                         tempfile.mkdtemp(prefix="bench-mexp-retrieval-"), knowledge)
+    rows = sum(len(t.steps) for t in trajs)
+    print(f"\nmodel: {what}\nworkload: one simulator step_batch of {len(trajs)} live episodes (TWX {args.game}, "
+          f"{args.tasks} train tasks), replay buffer of {rows} transitions (hashing embedder, exact search), "
+          f"k={args.retrieval}, max_new_tokens {cfg.max_new_tokens}, {args.threads} torch threads, "
+          f"median of {args.repeats} (alternating)\n")
+    print("| simulator | steps/s | s per batch step | retrieval s | prompt tokens (median) | prompts with demos |")
+    print("|---|---|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['steps_per_s']:.2f} | {r['seconds']:.3f} | {r['retrieval_s']:.3f} | "
+              f"{r['prompt_tokens']:.0f} | {r['demo_share']:.0%} |")
+    ratio = res["retrieval off"]["steps_per_s"] / res["retrieval on"]["steps_per_s"]
+    print(f"\ncost of retrieval: {ratio:.2f}x time per step (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -199,14 +199,24 @@ class _ExactIndex:
             m = cm if m is None else m & cm
         return m
 
-    def topk(self, q: np.ndarray, k: int, f: _Filters) -> list[list[tuple[int, float]]]:
-        """q: (Q, dim) unit rows -> per query [(row offset, similarity)] best first."""
+    def task_codes(self, task_ids: Sequence[str | None]) -> np.ndarray:
+        """(Q,) codes of ``task_ids`` in this version's task dictionary; -1 for None or a task not stored."""
+        if not hasattr(self, "_task_lookup"):
+            self._task_lookup = {t: i for i, t in enumerate(self.codes["task_id"][0].tolist())}
+        return np.asarray([self._task_lookup.get(t, -1) if t is not None else -1 for t in task_ids], np.int64)
+
+    def topk(self, q: np.ndarray, k: int, f: _Filters,
+             exclude: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        """q: (Q, dim) unit rows -> per query [(row offset, similarity)] best first.
+        ``exclude``: (Q,) task codes (``task_codes``) whose rows query j must not return (-1: none)."""
         mask = self.mask(f)
         out = []
         for s in range(0, len(q), 256):
             sims = self.vectors @ q[s:s + 256].T                 # (N, chunk)
             if mask is not None:
                 sims[~mask] = -np.inf
+            if exclude is not None:                              # per query: its own task's rows
+                sims[self.codes["task_id"][1][:, None] == exclude[None, s:s + 256]] = -np.inf
             for j in range(sims.shape[1]):
                 col = sims[:, j]
                 valid = int(np.isfinite(col).sum())
@@ -485,10 +495,18 @@ class ReplayBuffer:
 
     def search_vectors(self, vectors: np.ndarray, k: int = 4, *, env: str | Sequence[str] | None = None,
                        task_id: str | Sequence[str] | None = None, source: str | Sequence[str] | None = None,
-                       iteration: int | None = None, as_of_version: int | None = None) -> list[list[Neighbor]]:
-        """vectors: (Q, dim) queries (normalized here) -> Q lists of up to k neighbours, best first."""
+                       iteration: int | None = None, as_of_version: int | None = None,
+                       exclude_task_id: Sequence[str | None] | None = None) -> list[list[Neighbor]]:
+        """vectors: (Q, dim) queries (normalized here) -> Q lists of up to k neighbours, best first.
+
+        ``exclude_task_id``: one task id per query (or None) whose rows that query must not return,
+        e.g. an SFT example's own task, so its demonstrations never hold its own answer.
+        """
         if iteration is not None and as_of_version is not None:
             raise ValueError("pass iteration or as_of_version, not both")
+        if exclude_task_id is not None and len(exclude_task_id) != len(np.atleast_2d(vectors)):
+            raise ValueError(f"exclude_task_id has {len(exclude_task_id)} entries for {len(np.atleast_2d(vectors))} "
+                             "queries; give one task id (or None) per query")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = np.atleast_2d(np.asarray(vectors, np.float32))
@@ -502,10 +520,13 @@ class ReplayBuffer:
         v = latest if version is None else int(version)
         tbl = self._tbl if v == latest else self._table_at(v)
         if self._indexed(tbl, v):
-            return self._search_ann(tbl, q, k, f)
-        return self._search_exact(tbl, v, q, k, f)
+            if exclude_task_id is None or all(t is None for t in exclude_task_id):
+                return self._search_ann(tbl, q, k, f)
+            return [self._search_ann(tbl, q[j:j + 1], k, f, exclude=t)[0] for j, t in enumerate(exclude_task_id)]
+        return self._search_exact(tbl, v, q, k, f, exclude_task_id)
 
-    def _search_exact(self, tbl, v: int, q: np.ndarray, k: int, f: _Filters) -> list[list[Neighbor]]:
+    def _search_exact(self, tbl, v: int, q: np.ndarray, k: int, f: _Filters,
+                      exclude_task_id: Sequence[str | None] | None = None) -> list[list[Neighbor]]:
         if v not in self._exact:
             with self._lance_errors(f"loading version {v}"):
                 cols = ["vector", "env", "task_id", "source", "traj_id", "step_idx", "iteration"]
@@ -513,14 +534,14 @@ class ReplayBuffer:
             self._exact[v] = _ExactIndex(data, self.embedder.dim, self.path)
             while len(self._exact) > 2:      # each holds N x dim floats
                 self._exact.popitem(last=False)
-        hits = self._exact[v].topk(q, k, f)
+        ex = self._exact[v]
+        hits = ex.topk(q, k, f, ex.task_codes(exclude_task_id) if exclude_task_id is not None else None)
         offsets = np.unique([o for h in hits for o, _ in h]).astype(np.int64)
         if len(offsets) == 0:
             return [[] for _ in hits]
         with self._lance_errors(f"reading rows of version {v}"):
             rows = tbl.take_offsets(offsets.tolist()).select(list(RECORD_COLUMNS)).to_arrow().to_pylist()
         by_offset = dict(zip(offsets.tolist(), rows))   # take_offsets returns rows in offset order
-        ex = self._exact[v]
         for o, r in by_offset.items():
             # the snapshot and the row fetch must agree on what row o is, or the answer is wrong
             if (r["traj_id"], r["step_idx"]) != (ex.codes["traj_id"][0][ex.codes["traj_id"][1][o]], ex.step_idx[o]):
@@ -528,8 +549,10 @@ class ReplayBuffer:
                                         "reads; the table is inconsistent")
         return [[Neighbor(similarity=s, **by_offset[o]) for o, s in h] for h in hits]
 
-    def _search_ann(self, tbl, q: np.ndarray, k: int, f: _Filters) -> list[list[Neighbor]]:
+    def _search_ann(self, tbl, q: np.ndarray, k: int, f: _Filters, exclude: str | None = None) -> list[list[Neighbor]]:
         where = f.where()
+        if exclude is not None:
+            where = f"task_id != {_sql_str(exclude)}" + (f" AND {where}" if where else "")
         limit = k + 1                      # one extra row shows whether a tie runs past the k-th place
         res = self._ann_query(tbl, q, limit, where)
         out = []

@@ -211,3 +211,18 @@ class HashingEmbedder:
         zero = ~out.any(axis=1)
         out[zero, 0] = 1.0
         return _normalize(out)
+
+
+EMBEDDERS = ("hashing", "minilm")
+"""Embedders the pipeline can name: "hashing" (default: no model, no download, fast enough for every
+simulator step on 2 cores; word overlap, not meaning) and "minilm" (all-MiniLM-L6-v2, semantic)."""
+
+
+def make_embedder(kind: str = "hashing", cache_path: str | None = None) -> TextEmbedder:
+    """The embedder called ``kind`` (``EMBEDDERS``); ``cache_path``: MiniLM's on-disk vector cache."""
+    match kind:
+        case "hashing":
+            return HashingEmbedder()
+        case "minilm":
+            return Embedder(cache_path=cache_path)
+    raise ValueError(f"embedder {kind!r}: use one of {EMBEDDERS}")

@@ -634,6 +634,13 @@ def _demo_text(demo: Mapping) -> str:
     return render_delta(delta)
 
 
+def _compact(delta_text: str) -> str:
+    """A demonstration's delta without its empty and unchanged fields ("exits:", "location: ="): the
+    same facts in about half the tokens (k = 2 demos add ~50 tokens instead of ~90 on twc prompts)."""
+    return "\n".join(ln for ln in delta_text.split("\n")
+                     if ln.partition(":")[2].strip() not in ("", UNCHANGED) or ln.startswith("feedback:"))
+
+
 def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: str, action: str,
                  demos: Sequence[Mapping], *, history_window: int = 4, max_demos: int = 4,
                  use_history: bool = True, use_demos: bool = True, demo_states: bool = False,
@@ -647,7 +654,7 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
     Demos stay literal (their own states bind other names).
 
     Pure and deterministic. Demos keep the caller's order (retrieval rank) and are shown compactly
-    as their action and delta text; ``demo_states=True`` also shows each demo's state (longer).
+    as their action and delta text without empty or unchanged fields; ``demo_states=True`` also shows each demo's state (longer).
     ``progress``: the env's dense score before the step in percent (``## progress``); ``hints``: lines
     of what the training data knows about the action (``## known``, e.g. whether the item was ever
     seen to belong where it is put), delexicalized like the state.
@@ -661,7 +668,7 @@ def build_prompt(instruction: str, history: Sequence[tuple[str, str]], state: st
         blocks = []
         for d in shown:
             head = f"{d['state'].strip()}\n" if demo_states else ""
-            blocks.append(f"{head}> {clean_text(d['action'])}\n{_demo_text(d)}")
+            blocks.append(f"{head}> {clean_text(d['action'])}\n{_compact(_demo_text(d))}")
         parts.append("## examples\n" + "\n\n".join(blocks))
     recent = list(history)[-history_window:] if use_history and history_window > 0 else []
 

@@ -11,7 +11,9 @@ Iteration k, in order (paper §4):
   4. synthesized_tasks  M_task writes variants of high-variance seeds (grammar-constrained), the
                  feasibility filter keeps some (Eq. 6); every proposal and its fate: task_proposals;
   5. task_pool   original tasks plus at most a fraction lambda of synthetic ones, for iteration k+1;
-  6. replay_buffer  the synthetic transitions join the buffer (tagged k) that grounds M_exp;
+  6. replay_buffer  the informative synthetic transitions join the buffer that grounds M_exp, which
+                 is pruned under a cap (``replay.grow_buffer``); iteration k itself retrieved from
+                 the buffer as tagged at its start;
   7. evaluation  the new policy on held-out tasks in the real env AND in M_exp (``sim_real_gap``,
                  ``evaluation.evaluate``).
 
@@ -179,10 +181,13 @@ class LoopConfig:
     """Held-out real test tasks scored each iteration (greedy)."""
     sim_eval_tasks: int = 25
     """Of those, how many also run in M_exp for the sim-real gap."""
+    replay_max_synthetic_rows: int = 20000
+    """Size cap on the replay buffer's synthetic rows (``replay.grow_buffer``); offline rows are never pruned."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps"):
+        for name in ("tasks_per_iteration", "group_size", "max_steps", "rollout_batch", "eval_max_steps",
+                     "replay_max_synthetic_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_tasks < 0 or self.sim_eval_tasks < 0:
@@ -220,7 +225,10 @@ class IterationInputs:
     task_writer: object | None = None
     """curriculum.TaskWriter over M_exp's weights (None: the curriculum cannot synthesize)."""
     buffer: object | None = None
-    """buffer.ReplayBuffer the synthetic transitions join (None: not kept)."""
+    """buffer.ReplayBuffer the synthetic transitions join (None: not kept). Tagged at the start of
+    iteration k (``tag_iteration``): the version M_exp's retriever reads during k."""
+    buffer_export: str | None = None
+    """Parquet path the buffer is exported to after stage 6 (``dreamgym sql``); None = no export."""
     embed: Callable[[list[str]], object] | None = None
     """Text -> unit vectors, for PPO's task clusters."""
     update: Callable[[str, str, str], dict] | None = None
@@ -274,6 +282,8 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
 
     clear_partial(store)
     k, timer, records = inp.k, Timer(), {}
+    if inp.buffer is not None:  # pin what iteration k retrieves: the buffer as it stands now (a re-run keeps it)
+        inp.buffer.tag_iteration(k)
     grpo = rl_cfg.algorithm == "grpo"
     init_state = initial_state_fn(inp.start_states)
     trainer = None
@@ -408,13 +418,13 @@ def run_iteration(inp: IterationInputs, cfg: LoopConfig, rl_cfg, cur_cfg, store:
     # 6. replay buffer ----------------------------------------------------------------------------
     def do_buffer() -> dict:
         if inp.buffer is None:
-            return store.put_record("replay_buffer", {"rows_added": 0, "kept": False})
-        from dreamgym_core.schema import transitions_from_arrow
-        n = inp.buffer.add(transitions_from_arrow(rollouts.select(
-            [c for c in rollouts.column_names if c in _TRANSITION_NAMES])), "synthetic", k, replace=True)
-        version = inp.buffer.tag_iteration(k, move=True)
-        return store.put_record("replay_buffer", {"rows_added": n, "version": version, "rows": len(inp.buffer),
-                                                  "by_source": inp.buffer.rows_by_source()})
+            return store.put_record("replay_buffer", {"added": 0, "kept": False})
+        from dreamgym_core.replay import grow_buffer
+        rec = grow_buffer(inp.buffer, rollouts.select([c for c in rollouts.column_names if c in _TRANSITION_NAMES]),
+                          k, cfg.replay_max_synthetic_rows, inp.buffer_export)
+        log(f"iteration {k:03d}: replay buffer +{rec['added']} rows ({rec['filtered']} filtered as uninformative), "
+            f"{rec['pruned']} pruned, {rec['size']} rows")
+        return store.put_record("replay_buffer", rec)
 
     buf_rec, dt = run_stage(store, "replay_buffer", log, do_buffer, lambda: store.record("replay_buffer"))
     timer.add("buffer", dt)

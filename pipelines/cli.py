@@ -107,7 +107,7 @@ TINY_OPS = {
 def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
-    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
             "policy_init", "experience_model_eval"]  # the eval scores the SFT policy's sim-real gap too
     return [(k, None) for k in head] + [("dreamgym_iteration", iteration_key(i)) for i in range(1, iterations + 1)] \
         + [("s2r_policy", None), ("real_rl_policy", None), ("policy_eval", None)]

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import dagster as dg  # noqa: E402
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks  # noqa: E402
-from assets.experience import cot_annotations, experience_model, experience_model_eval  # noqa: E402
+from assets.experience import cot_annotations, experience_model, experience_model_eval, replay_seed  # noqa: E402
 from assets.loop import LOOP_SPECS, LoopSettings, dreamgym_iteration  # noqa: E402
 from assets.policy import RLSettings, policy_eval, policy_init, real_rl_policy, s2r_policy  # noqa: E402
 from pipelines.checks import ALL_CHECKS  # noqa: E402
@@ -33,7 +33,7 @@ try:  # transformers' own bars (weights loading) ignore the hub variable
 except ImportError:  # pragma: no cover - transformers is a dependency
     pass
 
-ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, experience_model,
+ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, replay_seed, experience_model,
               experience_model_eval, policy_init, dreamgym_iteration, s2r_policy, real_rl_policy, policy_eval]
 LOOP_KEYS = [s.key for s in LOOP_SPECS]
 

@@ -38,10 +38,10 @@ FORCE_TAG = "dreamgym/force"
 """Run tag: ``true`` or ``all`` recomputes every stage of the run; ``experience_model,policy_init``
 only those; absent or ``false``: finished results with the same key are reused."""
 
-FORMATS = {"experience_model": 3, "policy_init": 1, "real_rl_policy": 1, "s2r_policy": 1, "dreamgym_loop": 1}
+FORMATS = {"experience_model": 4, "policy_init": 1, "real_rl_policy": 1, "s2r_policy": 1, "dreamgym_loop": 1}
 """Bumped when a stage's output changes shape for the same config and inputs (a stale result would
 otherwise be reused). experience_model: v2 = M_task examples in pointer form, v3 = the progress
-field and the placement knowledge."""
+field and the placement knowledge, v4 = retrieved demonstrations D_k in the prompts."""
 
 _CKPT_CACHE: dict[tuple, str] = {}
 

@@ -78,9 +78,9 @@ def conversions() -> list[Conversion]:
         Conversion(FidelityConfig, (FidelityEvalConfig,)),
         Conversion(ExperienceModelConfig, (SFTConfig, PromptConfig, TinyLlamaConfig),
                    {"warmup": "the schedule's fixed warmup", "checkpoint_every": "fixed at 100 steps",
-                    "num_demos": "M_exp trains without retrieved demos", "heads": "fixed (TinyLlamaConfig)",
+                    "heads": "fixed (TinyLlamaConfig)",
                     "kv_heads": "fixed", "intermediate": "fixed", "max_positions": "fixed"},
                    asset_only=("base_model", "win_weight", "invalid_weight", "task_writing_examples",
                                "task_writing_weight", "vocab_size"),
-                   own_defaults=("steps", "max_len", "time_budget_s", "history_window")),
+                   own_defaults=("steps", "max_len", "time_budget_s", "history_window", "num_demos")),
     ]

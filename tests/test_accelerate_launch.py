@@ -44,9 +44,12 @@ def _experience_model(tmp_path, monkeypatch, launch: list[str]):
 
     monkeypatch.setenv("DREAMGYM_DATA", str(tmp_path))  # checkpoints go under the data root
     write_parquet_atomic(pa.Table.from_pylist(ROWS * 4), str(tmp_path / "parquet" / "cot_annotations.parquet"))
+    offline = [{**r, "task_id": f"t/{r['traj_id']}", "env": "twx"} for r in ROWS]  # the replay seed's rows
+    write_parquet_atomic(pa.Table.from_pylist(offline), str(tmp_path / "parquet" / "offline_trajectories.parquet"))
     resources = {**build_defs(str(tmp_path)).resources, "launcher": Launcher(mode="accelerate", launch=launch)}
     with dg.instance_for_test() as instance:
-        res = dg.materialize(ALL_ASSETS, selection=["experience_model"], resources=resources, instance=instance,
+        res = dg.materialize(ALL_ASSETS, selection=["replay_seed", "experience_model"], resources=resources,
+                             instance=instance,
                              run_config={"ops": {"experience_model": {"config": TINY_MEXP}}})
         return res, _messages(instance, res.run_id)
 

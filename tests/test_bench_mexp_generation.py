@@ -47,3 +47,17 @@ def test_both_methods_predict_every_prompt_with_positive_timings(tmp_path):
     for r in res.values():
         assert r["seconds"] > 0 and r["steps_per_s"] > 0 and r["tokens_per_s"] > 0
     assert res["batched_1"]["same_text"] == 1.0  # batch 1 has no padding: greedy must match token for token
+
+
+def test_retrieval_cost_times_the_simulator_with_and_without_demos(tmp_path):
+    from bench.mexp_generation import retrieval_cost
+
+    prompts, _ = simulator_prompts([TRAJ], PromptConfig())
+    tok = train_tokenizer([p * 5 for p in prompts], str(tmp_path / "tok"), vocab_size=400, min_frequency=1)
+    model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
+    other = Trajectory("u#0", Task("u", "twx", "twc", "train", 1, "put the apple in the fridge"), "expert",
+                       tuple(Transition(**{**t.__dict__, "traj_id": "u#0", "task_id": "u"}) for t in TRAJ.steps))
+    res = retrieval_cost(model, tok, [TRAJ, other], SimConfig(max_new_tokens=4), 2, 1, str(tmp_path))
+    assert res["retrieval on"]["demo_share"] == 1.0 and res["retrieval off"]["demo_share"] == 0.0
+    assert res["retrieval on"]["prompt_tokens"] > res["retrieval off"]["prompt_tokens"]
+    assert all(r["steps_per_s"] > 0 for r in res.values())

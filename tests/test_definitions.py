@@ -44,7 +44,7 @@ def test_all_assets_materialize_in_a_temp_folder(tmp_path, monkeypatch):
         "policy_init": {"config": {"steps": 3, "hidden": 32, "layers": 1}}}}
     # iteration 0, the unpartitioned head of the graph; the loop, S2R, the real-RL baseline and
     # policy_eval run on top of it in tests/test_loop_assets.py
-    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
             "experience_model_eval", "policy_init"]
     with dg.instance_for_test() as instance:
         res = dg.materialize(ALL_ASSETS, selection=head, resources=resources, instance=instance,

@@ -410,12 +410,12 @@ def test_decoding_drops_finished_rows_and_keeps_each_row_its_own():
     sim = ExperienceModel(model, types.SimpleNamespace(eos_token_id=0), initial_state=lambda t: S0,
                           propose_candidates=lambda s: [], cfg=SimConfig(max_new_tokens=10))
     inp = torch.tensor([[5, 5, 2], [5, 5, 0 + 1], [5, 5, 0]])  # row ids 2, 1, 0 (last prompt token)
-    seqs = sim._decode(inp, torch.ones_like(inp), P, None)
+    seqs = sim.decoder.decode(inp, torch.ones_like(inp), P, None)
     assert seqs == [[12, 12, 12, 0], [11, 11, 0], [10, 0]]
     assert model.batch_sizes == [3, 3, 2, 1]  # prefill, then each row leaves after its EOS
     capped = ExperienceModel(_CountingModel(P), types.SimpleNamespace(eos_token_id=0), initial_state=lambda t: S0,
                              propose_candidates=lambda s: [], cfg=SimConfig(max_new_tokens=2))
-    assert capped._decode(inp, torch.ones_like(inp), P, None) == [[12, 12], [11, 11], [10, 0]]
+    assert capped.decoder.decode(inp, torch.ones_like(inp), P, None) == [[12, 12], [11, 11], [10, 0]]
 
 
 @pytest.mark.parametrize("capacity", [64, 9])  # 9: smaller than the prompt, so the buffer has to grow
@@ -513,11 +513,11 @@ def test_lean_and_transformers_forwards_and_both_kv_caches_write_the_same_text(t
     assert len(set(outs.values())) == 1, outs
     assert all(outs[("lean", "growing")])  # something was written
     sim_lean = ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [])
-    first = sim_lean._lean()
-    assert sim_lean._lean() is first  # built once
+    first = sim_lean.decoder.lean()
+    assert sim_lean.decoder.lean() is first  # built once
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.add_(0.5)  # weights changed in place (an optimizer step)
-    rebuilt = sim_lean._lean()
+    rebuilt = sim_lean.decoder.lean()
     assert rebuilt is not first
     torch.testing.assert_close(rebuilt.layers[0]["qkv"][:32], model.model.layers[0].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="forward"):
@@ -543,7 +543,7 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
         inp[b, P - len(x):], attn[b, P - len(x):] = torch.tensor(x), 1
     sim = ExperienceModel(model, tok, initial_state=lambda t: S0, propose_candidates=lambda s: [],
                           cfg=SimConfig(max_new_tokens=40, forward=fwd, prefill_rows=2))
-    lean = sim._lean()
+    lean = sim.decoder.lean()
     assert (lean is None) == (fwd == "transformers")
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -562,7 +562,7 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
             return out.logits[:, -1, :], out.past_key_values
 
         grouped = GrowingCache(P) if lean is not None else DynamicCache()
-        got = sim._grouped_prefill(inp, attn, grouped, step, lean is not None)
+        got = sim.decoder.grouped_prefill(inp, attn, grouped, step, lean is not None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     real = attn.bool()
     for a, b in zip(grouped.layers, whole.layers):  # every row's real keys and values where they belong
@@ -575,6 +575,6 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
              for rows in (0, 2, 4) for kv in ("growing", "dynamic")}
     assert len(set(texts.values())) == 1 and all(texts[(0, "growing")])
     same = torch.stack([inp[0]] * 3), torch.ones(3, P, dtype=torch.long)
-    assert sim._grouped_prefill(*same, GrowingCache(P), step, lean is not None) is None  # equal lengths: one forward instead
+    assert sim.decoder.grouped_prefill(*same, GrowingCache(P), step, lean is not None) is None  # equal lengths: one forward instead
     with pytest.raises(ValueError, match="prefill_rows"):
         SimConfig(prefill_rows=-1)

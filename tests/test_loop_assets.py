@@ -15,7 +15,7 @@ TINY_OPS = {
                                     "batch_size": 4}},
     "policy_init": {"config": {"time_budget_s": 3.0, "hidden": 32, "layers": 1, "steps": 20}},
 }
-HEAD = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model", "policy_init"]
+HEAD = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model", "policy_init"]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def run(tmp_path_factory):
         os.environ["DREAMGYM_DATA"] = old
 
 
-def _iteration(defs, instance, key: str, **kw):
+def _iteration(defs, instance, key: str, resources=None, **kw):
     from pipelines.definitions import ALL_ASSETS, LOOP_KEYS
 
-    return dg.materialize(ALL_ASSETS, selection=LOOP_KEYS, resources=defs.resources, instance=instance,
+    return dg.materialize(ALL_ASSETS, selection=LOOP_KEYS, resources=resources or defs.resources, instance=instance,
                           partition_key=key, **kw)
 
 
@@ -66,6 +66,17 @@ def test_two_iterations_chain_and_check(run):
                     f"read_parquet('{data}/parquet/iteration_eval/*.parquet') order by iteration").fetchall()
     assert [(p, i) for p, i, *_ in ev] == [("dreamgym", 1), ("dreamgym", 2)]
     assert all(0 <= s <= 1 for *_, s, _ in ev)
+    # retrieval inside the loop: M_exp was trained with demos, and its prompts in iteration k held them
+    mexp = instance.get_latest_materialization_event(dg.AssetKey("experience_model")).asset_materialization.metadata
+    assert mexp["num_demos"].value == 2 and "## examples" in mexp["example_prompt"].value
+    for r in (r1, r2):
+        meta = r.asset_materializations_for_node("dreamgym_iteration")
+        by_key = {m.asset_key.to_user_string(): m.metadata for m in meta}
+        assert by_key["iteration_eval"]["replay/demo_share"].value > 0.9
+        assert {"replay/added", "replay/filtered", "replay/pruned", "replay/size"} <= set(by_key["replay_buffer"])
+    rows = duckdb.sql(f"select buffer_iteration, source, count(*) from "
+                      f"read_parquet('{data}/parquet/replay_buffer_rows/*.parquet') group by all order by all").fetchall()
+    assert {(i, s) for i, s, _ in rows} >= {(1, "offline"), (2, "offline")}
 
 
 def test_iteration_out_of_order_fails_clearly(run):
@@ -135,3 +146,21 @@ def test_s2r_real_rl_and_policy_eval_count_real_transitions(run):
     assert ev[("s2r", latest, "greedy")]["real_transitions"] == s2r["real_transitions"].value
     assert ev[("real_rl", 0, "greedy")]["real_transitions"] == real["real_transitions"].value
     assert all(r["ci_low"] <= r["success_rate"] <= r["ci_high"] for r in ev.values())
+
+
+def test_replay_buffer_false_puts_no_demos_in_m_exp_prompts(run):
+    """The ablation switch: SFT prompts and the loop's simulated prompts hold no demonstrations.
+    Last in this module: it re-materializes experience_model and iteration 001 with the switch off."""
+    defs, instance, _ = run
+    from assets.loop import LoopSettings
+    from pipelines.definitions import ALL_ASSETS, PROFILES
+
+    resources = {**defs.resources, "loop": LoopSettings(**PROFILES["tiny"]["loop"], replay_buffer=False)}
+    res = dg.materialize(ALL_ASSETS, selection=["experience_model"], resources=resources, instance=instance,
+                         run_config={"ops": {"experience_model": TINY_OPS["experience_model"]}})
+    meta = res.asset_materializations_for_node("experience_model")[0].metadata
+    assert meta["num_demos"].value == 0 and "## examples" not in meta["example_prompt"].value
+    it = _iteration(defs, instance, "001", resources=resources)
+    assert it.success
+    by_key = {m.asset_key.to_user_string(): m.metadata for m in it.asset_materializations_for_node("dreamgym_iteration")}
+    assert by_key["iteration_eval"]["replay/demo_share"].value == 0.0

@@ -187,7 +187,7 @@ def test_live_the_bootstrap_assets_run_on_miniwob(tmp_path, monkeypatch):
         "experience_model_eval": {"config": {"max_transitions": 9, "drift_trajectories": 3, "drift_steps": 3,
                                              "gap_tasks": 2, "gap_max_steps": 4}},
         "policy_init": {"config": {"steps": 2, "hidden": 32, "layers": 1}}}}
-    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+    head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
             "experience_model_eval", "policy_init"]
     with dg.instance_for_test() as instance:
         res = dg.materialize(ALL_ASSETS, selection=head, resources=resources, instance=instance, run_config=run_config)

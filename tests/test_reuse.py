@@ -75,7 +75,7 @@ TINY_MEXP = {"time_budget_s": 3.0, "hidden": 32, "layers": 1, "vocab_size": 400,
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """(defs, instance, data dir) with seed_tasks and offline_trajectories materialized (tiny profile)."""
+    """(defs, instance, data dir) with seed_tasks, offline_trajectories and replay_seed materialized (tiny profile)."""
     data = tmp_path_factory.mktemp("reusedata")
     mp = pytest.MonkeyPatch()
     mp.setenv("DREAMGYM_DATA", str(data))
@@ -83,7 +83,8 @@ def head(tmp_path_factory):
 
     defs = build_defs(str(data), "tiny")
     with dg.instance_for_test() as instance:
-        res = dg.materialize(ALL_ASSETS, selection=["seed_tasks", "offline_trajectories"], resources=defs.resources,
+        res = dg.materialize(ALL_ASSETS, selection=["seed_tasks", "offline_trajectories", "replay_seed"],
+                             resources=defs.resources,
                              instance=instance)
         assert res.success
         yield defs, instance, data

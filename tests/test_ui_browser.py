@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-STAGES = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model",
+STAGES = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
           "experience_model_eval", "policy_init", "rollouts", "policy", "task_scores", "synthesized_tasks",
           "task_proposals", "task_pool", "replay_buffer", "iteration_eval", "s2r_policy", "real_rl_policy",
           "policy_eval"]
@@ -53,7 +53,7 @@ def _prepare(data: Path, env: dict) -> None:
 import dagster as dg
 from pipelines.definitions import ALL_ASSETS, build_defs
 defs = build_defs()
-keys = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "experience_model", "policy_init"]
+keys = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model", "policy_init"]
 ops = {"experience_model": {"config": {"time_budget_s": 4.0, "hidden": 32, "layers": 1, "vocab_size": 400,
                                        "steps": 20, "batch_size": 4}},
        "policy_init": {"config": {"time_budget_s": 3.0, "hidden": 32, "layers": 1, "steps": 20}}}
