@@ -137,7 +137,7 @@ def locking_executor(root: str) -> dg.ExecutorDefinition:
     ``partition_lock`` on every step of the run for the run's length."""
     base = dg.multi_or_in_process_executor
 
-    @dg.executor(name="dreamgym_locking", config_schema=base.config_schema.config_type,
+    @dg.executor(name="dreamgym_locking", config_schema=base.config_schema.as_field(),  # keeps the default
                  requirements=lambda cfg: base.get_requirements(cfg))
     def _executor(init_context):
         return _LockingExecutor(base.executor_creation_fn(init_context), root)
