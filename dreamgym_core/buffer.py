@@ -4,7 +4,7 @@ DreamGym seeds a replay buffer with offline real-environment transitions, adds t
 synthesized at every iteration, and conditions the experience model M_exp on the top-k stored
 transitions most similar to the current (state, action) by cosine similarity of their embeddings
 (the demonstrations D_k of Eq. 4). This module stores those transitions with their embeddings,
-retrieves top-k neighbours with filters (env, task, source), prunes, and pins what each iteration
+retrieves top-k neighbours with filters (env, task, source), deletes rows, and pins what each iteration
 sees to a table version.
 
 Where this departs from the paper, and why:
@@ -14,7 +14,8 @@ Where this departs from the paper, and why:
   the first run did even after later iterations were written.
 - **Pruning.** The paper keeps the buffer "fresh" without a rule; we offer three explicit,
   counted policies: near-duplicate removal within a task, a cap on all-success rollout groups
-  (little signal for the curriculum), and a newest-N-trajectories-per-task window.
+  (little signal for the curriculum), and a newest-N-trajectories-per-task window. They live in
+  ``dreamgym_core.replay`` (which imports this module), beside the per-iteration update that uses them.
 - **Embedded text.** ``action`` goes before ``state`` in the embedded text so that a long state
   truncated at the encoder's token limit (256 for MiniLM) never loses the action.
 - **Search.** Exact cosine (numpy over the version's vectors) below ``index_min_rows``; above it
@@ -657,101 +658,3 @@ def _to_arrow(data) -> pa.Table:
     if hasattr(data, "to_arrow"):            # polars DataFrame, without importing polars here
         return data.to_arrow()
     return transitions_to_arrow(data)
-
-
-# ---- pruning policies: each returns the number of rows it deleted ------------------------------
-
-def _trajectory_ids(t: pa.Table) -> list[tuple]:
-    return list(zip(t["traj_id"].to_pylist(), t["source"].to_pylist(), t["iteration"].to_pylist()))
-
-
-def greedy_near_duplicates(vectors: np.ndarray, threshold: float, block: int = 512) -> np.ndarray:
-    """vectors: (M, dim) unit rows in priority order -> keep: (M,) bool.
-
-    Row i is dropped when its cosine with an earlier kept row is >= threshold. Blocked so that a
-    large task costs a few matrix products instead of M^2 Python steps.
-    """
-    m = len(vectors)
-    keep = np.zeros(m, bool)
-    kept = np.zeros((0, vectors.shape[1]), np.float32)
-    for s in range(0, m, block):
-        blk = vectors[s:s + block]
-        dup = (blk @ kept.T >= threshold).any(axis=1) if len(kept) else np.zeros(len(blk), bool)
-        inner = blk @ blk.T
-        chosen: list[int] = []
-        for i in range(len(blk)):
-            if dup[i] or (chosen and (inner[i, chosen] >= threshold).any()):
-                continue
-            chosen.append(i)
-        keep[s + np.asarray(chosen, dtype=np.int64)] = True
-        kept = np.concatenate([kept, blk[chosen]])
-    return keep
-
-
-def prune_near_duplicates(buf: ReplayBuffer, threshold: float = 0.98, *, where: str | None = None) -> int:
-    """Within each task, drop rows whose embedding has cosine >= threshold with a kept row.
-
-    Kept first: real data before synthetic (SOURCE_PRIORITY), then older iterations, then
-    (traj_id, step_idx). ``where`` (SQL) limits which rows are considered.
-    """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    t = buf.scan(["task_id", "traj_id", "step_idx", "source", "iteration", "vector"], where=where, with_rowid=True)
-    if t.num_rows == 0:
-        return 0
-    vec = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, -1)
-    task = t["task_id"].to_pylist()
-    prio = [SOURCE_PRIORITY.get(s, len(SOURCE_PRIORITY)) for s in t["source"].to_pylist()]
-    keys = list(zip(task, prio, t["iteration"].to_pylist(), t["traj_id"].to_pylist(), t["step_idx"].to_pylist()))
-    order = sorted(range(t.num_rows), key=keys.__getitem__)
-    rowid = t["_rowid"].to_numpy()
-    drop: list[int] = []
-    start = 0
-    while start < len(order):
-        end = start
-        while end < len(order) and task[order[end]] == task[order[start]]:
-            end += 1
-        idx = np.asarray(order[start:end])
-        keep = greedy_near_duplicates(vec[idx], threshold)
-        drop.extend(rowid[idx[~keep]].tolist())
-        start = end
-    return buf.delete_rowids(drop)
-
-
-def cap_success_groups(buf: ReplayBuffer, max_trajectories: int = 2, *, where: str | None = None) -> int:
-    """In a group (task_id, source, iteration) where every trajectory was won, keep only the first
-    ``max_trajectories`` trajectories (by traj_id). Such groups have zero reward variance, so more
-    copies add little for M_exp's grounding or the curriculum; mixed groups are left alone."""
-    if max_trajectories < 1:
-        raise ValueError(f"max_trajectories must be >= 1, got {max_trajectories}")
-    t = buf.scan(["task_id", "traj_id", "source", "iteration", "won"], where=where, with_rowid=True)
-    trajs = _trajectory_ids(t)
-    won: dict[tuple, bool] = {}
-    for tr, w in zip(trajs, t["won"].to_pylist()):
-        won[tr] = won.get(tr, False) or bool(w)
-    groups: dict[tuple, set[tuple]] = {}
-    for task, tr in zip(t["task_id"].to_pylist(), trajs):
-        groups.setdefault((task, tr[1], tr[2]), set()).add(tr)
-    dropped_trajs = set()
-    for members in groups.values():
-        if all(won[m] for m in members) and len(members) > max_trajectories:
-            dropped_trajs.update(sorted(members)[max_trajectories:])
-    rowid = t["_rowid"].to_pylist()
-    return buf.delete_rowids([r for r, tr in zip(rowid, trajs) if tr in dropped_trajs])
-
-
-def keep_newest_per_task(buf: ReplayBuffer, n_trajectories: int, *, where: str | None = None) -> int:
-    """Per task, keep the ``n_trajectories`` newest trajectories (highest iteration, then traj_id)."""
-    if n_trajectories < 1:
-        raise ValueError(f"n_trajectories must be >= 1, got {n_trajectories}")
-    t = buf.scan(["task_id", "traj_id", "source", "iteration"], where=where, with_rowid=True)
-    trajs = _trajectory_ids(t)
-    per_task: dict[str, set] = {}
-    for task, tr in zip(t["task_id"].to_pylist(), trajs):
-        per_task.setdefault(task, set()).add(tr)
-    dropped = set()
-    for members in per_task.values():
-        newest_first = sorted(members, key=lambda tr: (-tr[2], tr[0], tr[1]))
-        dropped.update(newest_first[n_trajectories:])
-    rowid = t["_rowid"].to_pylist()
-    return buf.delete_rowids([r for r, tr in zip(rowid, trajs) if tr in dropped])
