@@ -13,7 +13,9 @@
    with no iteration's rows lost; the outputs of steps finished before the kill are byte-identical.
    After the next start: the killed run is FAILURE, not STARTED.
 4. At the end: no run left STARTED; every Parquet asset equals the reference's (timing columns aside,
-   the data folder's own path replaced by <data>), and every checkpoint's weights equal it within
+   the data folder's own path replaced by <data>, and a checkpoint folder's reuse key replaced by <key>:
+   the key fingerprints the replay buffer by its Lance version, which a rolled-back write advances
+   without changing its rows), and every checkpoint's weights equal it within
    ``WEIGHT_ATOL`` (CPU training reduces in thread order, so two uninterrupted runs can differ in the
    last bit; the report gives the largest difference and how many are bitwise equal).
    Writes <out>/kill_report.json and prints a summary.
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +184,8 @@ def compare_with_reference(ref: Path, got: Path) -> dict:
            "weights_bitwise_equal": 0, "weights_max_abs_diff": 0.0}
 
     def canon(table, root: Path) -> str:
-        return json.dumps(table.to_pylist(), default=str).replace(str(root), "<data>")
+        text = json.dumps(table.to_pylist(), default=str).replace(str(root), "<data>")
+        return re.sub(r"(<data>/checkpoints/[^/\"]+/)[0-9a-f]{16}/", r"\1<key>/", text)
     for p in sorted((ref / "parquet").rglob("*.parquet")):
         if p.name.startswith("."):
             continue
