@@ -48,3 +48,21 @@ def test_unknown_setting_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["lamp", "--settings", "fastest"])
     assert "unknown ['fastest']" in capsys.readouterr().err
+
+
+def test_mexp_retrieval_rows_render_one_line_per_variant(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    cols = ["variant", "budget_s", "sft_steps", "scope", "transitions", "state_exact_match", "reward_accuracy",
+            "win_recall", "invalid_action_accuracy", "episodes", "sim_success_rate", "real_success_rate",
+            "sim_real_gap"]
+    rows = [["retrieval_k2", 300, 250, "overall", 150, 0.6, 0.9, 0.5, 0.95, "", "", "", ""],
+            ["retrieval_k2", 300, 250, "policy:random", "", "", "", "", "", 60, 0.2, 0.1, 0.1],
+            ["no_retrieval", 300, 280, "overall", 150, 0.55, 0.88, 0.4, 0.9, "", "", "", ""]]
+    with open(res / "mexp_retrieval.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+    text = open(write_results_doc(str(res), str(tmp_path / "results.md"))).read()
+    assert "| retrieval_k2 | 250 | 0.600 | 0.900 | 0.500 | 0.950 | 0.20 / 0.10 (+0.10) |  |" in text
+    assert "| no_retrieval | 280 | 0.550 | 0.880 | 0.400 | 0.900 |  |  |" in text
