@@ -62,3 +62,19 @@ def file_sha256(uri: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str, what: str = "") -> dict:
+    """A JSON object from ``path``; malformed JSON or another JSON type is a one-line ValueError naming
+    the file (``what``, e.g. "manifest", prefixes the complaint)."""
+    import json
+
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {what + ' is ' if what else ''}not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what + ' must be' if what else 'expected'} a JSON object, "
+                         f"got {type(obj).__name__}")
+    return obj

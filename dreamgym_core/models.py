@@ -225,15 +225,9 @@ def load_checkpoint(path: str, *, training: bool = False):
     p = placement() if not training else None
     model, tok = load_causal_lm(path, dtype=p.dtype_name, device=p.device) if p else load_causal_lm(path)
     meta_path = os.path.join(path, "dreamgym.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    from dreamgym_core.io import read_json_object
+
+    meta = read_json_object(meta_path) if os.path.exists(meta_path) else {}
     if "policy_format" in meta:  # a policy: its prompt format travels with the model (policy.PolicyFormat)
         from dreamgym_core.policy import PolicyFormat, set_policy_format
 

@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from dreamgym_core.faults import fault
-from dreamgym_core.io import exists, read_parquet, write_parquet_atomic
+from dreamgym_core.io import exists, read_json_object, read_parquet, write_parquet_atomic
 from dreamgym_core.schema import CheckpointRef
 
 
@@ -128,13 +128,7 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
 
     def _read(self, path: str) -> CheckpointRef:
         """A manifest -> its ref; a malformed one, or one whose weights are gone, is a one-line error."""
-        try:
-            with open(path) as f:
-                obj = json.load(f)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: manifest must be a JSON object, got {type(obj).__name__}")
+        obj = read_json_object(path, "manifest")
         fields = set(CheckpointRef.__dataclass_fields__)
         if set(obj) - fields or not {"path", "kind"} <= set(obj):
             raise ValueError(f"{path}: manifest fields {sorted(obj)} do not match CheckpointRef "

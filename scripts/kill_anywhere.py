@@ -1,6 +1,6 @@
 """Kill a tiny DreamGym demo anywhere, resume it, and check nothing was lost or corrupted (issue 27 item 1).
 
-    PYTHONPATH=. python scripts/kill_anywhere.py --out /tmp/kill [--iterations 2] [--random-kills 2] [--seed 0]
+    PYTHONPATH=. python scripts/kill_anywhere.py --out data-kill [--iterations 2] [--random-kills 2] [--seed 0]
                                                  [--reference DIR]
 
 1. Reference: ``dreamgym demo --tiny`` uninterrupted into <out>/reference (or ``--reference`` reuses one).
