@@ -336,20 +336,31 @@ def experience_model_eval(context: dg.AssetExecutionContext, config: FidelityCon
                           policy_init: CheckpointRef) -> pa.Table:
     """M_exp against held-out real experience, each number beside the "nothing changes" baseline:
     single-step fidelity (overall and per action verb), multi-step drift of an open-loop replay of
-    real trajectories, and the sim-real gap of fixed policies (random, the behaviour-cloned SFT policy)."""
-    from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
+    real trajectories, and the sim-real gap of fixed policies (random, the behaviour-cloned SFT policy).
+
+    Offline-only (``experiment.logs``): the held-out real experience is the held-out logs, and the
+    sim-real gap (which needs a live env) is left out with a log line unless ``live_scoring`` names one."""
+    from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states, scoring_env_factory
     from dreamgym_core.evaluation import FidelityEvalConfig, model_fidelity
     from dreamgym_core.models import load_checkpoint
 
     tasks = heldout(eval_tasks)
-    env = make_env(experiment.env_spec())
-    try:
-        trajs, _ = collect(env, tasks, experiment.collect_config())
-    finally:
-        env.close()
+    if experiment.offline:
+        ids = {t.task_id for t in tasks}
+        trajs = [t for t in experiment.log_split().test if t.task.task_id in ids]
+        context.log.info(f"scoring M_exp on {sum(len(t) for t in trajs)} held-out logged transitions of "
+                         f"{len(tasks)} tasks")
+        make_real = scoring_env_factory(experiment, "experience_model_eval's sim-real gap", context.log.info)
+    else:
+        env = make_env(experiment.env_spec())
+        try:
+            trajs, _ = collect(env, tasks, experiment.collect_config())
+        finally:
+            env.close()
+        make_real = real_env_factory(experiment)
     sims = SimulatorFactory(experience_model, experiment, retrieve="seed")  # D_k as M_exp was trained with
     model, tok, _ = load_checkpoint(policy_init.path)
-    rep = model_fidelity(trajs, tasks, sims, real_env_factory(experiment), lambda ts: real_start_states(experiment, ts),
+    rep = model_fidelity(trajs, tasks, sims, make_real, lambda ts: real_start_states(experiment, ts),
                          (model, tok), core(FidelityEvalConfig, config),
                          {"model": experience_model.path, "ablation": ablation_name(sims.prompt)}, log=context.log.info)
     gaps = {f"{k}/{r['policy']}": r[k] for r in rep.rows if r.get("policy")

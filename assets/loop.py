@@ -18,8 +18,8 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.policy import RLSettings, rl_config
-from assets.runtime import SimulatorFactory, heldout, offline_start_states, open_buffer, real_env_factory, \
-    real_start_states
+from assets.runtime import SimulatorFactory, heldout, offline_start_states, open_buffer, real_start_states, \
+    scoring_env_factory
 from dreamgym_core.experience.retrieval import Retriever
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines import reuse
@@ -129,7 +129,7 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     loop_cfg = core(LoopConfig, config)
     cur_cfg = core(cur.CurriculumConfig, config, enabled=config.curriculum)
     rl_cfg = rl_config(rl)
-    key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.env_spec(),
+    key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.source_key(),
                                             {"k": k, "replay_buffer": config.replay_buffer}),
                           experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
                           prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
@@ -150,7 +150,8 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     inp = IterationInputs(
         k=k, prev_policy_dir=prev_policy.path if prev_policy else policy_init.path, ref_policy_dir=policy_init.path,
         pool=tasks_from_arrow(prev_task_pool) if prev_task_pool is not None else original, original=original,
-        start_states=starts, eval_tasks=test, make_sim=sims, make_real=real_env_factory(experiment),
+        start_states=starts, eval_tasks=test, make_sim=sims,
+        make_real=scoring_env_factory(experiment, f"iteration_eval[{context.partition_key}]", context.log.info),
         task_writer=writer, buffer=buffer, embed=buffer.embedder.encode if buffer is not None else None,
         buffer_export=os.path.join(data_root(), "parquet", "replay_buffer_rows", f"{k:03d}.parquet"),
         update=accelerate_update(context, launcher, rl_cfg, policy_init.path, resume=k > 1)
@@ -197,8 +198,10 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
     now = out.evaluation.to_pylist()[0]["success_rate"]
     before = prev_eval.to_pylist()[0]["success_rate"] if prev_eval is not None and prev_eval.num_rows else None
     yield dg.AssetCheckResult(asset_key="iteration_eval", check_name="real_success_not_regressed",
-                              passed=before is None or now >= before, severity=dg.AssetCheckSeverity.WARN,
-                              metadata={"success_rate": now, "previous": before if before is not None else -1.0})
+                              passed=before is None or now is None or now >= before,  # None: no live env
+                              severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"success_rate": now if now is not None else -1.0,
+                                        "previous": before if before is not None else -1.0})
 
 
 def accelerate_update(context: dg.AssetExecutionContext, launcher: Launcher, rl_cfg, ref_policy_dir: str, *,

@@ -7,7 +7,7 @@ import time
 import dagster as dg
 import pyarrow as pa
 
-from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states
+from assets.runtime import SimulatorFactory, heldout, real_env_factory, real_start_states, scoring_env_factory
 from dreamgym_core.rollout import PolicyFormat
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow, trajectories_from_arrow
 from pipelines import reuse
@@ -123,6 +123,7 @@ def _train_real(context, name: str, start: CheckpointRef, ref: CheckpointRef, rl
     from dreamgym_core.models import load_checkpoint
     from dreamgym_core.rl.trainer import PolicyTrainer
 
+    experiment.require_training_env(name)
     key = reuse.stage_key(name, (rl, cfg, experiment.env_spec()), start=start, ref=ref, seed_tasks=seed_tasks)
     out = reuse.stage_dir(context, name, key)
     if os.path.exists(os.path.join(out, "real_budget.json")):
@@ -178,6 +179,7 @@ class S2RConfig(RealRLConfig):
 def s2r_policy(context: dg.AssetExecutionContext, rl: RLSettings, config: S2RConfig, experiment: Experiment,
                policy: dict, policy_init: CheckpointRef, seed_tasks: pa.Table):
     """Sim-to-real: the synthetically trained policy continues in the real env with a small counted budget."""
+    experiment.require_training_env("s2r_policy")
     if not policy:
         raise dg.Failure("s2r_policy needs at least one materialized iteration of `policy`")
     key = f"{config.from_iteration:03d}" if config.from_iteration else max(policy)
@@ -206,6 +208,8 @@ def policy_eval(context: dg.AssetExecutionContext, config: PolicyEvalConfig, exp
                 iteration_eval: pa.Table | None, s2r_policy: CheckpointRef | None,
                 real_rl_policy: CheckpointRef | None) -> pa.Table:
     """Real held-out success of every policy: random, SFT, DreamGym (each iteration), S2R, real-RL.
+    Offline-only without a live env to score in: success in M_exp on the held-out logged tasks' first
+    states (``success_rate`` null, the interval M_exp success's).
 
     One row per (policy, iteration, mode) with a Wilson 95% interval and ``real_transitions`` (real
     transitions used to TRAIN the policy). ``sim_real_gap`` = success in M_exp minus real success on
@@ -217,13 +221,15 @@ def policy_eval(context: dg.AssetExecutionContext, config: PolicyEvalConfig, exp
     from dreamgym_core.rollout import RandomPolicy
 
     test = heldout(eval_tasks)[:config.eval_tasks]
-    cfg = LoopConfig(eval_tasks=config.eval_tasks, sim_eval_tasks=config.sim_eval_tasks,
+    make_real = scoring_env_factory(experiment, "policy_eval", context.log.info)
+    # with no live env, M_exp is the only place to score in: every eval task runs there
+    cfg = LoopConfig(eval_tasks=config.eval_tasks,
+                     sim_eval_tasks=config.sim_eval_tasks if make_real is not None else config.eval_tasks,
                      eval_max_steps=config.max_steps, seed=config.seed)
     sims = SimulatorFactory(experience_model, experiment, retrieve="seed")  # M_exp's D_k as it was trained
     init_state = initial_state_fn(real_start_states(experiment, test))
     modes = ("greedy", "sampled") if config.sampled else ("greedy",)
-    run = dict(tasks=test, make_real=real_env_factory(experiment), make_sim=sims, init_state=init_state, cfg=cfg,
-               log=context.log.info)
+    run = dict(tasks=test, make_real=make_real, make_sim=sims, init_state=init_state, cfg=cfg, log=context.log.info)
     tables = [evaluate(lambda mode: RandomPolicy("random"), "random", 0, real_transitions=0, modes=("sampled",), **run)]
     model, tok, _ = load_checkpoint(policy_init.path)
     tables.append(evaluate(lm_policy_factory(model, tok, "sft"), "sft", 0, real_transitions=0, modes=modes, **run))

@@ -19,8 +19,23 @@ def real_env_factory(experiment, engines: int = 8):
     return lambda: SerialBatchEnv(lambda: make_env(spec), max_engines=engines)
 
 
+def scoring_env_factory(experiment, step: str, log):
+    """The live env a policy is scored in, or None on the offline-only path (M_exp only), saying why."""
+    if experiment.offline and not experiment.live_scoring:
+        log(f"{step}: no live env (offline-only run, experiment.logs): policies are scored in M_exp only")
+        return None
+    return real_env_factory(experiment)
+
+
 def candidate_rule(experiment):
-    """The adapter's state-only candidate rule (synthetic states have no engine to ask)."""
+    """The adapter's state-only candidate rule (synthetic states have no engine to ask). Offline-only:
+    the same rule without starting an engine, or, for an env without one, the rule read off the logs."""
+    if experiment.offline:
+        from dreamgym_core.envs import state_candidate_rule
+        from dreamgym_core.offline import logged_candidates
+
+        rule = state_candidate_rule(experiment.env, experiment.game)
+        return rule if rule is not None else logged_candidates(experiment.log_split().train)
     env = make_env(experiment.env_spec())
     env.close()
     return env.propose_candidates
@@ -43,7 +58,10 @@ def offline_start_states(offline: pa.Table) -> dict[str, str]:
 
 
 def real_start_states(experiment, tasks: list[Task]) -> dict[str, str]:
-    """task_id -> start state from a real reset (a reset is not a transition: no budget is used)."""
+    """task_id -> start state from a real reset (a reset is not a transition: no budget is used).
+    Offline-only: each task's logged first state (no env to reset)."""
+    if experiment.offline:
+        return {t.task_id: t.initial_state for t in tasks if t.initial_state}
     env = make_env(experiment.env_spec())
     try:
         return {t.task_id: env.reset(t).state for t in tasks}

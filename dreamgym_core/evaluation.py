@@ -191,6 +191,7 @@ def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start
     replay of real trajectories, 3. the sim-real gap of a random and the behaviour-cloned ``policy``
     ((model, tokenizer)) on the first ``cfg.gap_tasks`` of ``tasks``, paired episode by episode.
     ``make_sim(initial_state)`` -> an M_exp env; ``start_states(tasks)`` -> task_id -> real start state;
+    ``make_real`` None (the offline-only path, no live env): part 3 is skipped, with a log line;
     ``base``: the columns every row carries (model, ablation)."""
     import random
     import time
@@ -234,6 +235,10 @@ def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start
                                          "baseline_state_token_f1")}})
 
     # 3. sim-real gap of fixed policies on the same held-out tasks and start states
+    if make_real is None:
+        log("sim-real gap of fixed policies: skipped, no live env (offline-only: M_exp is scored on the "
+            "held-out logs above)")
+        return FidelityReport(rows=out, overall=overall, drift=drift)
     gap_tasks = list(tasks)[:cfg.gap_tasks]
     loop_cfg = LoopConfig(eval_tasks=len(gap_tasks), sim_eval_tasks=len(gap_tasks), eval_max_steps=cfg.gap_max_steps,
                           seed=cfg.seed)
@@ -260,7 +265,16 @@ def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start
 
 def eval_rows(policy: str, iteration: int, real: Sequence[Trajectory], sim: Sequence[Trajectory] | None,
               real_transitions: int, mode: str) -> dict:
-    """One ``policy_eval`` row: success with a Wilson interval on real held-out tasks, and in M_exp."""
+    """One ``policy_eval`` row: success with a Wilson interval on real held-out tasks, and in M_exp.
+
+    ``real`` None (the offline-only path: no live env): the real columns are null, ``episodes`` counts
+    the M_exp episodes and the interval is M_exp success's."""
+    if real is None:
+        s = summarize(sim or [])
+        return {"policy": policy, "iteration": iteration, "mode": mode, "episodes": s.episodes,
+                "success_rate": None, "ci_low": s.ci_low, "ci_high": s.ci_high, "mean_return": s.mean_return,
+                "mean_steps": s.mean_steps, "invalid_action_rate": s.invalid_action_rate,
+                "real_transitions": int(real_transitions), "sim_success_rate": s.success_rate, "sim_real_gap": None}
     r = summarize(real)
     row = {"policy": policy, "iteration": iteration, "mode": mode, "episodes": r.episodes,
            "success_rate": r.success_rate, "ci_low": r.ci_low, "ci_high": r.ci_high,
@@ -297,33 +311,44 @@ def evaluate(make_policy: Callable[[str], object], name: str, k: int, tasks: Seq
     ``sim_real_gap``. ``group_size`` episodes per task on both sides (a sampled policy's success on
     50 tasks has a standard error near 0.06; more episodes measure it closer). ``episodes`` /
     ``sim_episodes``, if given, receive each mode's real / M_exp trajectories (for paired comparisons:
-    two policies on the same tasks, or one policy's episodes in M_exp against the real ones)."""
+    two policies on the same tasks, or one policy's episodes in M_exp against the real ones).
+    ``make_real`` None (the offline-only path): every mode runs in M_exp only, on the first
+    ``sim_eval_tasks``, and the row's real columns are null (``eval_rows``)."""
     from dreamgym_core.rollout import RolloutConfig, rollout
 
     tasks = sorted(tasks, key=lambda t: t.task_id)[:cfg.eval_tasks]
     rows = []
     for mode in modes:
         pol = make_policy(mode)
-        rc = RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps, batch_size=8, source="real",
-                           iteration=k, seed=cfg.seed)
-        real_env = make_real()
-        try:
-            real, _ = rollout(real_env, pol, tasks, rc)
-        finally:
-            real_env.close()
-        if episodes is not None:
-            episodes[mode] = real
+        real = None
+        if make_real is not None:
+            rc = RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps, batch_size=8, source="real",
+                               iteration=k, seed=cfg.seed)
+            real_env = make_real()
+            try:
+                real, _ = rollout(real_env, pol, tasks, rc)
+            finally:
+                real_env.close()
+            if episodes is not None:
+                episodes[mode] = real
         sim = None
-        if mode == modes[0] and cfg.sim_eval_tasks and make_sim is not None:
+        if (mode == modes[0] or make_real is None) and cfg.sim_eval_tasks and make_sim is not None:
             sim, _ = rollout(make_sim(init_state), pol, tasks[:cfg.sim_eval_tasks],
                              RolloutConfig(group_size=group_size, max_steps=cfg.eval_max_steps,
                                            batch_size=cfg.rollout_batch, source="synthetic", iteration=k,
                                            seed=cfg.seed))
             if sim_episodes is not None:
                 sim_episodes[mode] = sim
+        if real is None and sim is None:
+            raise ValueError(f"evaluate {name}: no live env (make_real None) and nothing to run in M_exp "
+                             f"(sim_eval_tasks {cfg.sim_eval_tasks}, make_sim {'set' if make_sim else 'None'})")
         row = eval_rows(name, k, real, sim, real_transitions, mode)
-        log(f"eval {name}@{k} {mode}: real success {row['success_rate']:.2f} "
-            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-            + (f", M_exp {row['sim_success_rate']:.2f} (gap {row['sim_real_gap']:+.2f})" if sim else ""))
+        if real is None:
+            log(f"eval {name}@{k} {mode}: M_exp success {row['sim_success_rate']:.2f} "
+                f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] (no live env)")
+        else:
+            log(f"eval {name}@{k} {mode}: real success {row['success_rate']:.2f} "
+                f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+                + (f", M_exp {row['sim_success_rate']:.2f} (gap {row['sim_real_gap']:+.2f})" if sim else ""))
         rows.append(row)
     return eval_table(rows)

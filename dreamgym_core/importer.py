@@ -28,6 +28,7 @@ Input format (one JSON object per line for ``.jsonl`` / ``.ndjson``; flat column
 | instruction | str                 | no       | ""                       | same on every step of a trajectory    |
 | env         | str                 | no       | the ``env`` argument     | not blank; same on every step         |
 | game        | str                 | no       | ""                       | same on every step                    |
+| params      | str                 | no       | ""                       | same on every step (the env's game parameters) |
 | split       | str                 | no       | "train"                  | one of ``schema.SPLITS``; same        |
 | seed        | int                 | no       | 0                        | int64; same on every step             |
 | score       | number (int/float)  | no       | reward                   | finite                                |
@@ -67,7 +68,11 @@ Departures and choices, and why:
   rollouts of the task from there (as for M_task's synthetic tasks).
 - A trajectory whose last step is not done was cut short by the log; like the collector, it is
   stored closed (last step done=True) and marked ``truncated``, so no stored episode is left open.
-- ``obs`` / ``next_obs`` stay empty: a log carries no raw observation beyond the state text.
+- ``obs`` / ``next_obs`` carry only the env's score: ``next_obs.score`` is the step's ``score`` and
+  ``obs.score`` the previous step's (0 at step 0), which is what M_exp's progress field reads; a log
+  carries no other raw observation beyond the state text.
+- ``export_jsonl`` writes a trajectory table back in this input format (the offline-only path's
+  logs: ``dreamgym export``); export then import gives the same values of every field above.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dreamgym_core.io import write_parquet_atomic
-from dreamgym_core.schema import ACTION_KINDS, SPLITS, Task, Trajectory, Transition, trajectories_to_arrow
+from dreamgym_core.schema import ACTION_KINDS, SPLITS, RawObs, Task, Trajectory, Transition, trajectories_to_arrow
 
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
 PARQUET_EXTENSIONS = (".parquet",)
@@ -104,6 +109,7 @@ FIELDS: dict[str, tuple[str, Any]] = {
     "instruction": ("text", ""),
     "env": ("id", _DERIVED),
     "game": ("text", ""),
+    "params": ("text", ""),
     "split": ("split", "train"),
     "seed": ("int", 0),
     "score": ("number", _DERIVED),
@@ -116,7 +122,7 @@ FIELDS: dict[str, tuple[str, Any]] = {
     "iteration": ("index", 0),
 }
 REQUIRED_FIELDS = tuple(n for n, (_, d) in FIELDS.items() if d is _REQUIRED)
-_TASK_FIELDS = ("env", "game", "split", "seed", "instruction")
+_TASK_FIELDS = ("env", "game", "params", "split", "seed", "instruction")
 _TRAJ_FIELDS = ("task_id", *_TASK_FIELDS, "policy")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
@@ -169,6 +175,22 @@ def import_file(src: str | os.PathLike, dest: str, *, env: str = "external") -> 
 
     Raises TrajectoryImportError (nothing written) on the first problem found.
     """
+    trajs = read_trajectories(src, env=env)
+    src = os.fspath(src)
+    try:
+        table = trajectories_to_arrow(trajs)
+    except (ValueError, pa.ArrowException) as exc:  # validation should make this unreachable
+        raise TrajectoryImportError(src, f"cannot convert to the trajectory schema: {exc}") from None
+    path = write_parquet_atomic(table, dest)
+    return ImportReport(rows=table.num_rows, trajectories=len(trajs), successes=sum(t.won for t in trajs),
+                        path=path, truncated=sum(t.truncated for t in trajs))
+
+
+def read_trajectories(src: str | os.PathLike, *, env: str = "external") -> list[Trajectory]:
+    """Validate the trajectory file ``src`` and return its trajectories (source "imported"); writes nothing.
+
+    Raises TrajectoryImportError on the first problem found.
+    """
     if not isinstance(env, str) or not env.strip():
         raise ValueError(f"import_file: env must be a non-blank string (the default env name), got {env!r}")
     src = os.fspath(src)
@@ -193,14 +215,7 @@ def import_file(src: str | os.PathLike, dest: str, *, env: str = "external") -> 
             rows.append((label, _check_row(obj, env)))
         except _Bad as bad:
             raise TrajectoryImportError(src, bad.reason, row=label, field=bad.field) from None
-    trajs = _build(src, rows)
-    try:
-        table = trajectories_to_arrow(trajs)
-    except (ValueError, pa.ArrowException) as exc:  # validation above should make this unreachable
-        raise TrajectoryImportError(src, f"cannot convert to the trajectory schema: {exc}") from None
-    path = write_parquet_atomic(table, dest)
-    return ImportReport(rows=table.num_rows, trajectories=len(trajs), successes=sum(t.won for t in trajs),
-                        path=path, truncated=sum(t.truncated for t in trajs))
+    return _build(src, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,16 +483,19 @@ def _build(src: str, rows: list[tuple[int, dict]]) -> list[Trajectory]:
         r0 = steps[0][1]
         task = tasks.setdefault(r0["task_id"], Task(
             task_id=r0["task_id"], env=r0["env"], game=r0["game"], split=r0["split"], seed=r0["seed"],
-            instruction=r0["instruction"], source="imported", initial_state=r0["state"]))
+            instruction=r0["instruction"], params=r0["params"], source="imported", initial_state=r0["state"]))
         transitions = []
+        before = 0.0  # the score before the step: the previous step's (M_exp's progress reads it)
         for label, r in steps:
             try:
                 transitions.append(Transition(
                     traj_id=traj_id, task_id=r["task_id"], env=r["env"], step_idx=r["step_idx"],
                     state=r["state"], action=r["action"], next_state=r["next_state"], reward=r["reward"],
                     score=r["score"], done=r["done"], won=r["won"], lost=r["lost"], valid=r["valid"],
-                    action_kind=r["action_kind"], candidates=r["candidates"], source="imported",
-                    policy=r["policy"], iteration=r["iteration"]))
+                    action_kind=r["action_kind"], candidates=r["candidates"], obs=RawObs(score=before),
+                    next_obs=RawObs(score=r["score"]), source="imported", policy=r["policy"],
+                    iteration=r["iteration"]))
+                before = r["score"]
             except ValueError as exc:  # the dataclass's own checks; the row checks should catch these first
                 raise TrajectoryImportError(src, str(exc), row=label) from None
         truncated = not transitions[-1].done
@@ -486,3 +504,35 @@ def _build(src: str, rows: list[tuple[int, dict]]) -> list[Trajectory]:
         trajs.append(Trajectory(traj_id=traj_id, task=task, policy=r0["policy"], steps=tuple(transitions),
                                 truncated=truncated))
     return trajs
+
+
+# --------------------------------------------------------------------------------------------
+# Export: a trajectory table back to the input format (the offline-only path's logs).
+
+def export_rows(table: pa.Table, split: str | None = None) -> list[dict]:
+    """TRAJECTORY_ROWS_SCHEMA rows -> input-format rows (every field of ``FIELDS``), ordered by
+    trajectory then step; ``split`` keeps the trajectories of that task split only."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"export: split must be one of {', '.join(SPLITS)}, got {split!r}")
+    out = []
+    for row in table.select(list(FIELDS)).to_pylist():
+        if split is not None and row["split"] != split:
+            continue
+        row["candidates"] = list(row["candidates"] or [])
+        out.append({name: row[name] for name in FIELDS})
+    out.sort(key=lambda r: (r["traj_id"], r["step_idx"]))
+    return out
+
+
+def export_jsonl(table: pa.Table, dest: str, split: str | None = None) -> int:
+    """Write ``table``'s trajectories to ``dest`` as importer-format JSONL (atomically); returns the rows."""
+    rows = export_rows(table, split)
+    if not rows:
+        raise ValueError(f"export: no transitions{f' of split {split!r}' if split else ''} to write to {dest}")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(tmp, dest)
+    return len(rows)

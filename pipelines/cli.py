@@ -5,6 +5,8 @@
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym export  --to FILE [--split S]            the offline trajectories as JSONL in import's format
+    dreamgym demo --offline LOGS [--score-live]       the offline-only path: M_exp and the loop from logs alone
     dreamgym experiment NAME DATA [key=value ...]     a research run on a data root (pipelines.experiments)
     dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
     dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
@@ -72,6 +74,27 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dreamgym_core.importer import export_jsonl
+    from dreamgym_core.io import read_parquet
+    from pipelines.io_managers import parquet_path
+
+    src = parquet_path(os.path.join(_data_dir(args), "parquet"), "offline_trajectories")
+    if not os.path.exists(src):
+        print(f"dreamgym export: no {src}: materialize offline_trajectories first (dreamgym demo)", file=sys.stderr)
+        return 2
+    table = read_parquet(src)
+    try:
+        rows = export_jsonl(table, args.to, split=args.split)
+    except ValueError as exc:
+        print(f"dreamgym export: {exc}", file=sys.stderr)
+        return 2
+    trajs = len(set(table.column("traj_id").to_pylist())) if args.split is None else "the"
+    print(f"exported {rows} transitions ({trajs} trajectories{f' of split {args.split}' if args.split else ''}) "
+          f"from {src} -> {args.to} (dreamgym import's format)")
+    return 0
+
+
 DEMO_SHOWN = ("rows", "tasks", "success_rate", "mean_length", "invalid_step_share", "env_steps_per_s", "loss", "steps",
               "tokens_per_s", "state_exact_match", "baseline_state_exact_match", "reward_accuracy", "win_recall",
               "invalid_action_accuracy", "bc/final_loss", "bc/steps", "real_transitions", "proposals", "kept",
@@ -104,13 +127,39 @@ TINY_OPS = {
 }
 
 
-def _demo_plan(iterations: int) -> list[tuple[str, str | None]]:
+LIVE_TRAINING_STEPS = ("s2r_policy", "real_rl_policy")
+"""Steps that train in the live env: the offline-only demo leaves them out (and they refuse to run there)."""
+
+
+def _demo_plan(iterations: int, offline: bool = False) -> list[tuple[str, str | None]]:
     from pipelines.partitions import iteration_key
 
     head = ["seed_tasks", "eval_tasks", "offline_trajectories", "cot_annotations", "replay_seed", "experience_model",
             "policy_init", "experience_model_eval"]  # the eval scores the SFT policy's sim-real gap too
+    tail = [k for k in LIVE_TRAINING_STEPS if not offline] + ["policy_eval"]
     return [(k, None) for k in head] + [("dreamgym_iteration", iteration_key(i)) for i in range(1, iterations + 1)] \
-        + [("s2r_policy", None), ("real_rl_policy", None), ("policy_eval", None)]
+        + [(k, None) for k in tail]
+
+
+def offline_sizes() -> dict:
+    """The offline-only demo's sizes: twx's, with every evaluated task also run in M_exp (with no live env
+    M_exp is the only place a policy can be scored; with --score-live the same tasks run in both)."""
+    sizes = demo_sizes("twx")
+    return {**sizes, "loop": {**sizes["loop"], "sim_eval_tasks": sizes["loop"]["eval_tasks"]},
+            "policy_eval": {**sizes["policy_eval"], "sim_eval_tasks": sizes["policy_eval"]["eval_tasks"]}}
+
+
+def _import_logs(path: str, data: str) -> tuple[str, str, str]:
+    """``dreamgym import`` of the demo's logs into <data>/parquet/imported_trajectories -> (table, env, game)."""
+    from dreamgym_core.importer import import_file
+    from dreamgym_core.io import read_parquet
+
+    dest = os.path.join(data, "parquet", "imported_trajectories", f"{Path(path).stem}.parquet")
+    report = import_file(path, dest)
+    first = read_parquet(dest).slice(0, 1).to_pylist()[0]
+    print(f"[dreamgym] imported {report.rows} transitions in {report.trajectories} trajectories "
+          f"({report.successes} successful) from {path} -> {dest}", flush=True)
+    return dest, first["env"], first["game"]
 
 
 def _materialized(instance, key: str, partition: str | None) -> bool:
@@ -158,15 +207,28 @@ def demo_sizes(env: str = "twx", game: str | None = None) -> dict:
 
 def cmd_demo(args) -> int:
     data = _data_dir(args)
+    offline = getattr(args, "offline", None)
+    label = "offline" if offline else args.env
+    if getattr(args, "score_live", False) and not offline:
+        print("dreamgym demo: --score-live goes with --offline LOGS", file=sys.stderr)
+        return 2
     # a finished step is skipped on a re-run, so one data folder holds one environment's demo
     marker = os.path.join(data, "demo_env")
-    if os.path.exists(marker) and open(marker).read().strip() != args.env:
+    if os.path.exists(marker) and open(marker).read().strip() != label:
         print(f"dreamgym demo: {data} holds a --env {open(marker).read().strip()} demo; pass another --data "
-              f"folder for --env {args.env}", file=sys.stderr)
+              f"folder for {'--offline' if offline else '--env ' + args.env}", file=sys.stderr)
         return 2
     os.makedirs(data, exist_ok=True)
+    if offline:
+        from dreamgym_core.importer import TrajectoryImportError
+
+        try:
+            logs, log_env, log_game = _import_logs(offline, data)
+        except TrajectoryImportError as exc:
+            print(f"dreamgym demo: {exc}", file=sys.stderr)
+            return 2
     with open(marker, "w") as f:
-        f.write(args.env + "\n")
+        f.write(label + "\n")
     os.environ["DREAMGYM_DATA"] = data
     home = os.path.join(data, "dagster_home")
     os.makedirs(home, exist_ok=True)
@@ -191,13 +253,16 @@ def cmd_demo(args) -> int:
     # 100 train tasks (not the default 300): in the demo's 240 s M_exp sees under a fifth of the
     # 300-task data anyway, and the replay buffer embeds a third as many transitions (measured:
     # 300 tasks made the demo 874 s of job and M_exp's win recall 0.46; 100 tasks gave 0.60)
-    sizes = demo_sizes(getattr(args, "env", "twx"), getattr(args, "game", None))
+    sizes = offline_sizes() if offline else demo_sizes(getattr(args, "env", "twx"), getattr(args, "game", None))
+    experiment = Experiment(**sizes["experiment"])
+    if offline:  # env/game only name what the logs are of (the state-only candidate rule, --score-live)
+        experiment = Experiment(env=log_env, game=log_game, logs=logs, live_scoring=args.score_live)
     resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm),
-                 "experiment": Experiment(**sizes["experiment"]), "loop": LoopSettings(**sizes["loop"])}
+                 "experiment": experiment, "loop": LoopSettings(**sizes["loop"])}
     started = time.perf_counter()
     if getattr(args, "iterations", None) is None:
         args.iterations = sizes["iterations"]
-    plan = _demo_plan(args.iterations)
+    plan = _demo_plan(args.iterations, offline=bool(offline))
     print(f"[dreamgym] data: {data}  (Dagster run history: {os.environ['DAGSTER_HOME']})", flush=True)
     print(f"[dreamgym] plan: {len(plan)} steps, {args.iterations} DreamGym iterations ({args.algorithm}); "
           "finished steps are skipped, so an interrupted demo resumes", flush=True)
@@ -208,10 +273,16 @@ def cmd_demo(args) -> int:
            "policy_init": {"config": {"time_budget_s": args.policy_budget}},
            "real_rl_policy": {"config": sizes["real_rl_policy"]},
            "s2r_policy": {"config": sizes["s2r_policy"]},
-           "policy_eval": {"config": {**sizes["policy_eval"], "sim_eval_tasks": 0, "sampled": False}}}
+           "policy_eval": {"config": {"sim_eval_tasks": 0, **sizes["policy_eval"], "sampled": False}}}
     if args.tiny:
         resources = {**defs.resources, "rl": RLSettings(algorithm=args.algorithm)}
+        if offline:
+            resources["experiment"] = experiment
         ops = TINY_OPS
+    if offline:
+        print(f"[dreamgym] offline-only: {log_env}/{log_game} logs {logs}; no live env is started"
+              + (f" except to score policies in {log_env}/{log_game} (--score-live)" if args.score_live else "")
+              + f". Skipped: {', '.join(LIVE_TRAINING_STEPS)} (they train in a live env)", flush=True)
     from pipelines.runguard import PartitionBusyError, mark_dead_runs_failed, partition_lock, run_tags
 
     with dg.DagsterInstance.get() as instance:
@@ -253,13 +324,10 @@ def cmd_demo(args) -> int:
     from dreamgym_core.sql import run_query
     from pipelines.report import write_report
 
-    print(f"\nReal held-out success ({resources['experiment'].env}/{resources['experiment'].game} test games; dreamgym sql over policy_eval):")
-    print(run_query(data, "SELECT policy, iteration, mode, round(success_rate, 3) AS success, "
-                          "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, "
-                          "round(sim_success_rate, 3) AS in_m_exp, round(sim_real_gap, 3) AS sim_real_gap, "
-                          "real_transitions FROM policy_eval "
-                          "ORDER BY CASE policy WHEN 'random' THEN 0 WHEN 'sft' THEN 1 WHEN 'dreamgym' THEN 2 "
-                          "WHEN 's2r' THEN 3 ELSE 4 END, iteration, mode"))
+    if offline:
+        _print_offline_results(data, resources["experiment"])
+    else:
+        _print_results(data, resources["experiment"])
     if args.iterations > 0:
         print("\nThe curriculum per iteration (dreamgym sql \"select * from curriculum\"):")
         print(run_query(data, "SELECT iteration, proposals, parsed, round(parse_rate, 2) AS parse_rate, kept, "
@@ -271,6 +339,46 @@ def cmd_demo(args) -> int:
           f"  inspect: .venv/bin/dreamgym sql \"select policy, iteration, count(*) from trajectories group by all\"\n"
           f"  UI:      make ui   (then open http://127.0.0.1:3000)")
     return 0
+
+
+def _print_results(data: str, experiment) -> None:
+    from dreamgym_core.sql import run_query
+
+    print(f"\nReal held-out success ({experiment.env}/{experiment.game} test games; dreamgym sql over policy_eval):")
+    print(run_query(data, "SELECT policy, iteration, mode, round(success_rate, 3) AS success, "
+                          "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, "
+                          "round(sim_success_rate, 3) AS in_m_exp, round(sim_real_gap, 3) AS sim_real_gap, "
+                          "real_transitions FROM policy_eval "
+                          "ORDER BY CASE policy WHEN 'random' THEN 0 WHEN 'sft' THEN 1 WHEN 'dreamgym' THEN 2 "
+                          "WHEN 's2r' THEN 3 ELSE 4 END, iteration, mode"))
+
+
+def _print_offline_results(data: str, experiment) -> None:
+    """The offline-only results: M_exp's fidelity on the held-out logs, then every policy's success in M_exp
+    (and in the live env with --score-live)."""
+    from dreamgym_core.sql import run_query
+
+    print(f"\nM_exp fidelity on held-out logs ({experiment.env}/{experiment.game}, tasks never trained on; "
+          "dreamgym sql over experience_model_eval; each metric beside the 'nothing changes' baseline):")
+    print(run_query(data, "SELECT scope, transitions, round(state_exact_match, 3) AS exact_match, "
+                          "round(baseline_state_exact_match, 3) AS baseline, round(state_token_f1, 3) AS token_f1, "
+                          "round(reward_accuracy, 3) AS reward_acc, round(win_recall, 3) AS win_recall, "
+                          "round(win_precision, 3) AS win_precision, "
+                          "round(invalid_action_accuracy, 3) AS invalid_acc FROM experience_model_eval "
+                          "WHERE scope = 'overall' OR scope LIKE 'action:%' ORDER BY scope != 'overall', scope"))
+    print("\nMulti-step drift (held-out logged actions replayed open-loop through M_exp):")
+    print(run_query(data, "SELECT step, transitions AS trajectories, round(state_exact_match, 3) AS exact_match, "
+                          "round(agree_so_far, 3) AS agree_so_far FROM experience_model_eval "
+                          "WHERE scope LIKE 'drift:%' ORDER BY step"))
+    live = experiment.live_scoring
+    print(f"\nPolicies on the held-out tasks' logged first states: success in M_exp"
+          + (f" and in the live {experiment.env}/{experiment.game} env (--score-live)" if live else
+             " (no live env: real success is not measured)") + ":")
+    print(run_query(data, "SELECT policy, iteration, mode, episodes, round(sim_success_rate, 3) AS in_m_exp, "
+                          + ("round(success_rate, 3) AS real_success, round(sim_real_gap, 3) AS sim_real_gap, "
+                             if live else "'[' || round(ci_low, 2) || ', ' || round(ci_high, 2) || ']' AS ci95, ")
+                          + "real_transitions FROM policy_eval ORDER BY CASE policy WHEN 'random' THEN 0 "
+                            "WHEN 'sft' THEN 1 ELSE 2 END, iteration, mode"))
 
 
 def cmd_experiment(args) -> int:
@@ -330,7 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--algorithm", choices=("grpo", "ppo"), default="grpo")
     s.add_argument("--tiny", action="store_true",
                    help="tiny sizes (a minute or two on CPU): smoke tests and scripts/kill_anywhere.py")
+    s.add_argument("--offline", metavar="LOGS", default=None,
+                   help="the offline-only path: tasks, M_exp's data and the held-out logs from LOGS (dreamgym "
+                        "import's format, e.g. written by dreamgym export); no live env, the loop runs in M_exp")
+    s.add_argument("--score-live", action="store_true",
+                   help="with --offline: also score the policies in the live env the logs came from")
     s.set_defaults(func=cmd_demo)
+
+    s = add("export", help="write the data root's offline trajectories as JSONL in dreamgym import's format")
+    s.add_argument("--to", required=True, help="JSONL file to write")
+    s.add_argument("--split", choices=("train", "dev", "test"), default=None,
+                   help="only the trajectories of tasks of this split (default: all)")
+    s.set_defaults(func=cmd_export)
 
     s = add("report", help="write an HTML report (tables and plots) of the run")
     s.add_argument("--out", default=None, help="output file (default <data>/report.html)")

@@ -16,6 +16,18 @@ from dreamgym_core.collect import CollectConfig
 from dreamgym_core.envs import EnvSpec
 
 
+class OfflineOnlyError(dg.Failure):
+    """A step asked for something the offline-only path does not have (a live env), or its logs are unusable.
+    A ``dg.Failure``: Dagster shows its one-line description, not a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def data_root() -> str:
     return os.environ.get("DREAMGYM_DATA", os.path.abspath("data"))
 
@@ -49,10 +61,67 @@ class Experiment(dg.ConfigurableResource):
     seed: int = 0
     cache_dir: str = ""
     """Generated-game cache; '' = <data>/cache."""
+    logs: str = ""
+    """The offline-only path (docs/environments.md): a trajectory log in ``dreamgym import``'s format
+    (JSONL or Parquet), or a table ``dreamgym import`` wrote (a path, or its NAME under
+    <data>/parquet/imported_trajectories). Set: the tasks, the offline trajectories and the held-out
+    logs all come from it, ``env``/``game`` only name what the logs are of (for the state-only
+    candidate rule), the loop runs in M_exp alone, and no step starts a live env (real_rl_policy and
+    s2r_policy refuse to run; see ``live_scoring``)."""
+    heldout_share: float = 0.2
+    """logs: share of the logged train tasks held out for evaluation (by a hash of the task id) when the
+    logs have no test split of their own (``dreamgym_core.offline.split_logs``)."""
+    live_scoring: bool = False
+    """logs: also score policies in the live env/game named above (policy_eval, iteration_eval, when the
+    env exists); M_exp's data, its training and the loop's rollouts still never touch it."""
+
+    @property
+    def offline(self) -> bool:
+        """The offline-only path: experience comes from ``logs``, not from a live env."""
+        return bool(self.logs)
 
     def env_spec(self) -> EnvSpec:
+        """The live env. On the offline-only path this raises (one line): a step that needs a live env was asked for."""
+        if self.offline and not self.live_scoring:
+            raise OfflineOnlyError(f"experiment.logs is set ({self.logs}): this run is offline-only and has no live "
+                                   "env; this step needs one (set experiment.live_scoring to score in "
+                                   f"{self.env}/{self.game}, or drop experiment.logs)")
         return EnvSpec(env=self.env, game=self.game, params=self.params,
                        cache_dir=self.cache_dir or os.path.join(data_root(), "cache"))
+
+    def require_training_env(self, step: str) -> None:
+        """Steps that TRAIN in the live env (real_rl_policy, s2r_policy) never run on the offline-only path."""
+        if self.offline:
+            raise OfflineOnlyError(f"{step} trains in a live env, and this run is offline-only (experiment.logs = "
+                                   f"{self.logs}): only M_exp is there to learn in; drop {step} from the run")
+
+    def logs_path(self) -> str:
+        """``logs`` as a file: the path itself, or an imported table's NAME under <data>/parquet/imported_trajectories."""
+        if os.path.exists(self.logs):
+            return os.path.abspath(self.logs)
+        named = os.path.join(data_root(), "parquet", "imported_trajectories", f"{self.logs}.parquet")
+        if os.path.exists(named):
+            return named
+        raise OfflineOnlyError(f"experiment.logs: no file {self.logs!r} and no import named {self.logs!r} "
+                               f"under {os.path.dirname(named)} (`dreamgym import FILE --name NAME`)")
+
+    def log_split(self):
+        """The logs split into train / dev / test trajectories (``dreamgym_core.offline.split_logs``)."""
+        from dreamgym_core.importer import TrajectoryImportError
+        from dreamgym_core.offline import read_logs, split_logs
+
+        path = self.logs_path()
+        try:
+            return split_logs(read_logs(path, env=self.env), self.heldout_share, self.seed)
+        except (TrajectoryImportError, ValueError) as exc:
+            raise OfflineOnlyError(f"experiment.logs {path}: {exc}") from None
+
+    def source_key(self):
+        """What this experiment's experience comes from, for reuse keys: the live env, or the logs."""
+        if self.offline:
+            return {"logs": self.logs, "heldout_share": self.heldout_share,
+                    "live_scoring": self.live_scoring, "env": self.env, "game": self.game}
+        return self.env_spec()
 
     def collect_config(self) -> CollectConfig:
         return CollectConfig(episodes={"expert": self.episodes_expert, "noisy": self.episodes_noisy,

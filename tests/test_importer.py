@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dreamgym_core.importer import FIELDS, ImportReport, TrajectoryImportError, import_file
 from dreamgym_core.io import read_parquet
-from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, Task, Trajectory, Transition, trajectories_from_arrow
+from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, RawObs, Task, Trajectory, Transition, trajectories_from_arrow
 
 
 def _row(traj="t1", step=0, **kw):
@@ -91,9 +91,12 @@ def _expected():
                     policy="gpt-log", iteration=0)
         return Transition(**(base | kw))
 
+    # obs / next_obs carry the score before and after the step (M_exp's progress reads them)
     t1 = Trajectory("t1", task, "gpt-log", (
-        step("t1", 0, candidates=("click 0", "scroll"), valid=False, action_kind="invalid", score=0.25),
-        step("t1", 1, reward=1.0, score=1.0, done=True, won=True)))
+        step("t1", 0, candidates=("click 0", "scroll"), valid=False, action_kind="invalid", score=0.25,
+             next_obs=RawObs(score=0.25)),
+        step("t1", 1, reward=1.0, score=1.0, done=True, won=True, obs=RawObs(score=0.25),
+             next_obs=RawObs(score=1.0))))
     # t2's log stops before a done step: stored closed and truncated, like the collector does.
     t2 = Trajectory("t2", task, "gpt-log", (
         step("t2", 0), step("t2", 1, done=True, lost=False, iteration=3)), truncated=True)

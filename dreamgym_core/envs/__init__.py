@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
 
@@ -76,5 +78,33 @@ def make_env(spec: EnvSpec) -> Env:
     raise AssertionError(spec.env)  # unreachable: validated in EnvSpec
 
 
+def state_candidate_rule(env: str, game: str = "") -> Callable[[str], list[str]] | None:
+    """The adapter's candidate rule from an abstract state alone, without starting its engine (the
+    offline-only path has no engine to start); None for an env with no such rule here (lamp's depends
+    on its params; an env of imported logs may have no adapter at all)."""
+    match env:
+        case "twx":
+            from dreamgym_core.envs.twx import propose_candidates
+
+            return partial(propose_candidates, game=game or "twc")
+        case "textworld":
+            from dreamgym_core.envs.textworld_env import propose_candidates
+
+            return partial(propose_candidates, challenge=game or "tw-simple")
+        case "scienceworld":
+            from dreamgym_core.envs.scienceworld_env import propose_candidates
+
+            return propose_candidates
+        case "alfworld":
+            from dreamgym_core.envs.alfworld_env import propose_candidates
+
+            return propose_candidates
+        case "miniwob":
+            from dreamgym_core.envs.miniwob_env import propose_candidates
+
+            return propose_candidates
+    return None
+
+
 __all__ = ["BatchEnv", "Env", "EnvCrash", "EnvSpec", "Observation", "SerialBatchEnv", "StepResult",
-           "make_env", "safe_step", "ENV_NAMES"]
+           "make_env", "safe_step", "state_candidate_rule", "ENV_NAMES"]
