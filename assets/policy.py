@@ -253,6 +253,8 @@ def results_markdown(table: pa.Table) -> str:
     for r in table.to_pylist():
         sim = "" if r["sim_success_rate"] is None else f"{r['sim_success_rate']:.2f}"
         gap = "" if r["sim_real_gap"] is None else f"{r['sim_real_gap']:+.2f}"
-        lines.append(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {r['success_rate']:.2f} "
-                     f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {sim} | {gap} | {r['real_transitions']} |")
+        real = "no live env" if r["success_rate"] is None else \
+            f"{r['success_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        lines.append(f"| {r['policy']} | {r['iteration']} | {r['mode']} | {real} | {sim} | {gap} | "
+                     f"{r['real_transitions']} |")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ state when no adapter supplies a rule.
 Departures and choices, and why:
 - Held-out tasks: the logs' own ``dev`` / ``test`` splits when they have a test split; otherwise a
   share of the logged train tasks chosen by a hash of the task id (stable under row order and file
-  edits elsewhere, so a task never moves between train and held-out when more logs are appended).
+  edits elsewhere, so a task never moves between train and held-out when more logs are appended);
+  when the hash holds out none of a few tasks, the one with the lowest hash.
   Held out by task, not by trajectory: a task M_exp trained on says nothing about generalisation.
 - Candidate actions in states M_exp invents: the env adapter's state-only rule when the logs name
   an env that has one (``envs.state_candidate_rule``, no engine started); otherwise
@@ -77,11 +78,17 @@ def split_logs(trajs: Sequence[Trajectory], heldout_share: float = 0.2, seed: in
     if not 0.0 <= heldout_share < 1.0:
         raise ValueError(f"split_logs: heldout_share must be in [0, 1), got {heldout_share}")
     has_test = any(t.task.split == "test" for t in trajs)
+    held = set()
+    if not has_test and heldout_share > 0:
+        ids = {t.task.task_id for t in trajs if t.task.split == "train"}
+        held = {i for i in ids if is_heldout(i, heldout_share, seed)}
+        if not held and len(ids) > 1:  # a few tasks can all hash above the share: hold out the lowest one
+            held = {min(ids, key=lambda i: hashlib.sha1(f"{seed}|{i}".encode()).digest())}
     train, dev, test = [], [], []
     for t in trajs:
         if t.task.split == "dev":
             dev.append(t)
-        elif t.task.split == "test" or (not has_test and is_heldout(t.task.task_id, heldout_share, seed)):
+        elif t.task.split == "test" or t.task.task_id in held:
             test.append(t)
         else:
             train.append(t)

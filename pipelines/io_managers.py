@@ -157,7 +157,8 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
             return self._read(path) if os.path.exists(path) else None
         path = self._manifest(context.asset_key, None)
         if not os.path.exists(path):
-            if getattr(context.dagster_type, "is_nullable", False):
+            # `X | None` resolves to an OptionalType, whose kind (not an attribute) says it is nullable
+            if getattr(context.dagster_type.kind, "name", "") == "NULLABLE":
                 return None
             raise FileNotFoundError(f"{context.asset_key.to_user_string()}: {path} not found; materialize it first")
         return self._read(path)

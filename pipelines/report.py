@@ -40,10 +40,12 @@ def success_plot(rows: list[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     it = [r for r in rows if r["policy"] == "dreamgym" and r["mode"] == "greedy"]
     it.sort(key=lambda r: r["iteration"])
+    real = [r for r in it if r["success_rate"] is not None]  # none on the offline-only path (no live env)
+    if real:
+        xs = [r["iteration"] for r in real]
+        ax.plot(xs, [r["success_rate"] for r in real], "o-", label="DreamGym, real env")
+        ax.fill_between(xs, [r["ci_low"] for r in real], [r["ci_high"] for r in real], alpha=0.2)
     if it:
-        xs = [r["iteration"] for r in it]
-        ax.plot(xs, [r["success_rate"] for r in it], "o-", label="DreamGym, real env")
-        ax.fill_between(xs, [r["ci_low"] for r in it], [r["ci_high"] for r in it], alpha=0.2)
         sim = [(r["iteration"], r["sim_success_rate"]) for r in it if r["sim_success_rate"] is not None]
         if sim:
             ax.plot([a for a, _ in sim], [b for _, b in sim], "s--", label="DreamGym, in M_exp")
@@ -51,9 +53,12 @@ def success_plot(rows: list[dict]) -> bytes:
         base = [r for r in rows if r["policy"] == name and r["mode"] in ("greedy", "sampled")]
         if base:
             r = next((b for b in base if b["mode"] == "greedy"), base[0])
+            value, where = (r["success_rate"], "") if r["success_rate"] is not None else \
+                (r["sim_success_rate"], " in M_exp")
+            if value is None:
+                continue
             # in the legend, not as text on the lines: baselines often sit within a point of each other
-            ax.axhline(r["success_rate"], linestyle=style, color="gray", linewidth=1,
-                       label=f"{name} {r['success_rate']:.2f}")
+            ax.axhline(value, linestyle=style, color="gray", linewidth=1, label=f"{name}{where} {value:.2f}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # iterations are whole numbers
