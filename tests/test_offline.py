@@ -135,6 +135,8 @@ def test_offline_demo_runs_end_to_end_without_a_live_env(twc_logs, tmp_path, mon
     rc = main(["demo", "--tiny", "--offline", twc_logs, "--data", str(data), "--iterations", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    with pytest.raises(AssertionError, match="started a live env"):  # the live path is really switched off
+        assets.runtime.candidate_rule(__import__("pipelines.resources").resources.Experiment())
     assert "Skipped: s2r_policy, real_rl_policy" in out
     assert "M_exp fidelity on held-out logs" in out and "no live env: real success is not measured" in out
 
@@ -152,3 +154,16 @@ def test_offline_demo_runs_end_to_end_without_a_live_env(twc_logs, tmp_path, mon
     assert seeds[0]["n"] == len({t.task.task_id for t in split_logs(read_logs(twc_logs)).train}) == seeds[0]["s"]
     rollouts = json.loads(run_query(str(data), "SELECT count(*) n FROM rollouts", fmt="json"))
     assert rollouts[0]["n"] > 0
+
+
+def test_export_command_writes_what_import_reads(tmp_path, capsys):
+    from dreamgym_core.io import write_parquet_atomic
+    from pipelines.cli import main
+
+    table = trajectories_to_arrow([_traj("twx/twc/train/1", 3), _traj("twx/twc/dev/2", 2, split="dev")])
+    write_parquet_atomic(table, str(tmp_path / "parquet" / "offline_trajectories.parquet"))
+    assert main(["export", "--data", str(tmp_path), "--to", str(tmp_path / "x.jsonl"), "--split", "train"]) == 0
+    assert "exported 3 transitions" in capsys.readouterr().out
+    assert import_file(str(tmp_path / "x.jsonl"), str(tmp_path / "x.parquet")).trajectories == 1
+    assert main(["export", "--data", str(tmp_path / "empty"), "--to", str(tmp_path / "y.jsonl")]) == 2
+    assert "materialize offline_trajectories first" in capsys.readouterr().err
