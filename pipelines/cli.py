@@ -75,6 +75,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import pyarrow.compute as pc
+
     from dreamgym_core.importer import export_jsonl
     from dreamgym_core.io import read_parquet
     from pipelines.io_managers import parquet_path
@@ -89,7 +91,8 @@ def cmd_export(args) -> int:
     except ValueError as exc:
         print(f"dreamgym export: {exc}", file=sys.stderr)
         return 2
-    trajs = len(set(table.column("traj_id").to_pylist())) if args.split is None else "the"
+    kept = table if args.split is None else table.filter(pc.equal(table["split"], args.split))
+    trajs = len(set(kept.column("traj_id").to_pylist()))
     print(f"exported {rows} transitions ({trajs} trajectories{f' of split {args.split}' if args.split else ''}) "
           f"from {src} -> {args.to} (dreamgym import's format)")
     return 0

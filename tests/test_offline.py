@@ -167,3 +167,28 @@ def test_export_command_writes_what_import_reads(tmp_path, capsys):
     assert import_file(str(tmp_path / "x.jsonl"), str(tmp_path / "x.parquet")).trajectories == 1
     assert main(["export", "--data", str(tmp_path / "empty"), "--to", str(tmp_path / "y.jsonl")]) == 2
     assert "materialize offline_trajectories first" in capsys.readouterr().err
+
+
+def test_live_training_steps_refuse_an_offline_run(twc_logs, tmp_path, monkeypatch):
+    """real_rl_policy on an offline-only experiment: a failed step whose error is one line saying why."""
+    import dagster as dg
+
+    from pipelines.definitions import ALL_ASSETS, build_defs
+    from pipelines.resources import Experiment
+
+    from dreamgym_core.io import write_parquet_atomic
+    from dreamgym_core.schema import tasks_to_arrow
+
+    monkeypatch.setenv("DREAMGYM_DATA", str(tmp_path))
+    # its inputs as the offline run leaves them: seed tasks and a policy_init checkpoint reference
+    write_parquet_atomic(tasks_to_arrow([_traj("twx/twc/train/1", 2).task]),
+                         str(tmp_path / "parquet" / "seed_tasks.parquet"))
+    os.makedirs(tmp_path / "checkpoints" / "policy_init")
+    (tmp_path / "checkpoints" / "policy_init" / "manifest.json").write_text(
+        json.dumps({"path": str(tmp_path), "kind": "policy"}))
+    defs = build_defs(str(tmp_path), "tiny")
+    res = dg.materialize(ALL_ASSETS, selection=["real_rl_policy"], raise_on_error=False,
+                         resources={**defs.resources, "experiment": Experiment(logs=twc_logs)})
+    assert not res.success
+    errors = [e.step_failure_data.error for e in res.all_events if e.is_step_failure]
+    assert errors and "real_rl_policy trains in a live env" in str(errors[0].message)
