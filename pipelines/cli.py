@@ -203,9 +203,11 @@ def cmd_demo(args) -> int:
           "finished steps are skipped, so an interrupted demo resumes", flush=True)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
+    # step counts, not wall budgets, decide the demo's models, so its results do not depend on how
+    # busy the machine is (its time does); the budgets are caps
+    ops = {"experience_model": {"config": {"steps": args.mexp_steps, "time_budget_s": args.mexp_budget}},
            "experience_model_eval": {"config": sizes["experience_model_eval"]},
-           "policy_init": {"config": {"time_budget_s": args.policy_budget}},
+           "policy_init": {"config": {"steps": args.policy_steps, "time_budget_s": args.policy_budget}},
            "real_rl_policy": {"config": sizes["real_rl_policy"]},
            "s2r_policy": {"config": sizes["s2r_policy"]},
            "policy_eval": {"config": {**sizes["policy_eval"], "sim_eval_tasks": 0, "sampled": False}}}
@@ -317,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
-    s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
-    s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
+    s.add_argument("--mexp-steps", type=int, default=320, help="M_exp SFT steps (default 320)")
+    s.add_argument("--mexp-budget", type=float, default=1200.0,
+                   help="M_exp training wall cap in seconds (default 1200; the steps decide on a 2-core CPU)")
+    s.add_argument("--policy-steps", type=int, default=600, help="SFT policy steps (default 600)")
+    s.add_argument("--policy-budget", type=float, default=1200.0, help="SFT policy training wall cap in seconds (default 1200)")
     s.add_argument("--iterations", type=int, default=None,
                    help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
     s.add_argument("--env", choices=("twx", "alfworld", "miniwob"), default="twx",
