@@ -8,7 +8,8 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersAnnotator, annotate_table, placement_knowledge, portable_items
+from dreamgym_core.annotate import RuleAnnotator, annotate_table, placement_knowledge, portable_items
+from dreamgym_core.annotate_llm import OpenAIAnnotator, TransformersAnnotator
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
 from assets.loop import LoopSettings

@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.annotate import (AnnotationError, AnnotationInput, OpenAIAnnotator, RuleAnnotator, TokenBucket,
-                                    TransformersAnnotator, annotate_table, clean_trace, rule_trace)
+from dreamgym_core.annotate import AnnotationError, AnnotationInput, RuleAnnotator, annotate_table, rule_trace
+from dreamgym_core.annotate_llm import OpenAIAnnotator, TokenBucket, TransformersAnnotator, clean_trace
 from dreamgym_core.collect import CollectConfig, collect
 from dreamgym_core.exp_format import diff, parse_output, progress_percent
 from dreamgym_core.schema import trajectories_to_arrow
