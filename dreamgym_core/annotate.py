@@ -5,7 +5,7 @@ leads to the next state and reward; M_exp's SFT learns to write R* before its pr
 annotator is an argument (one protocol, three implementations):
 
     RuleAnnotator         default: offline, deterministic, derived from the state difference and
-                          the reward (``exp_format.diff``), grounded only in the state text.
+                          the reward (``state_delta.diff``), grounded only in the state text.
     TransformersAnnotator a local causal LM (path or hub id), greedy ``generate`` in batches.
     OpenAIAnnotator       any OpenAI-compatible server (vLLM, ...): retries with backoff on
                           429/5xx/timeouts, a token-bucket rate limit, a one-line error at the end.
@@ -32,8 +32,9 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import pyarrow as pa
 
-from dreamgym_core.exp_format import StateDelta, diff, progress_percent, render_target
+from dreamgym_core.exp_format import render_target
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import StateDelta, diff, progress_percent
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from dreamgym_core.annotate import AnnotationError, AnnotationInput, rule_trace
-from dreamgym_core.exp_format import diff, render_delta
+from dreamgym_core.exp_format import render_delta
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import diff
 
 MAX_WORDS = 80
 """LLM traces are cut to this many words (the rule annotator stays under 60)."""
