@@ -8,9 +8,10 @@ from dreamgym_core.evaluation import wilson_interval
 from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
 from dreamgym_core.policy import LMPolicy, PolicyFormat, build_policy_prompt, score_candidates, set_policy_format
 from dreamgym_core.rl.step import train_step
-from dreamgym_core.rl.trainer import (
-    Decision, PolicyTrainer, RLConfig, choice_logprobs, decision_samples, gae_advantages, grpo_advantages,
+from dreamgym_core.rl.advantages import (
+    Decision, choice_logprobs, decision_samples, gae_advantages, grpo_advantages,
 )
+from dreamgym_core.rl.trainer import PolicyTrainer, RLConfig
 from dreamgym_core.rollout import RolloutConfig, rollout
 from dreamgym_core.schema import Task
 from dreamgym_core.state import AbstractState
