@@ -48,7 +48,7 @@ from typing import Callable
 import pyarrow as pa
 
 from dreamgym_core.experiment_stages import (MEXP_VARIANTS, FlopCounter, _key, _read_json, _stage_dir,
-                                             _write_json, bc_policy, experience_model, replay_seed)
+                                             _write_json, bc_policy, experience_model, locked, replay_seed)
 
 Log = Callable[[str], None]
 
@@ -123,7 +123,10 @@ class Testbed:
     """Split of the held-out games: "train" = unseen seeds of the train fold from ``eval_start`` on."""
     eval_start: int = 900
     dev_games: int = 50
-    """Dev games (from ``eval_start``): the loop's per-iteration evaluation, for choices."""
+    """Dev games (from ``eval_start``, before the test games): for choices, never for reported numbers."""
+    loop_dev_games: int = 0
+    """Dev games the DreamGym loop scores after every iteration (a learning curve for choices; its
+    real episodes and FLOPs count in the arm's cost, which real_rl does not pay: 0 = none)."""
     test_games: int = 200
     """Test games (after the dev games): the reported numbers only."""
     budget: int = 20000
@@ -238,7 +241,8 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
         overrides.pop("step_advantage_weight", None)  # GiGPO's step-level credit is a GRPO term
     rl = RLConfig(**{**overrides, "algorithm": algorithm, "seed": seed})
     loop = LoopConfig(tasks_per_iteration=tb.tasks_per_round, group_size=tb.group_size, max_steps=tb.sim_max_steps,
-                      eval_max_steps=tb.max_steps, eval_tasks=tb.dev_games, sim_eval_tasks=min(tb.dev_games, 25),
+                      eval_max_steps=tb.max_steps, eval_tasks=tb.loop_dev_games,
+                      sim_eval_tasks=min(tb.loop_dev_games, 25),
                       seed=seed)
     if arm == "real_rl":
         return ArmPlan(arm, algorithm, "real", rl=rl, loop=loop, real_budget=tb.budget, rounds=tb.rounds)
@@ -433,7 +437,8 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
                 # the loop is shared by the arms that configure it alike (dreamgym and s2r)
                 root = _stage_dir(work, tb, f"loop-{p.mexp_variant}-{algorithm}-s{seed}",
                                   _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed))
-                policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
+                with locked(root):  # one process at a time grows a loop's stages and buffer
+                    policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
                 flops, wall, synthetic = cost["flops"] + loop["flops"], cost["wall_s"] + loop["wall_s"], loop["synthetic"]
                 started, counter.flops = time.perf_counter(), 0  # M_exp and the loop carry their own counts
                 if p.real_budget:

@@ -12,13 +12,14 @@ changed recipe never reuses a stale stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from dreamgym_core.experiment import PolicyRecipe, Testbed
@@ -87,15 +88,33 @@ def _stage_dir(work: str, tb: Testbed, stage: str, key: str) -> str:
     return os.path.join(work, tb.name, f"{stage}-{key}")
 
 
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock``, waiting for it: two partitions that need the same
+    stage (run side by side by a backfill) build it once, the second finds it finished."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build(final: str, make: Callable[[str], None]) -> str:
     """``make(tmp)`` fills ``<final>.partial``, then it is moved into place (a kill leaves no half stage)."""
     if os.path.exists(final):
         return final
-    tmp = final + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    make(tmp)
-    os.replace(tmp, final)
+    with locked(final):
+        if os.path.exists(final):
+            return final
+        tmp = final + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        make(tmp)
+        os.replace(tmp, final)
     return final
 
 
