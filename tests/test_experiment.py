@@ -197,7 +197,9 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
             call()
         assert name in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="test_games=50"):
-        Testbed("small", "lamp", "lamp", test_games=50, eval_split="test", eval_start=0)
+        Testbed("small", "lamp", "lamp", test_games=50, eval_split="test")
+    with pytest.raises(ValueError, match="must not overlap"):
+        Testbed("overlap", "twx", "twc", test_start=200)
     assert main(["experiment", "nope"]) == 2
     assert main(["experiment", "tiny", "--arms", "init,bogus", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -212,7 +214,7 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
 def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
     assert set(TESTBEDS) == {"twc", "lamp", "tiny"}
     twc = TESTBEDS["twc"]
-    assert twc.eval_split == "train" and twc.eval_start == 900 and twc.test_games >= 200
+    assert twc.eval_split == "train" and twc.test_games >= 200 and twc.dev_start == 900
     for name in ARMS:
         arm, algorithm = split_arm(name)
         assert plan(twc, arm, algorithm).algorithm == algorithm
