@@ -297,14 +297,18 @@ def _trainer(start_dir: str, ref_dir: str, rl):
 
 def real_rl(tb: Testbed, work: str, p: ArmPlan, start_dir: str, ref_dir: str, out_dir: str, budget: int, train,
             log: Log) -> dict:
-    """``loop.rl_in_real_env`` from ``start_dir`` with an exact real budget; the trainer saved at ``out_dir``."""
+    """``loop.rl_in_real_env`` from ``start_dir`` with an exact real budget; the trainer saved at ``out_dir``
+    with ``real.json``: the budget record and its counted FLOPs and wall seconds."""
     from dreamgym_core.loop import rl_in_real_env
 
     if os.path.exists(os.path.join(out_dir, "real.json")):
         return _read_json(os.path.join(out_dir, "real.json"))
-    trainer = _trainer(start_dir, ref_dir, p.rl)
-    rec = rl_in_real_env(trainer, _real_envs(tb, work), train, p.loop, budget=budget, rounds=p.rounds,
-                         name=f"{p.arm}-{p.algorithm}", log=log)
+    counter, started = FlopCounter(), time.perf_counter()
+    with counter:
+        trainer = _trainer(start_dir, ref_dir, p.rl)
+        rec = rl_in_real_env(trainer, _real_envs(tb, work), train, p.loop, budget=budget, rounds=p.rounds,
+                             name=f"{p.arm}-{p.algorithm}", log=log)
+    rec = {**rec, "flops": counter.flops, "wall_s": time.perf_counter() - started}
     if rec["real_transitions"] > budget:  # rollout() caps episodes by what is left: this never happens
         raise RuntimeError(f"{p.arm}: {rec['real_transitions']} real transitions over the budget {budget}")
     trainer.save(out_dir)
@@ -423,35 +427,37 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
     train, dev, test = splits(tb, work)
     pi0 = bc_policy(tb, work, tb.pi0, seed, "pi0", log)
     pi0_dir = os.path.join(pi0, "policy")
-    flops, wall, real, synthetic = 0, 0.0, 0, 0
-    counter, started = FlopCounter(), time.perf_counter()
-    with counter:
-        match p.kind:
-            case "init":
-                policy_dir = pi0_dir
-            case "bc":
-                sft = bc_policy(tb, work, tb.sft, seed, "sft", log)
-                policy_dir, cost = os.path.join(sft, "policy"), _read_json(os.path.join(sft, "cost.json"))
-                flops, wall, real = cost["flops"], cost["wall_s"], cost["real_transitions"]
-            case "real":
-                rec = real_rl(tb, work, p, pi0_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train, log)
+    # every training stage records its own cost (FLOPs, wall seconds) beside its result, so a
+    # partition resumed after a kill, or one reusing a stage another partition built, still counts it
+    costs, real, synthetic = [], 0, 0
+    match p.kind:
+        case "init":
+            policy_dir = pi0_dir
+        case "bc":
+            sft = bc_policy(tb, work, tb.sft, seed, "sft", log)
+            policy_dir, cost = os.path.join(sft, "policy"), _read_json(os.path.join(sft, "cost.json"))
+            costs.append(cost)
+            real = cost["real_transitions"]
+        case "real":
+            rec = real_rl(tb, work, p, pi0_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train, log)
+            policy_dir, real = os.path.join(out, "policy"), rec["real_transitions"]
+            costs.append(rec)
+        case "dreamgym":
+            mexp = experience_model(tb, work, p.mexp_variant, seed, log)
+            costs.append(_read_json(os.path.join(mexp, "cost.json")))
+            # the loop is shared by the arms that configure it alike (dreamgym and s2r)
+            root = _stage_dir(work, tb, f"loop-{p.mexp_variant}-{algorithm}-s{seed}",
+                              _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed))
+            with locked(root):  # one process at a time grows a loop's stages and buffer
+                policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
+            costs.append(loop)
+            synthetic = loop["synthetic"]
+            if p.real_budget:
+                rec = real_rl(tb, work, p, policy_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train,
+                              log)
                 policy_dir, real = os.path.join(out, "policy"), rec["real_transitions"]
-            case "dreamgym":
-                mexp = experience_model(tb, work, p.mexp_variant, seed, log)
-                cost = _read_json(os.path.join(mexp, "cost.json"))
-                # the loop is shared by the arms that configure it alike (dreamgym and s2r)
-                root = _stage_dir(work, tb, f"loop-{p.mexp_variant}-{algorithm}-s{seed}",
-                                  _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed))
-                with locked(root):  # one process at a time grows a loop's stages and buffer
-                    policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
-                flops, wall, synthetic = cost["flops"] + loop["flops"], cost["wall_s"] + loop["wall_s"], loop["synthetic"]
-                started, counter.flops = time.perf_counter(), 0  # M_exp and the loop carry their own counts
-                if p.real_budget:
-                    rec = real_rl(tb, work, p, policy_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train,
-                                  log)
-                    policy_dir, real = os.path.join(out, "policy"), rec["real_transitions"]
-    flops += counter.flops
-    wall += time.perf_counter() - started if p.kind in ("real", "dreamgym") else 0.0
+                costs.append(rec)
+    flops, wall = sum(c["flops"] for c in costs), sum(c["wall_s"] for c in costs)
     games = evaluate_games(tb, work, policy_dir, test, f"{arm}-{algorithm}", seed)
     wins = sum(games["won"].to_pylist())
     lo, hi = wilson_interval(wins, games.num_rows)

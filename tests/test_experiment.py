@@ -78,6 +78,12 @@ def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_pat
     assert "(2/4) init seed 1: done in" in out and "(4/4) real_rl seed 1: done in" in out
     assert os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json") == first
     assert len(_read_csv(results / "tiny.csv")) == 5
+    # a partition killed after training, before its row: re-run, it keeps the training's counted cost
+    done = next((data / "experiments" / "tiny").glob("arm-real_rl-grpo-s0-*"))
+    os.remove(done / "row.json")
+    row, _ = run_arm(tb, "real_rl", "grpo", 0, str(data / "experiments"), log=lambda _: None)
+    assert row["flops"] == int(by["real_rl"]["flops"]) and row["real_transitions"] == int(by["real_rl"]["real_transitions"])
+    assert row["wall_s"] == float(by["real_rl"]["wall_s"])
 
 
 def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
