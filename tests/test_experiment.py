@@ -224,3 +224,31 @@ def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
     for name in ARMS:
         arm, algorithm = split_arm(name)
         assert plan(twc, arm, algorithm).algorithm == algorithm
+
+
+def test_flop_counter_counts_tokens_through_both_forwards():
+    """2 N per token without gradients, 6 N with, N = the parameters of the model's matmuls; the
+    simulator's lean forward passes the same rotary module and is counted alike."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from dreamgym_core.experiment_stages import FlopCounter, matmul_params
+    from dreamgym_core.lean_llama import LeanLlama
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(model.config) == linear  # every projection and the LM head, no embedding
+    x = torch.randint(0, 50, (3, 5))
+    with FlopCounter() as c:
+        with torch.no_grad():
+            model(input_ids=x)
+        assert (c.flops, c.tokens) == (2 * linear * 15, {"trained": 0, "inferred": 15})
+        model(input_ids=x).logits.sum().backward()
+        assert c.flops == 2 * linear * 15 + 6 * linear * 15 and c.tokens["trained"] == 15
+        LeanLlama(model).forward(x[:2, :4], torch.arange(4).repeat(2, 1), torch.ones(2, 4, dtype=torch.bool),
+                                 DynamicCache())
+        assert c.tokens["inferred"] == 15 + 8
+    model(input_ids=x)  # after the block: not counted
+    assert c.tokens["inferred"] == 23
