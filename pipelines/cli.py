@@ -5,6 +5,7 @@
     dreamgym sql     "SELECT ..." [--format table|csv|json]   read-only SQL over every Parquet asset
     dreamgym views   [--ddl]                          list the SQL views (or their CREATE VIEW statements)
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
+    dreamgym experiment TESTBED [--arms a,b] [--seeds 0,1,2]   the arms of a testbed as Dagster partitions
     dreamgym experiment NAME DATA [key=value ...]     a research run on a data root (pipelines.experiments)
     dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
     dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
@@ -276,9 +277,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from dreamgym_core.experiment import TESTBEDS
     from pipelines.experiments import main as run_experiment
 
-    return run_experiment([args.name, *args.args])
+    data = ["--data", args.data] if args.name in TESTBEDS and getattr(args, "data", None) else []
+    return run_experiment([args.name, *data, *args.args])
 
 
 def cmd_report(args) -> int:
@@ -357,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
 
-    s = add("experiment", help="a research run on a materialized data root: rl-in-mexp, compare-policies, "
-                               "sim-false-wins (pipelines.experiments; NAME alone prints its usage)")
-    s.add_argument("name", choices=("rl-in-mexp", "compare-policies", "sim-false-wins"))
-    s.add_argument("args", nargs=argparse.REMAINDER, help="DATA and key=value options of the experiment")
+    s = add("experiment", help="the arms of a testbed (twc, lamp, tiny: one Dagster partition per arm x seed; "
+                               "--arms, --seeds), or a research run on a materialized data root: rl-in-mexp, "
+                               "compare-policies, sim-false-wins (pipelines.experiments; NAME alone prints its usage)")
+    s.add_argument("name", help="a testbed (twc, lamp, tiny) or rl-in-mexp, compare-policies, sim-false-wins")
+    s.add_argument("args", nargs=argparse.REMAINDER,
+                   help="testbed: [--arms a,b] [--seeds 0,1,2] [--results DIR]; else DATA and key=value options")
     s.set_defaults(func=cmd_experiment)
 
     s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",
