@@ -68,6 +68,11 @@ SETTINGS: dict[str, dict] = {
     # gigpo at a learning rate between the defaults' 1e-4 and the collapsing 1e-3
     "gigpo_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
                      "gamma": 0.95, "lr": 3e-4},
+    # gigpo with the env's dense score in the reward (twc: partial credit per object placed)
+    "gigpo_progress": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                       "gamma": 0.95, "progress_reward": 1.0},
+    "gigpo_progress_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                              "gamma": 0.95, "progress_reward": 1.0, "lr": 3e-4},
     "fast_gigpo": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3,
                    "step_advantage_weight": 1.0, "gamma": 0.95},
 }

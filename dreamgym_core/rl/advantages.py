@@ -55,13 +55,21 @@ def _anchor(state: str) -> str:
     return state.split("\n", 1)[1] if "\n" in state else state
 
 
-def decision_samples(trajectories: Sequence[Trajectory]) -> list[Decision]:
+def decision_samples(trajectories: Sequence[Trajectory], progress_weight: float = 0.0) -> list[Decision]:
     """Every decision of ``trajectories`` with the prompt its policy recorded (``Transition.prompt``),
     so re-scoring with the acting weights reproduces ``Transition.logprob``; the candidates are the
-    ones the policy scored (``NO_CANDIDATES_FALLBACK`` when the state listed none)."""
+    ones the policy scored (``NO_CANDIDATES_FALLBACK`` when the state listed none).
+
+    ``progress_weight`` w: a decision's reward is ``reward + w * (score - previous score)`` (the
+    episode starts at score 0; ``RLConfig.progress_reward``)."""
     out: list[Decision] = []
     for e, traj in enumerate(trajectories):
+        last = 0.0
         for k, s in enumerate(traj.steps):
+            reward = float(s.reward)
+            if progress_weight:
+                reward += progress_weight * (float(s.score) - last)
+                last = float(s.score)
             cands = tuple(s.candidates) or (NO_CANDIDATES_FALLBACK,)
             if s.logprob is None or s.prompt is None:
                 raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: no logprob/prompt recorded; the "
@@ -69,7 +77,7 @@ def decision_samples(trajectories: Sequence[Trajectory]) -> list[Decision]:
             if s.action not in cands:
                 raise ValueError(f"transition {traj.traj_id} step {s.step_idx}: action {s.action!r} is not "
                                  "one of its candidates")
-            out.append(Decision(s.prompt, cands, cands.index(s.action), float(s.logprob), float(s.reward),
+            out.append(Decision(s.prompt, cands, cands.index(s.action), float(s.logprob), reward,
                                 bool(s.done), e, traj.task.task_id, k, traj.traj_id, _anchor(s.state)))
     return out
 

@@ -110,6 +110,13 @@ class RLConfig:
     al. 2025): decisions of one group taken in the same state (its content, the feedback line aside)
     form an anchor group, and each gets (G - mean) / std of the anchor group's discounted
     returns-to-go G = gamma^(steps left) * R. 0 = plain GRPO."""
+    progress_reward: float = 0.0
+    """Weight w of the env's dense score in the reward the update sees: r_t + w * (score_t -
+    score_{t-1}), the episode starting at score 0 (TWX twc: +1/n per object put where it belongs,
+    so a GRPO return becomes 1[won] + w * final score and a group whose episodes all fail still
+    ranks them by how much they did). Simulated episodes carry M_exp's predicted score
+    (``## progress``), so real and synthetic rollouts are shaped alike. 0 = the paper's outcome
+    reward only."""
     episode_weighting: bool = False
     """Every episode's decisions share one unit of weight (GRPO's sequence mean) instead of every
     decision weighing the same (the unbiased policy gradient). Long failed episodes then push as
@@ -145,7 +152,7 @@ class RLConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"RLConfig.{name}={v!r} must be a finite number > 0")
-        for name in ("kl_coef", "vf_coef", "step_advantage_weight"):
+        for name in ("kl_coef", "vf_coef", "step_advantage_weight", "progress_reward"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"RLConfig.{name}={v!r} must be a finite number >= 0")
@@ -273,7 +280,7 @@ class PolicyTrainer:
     def prepare(self, trajectories: Sequence[Trajectory]) -> UpdateBatch:
         """Phase 2: decisions -> (PPO: values) -> advantages, plus reference log-probs for the KL."""
         cfg = self.cfg
-        samples = decision_samples(trajectories)
+        samples = decision_samples(trajectories, progress_weight=cfg.progress_reward)
         if not samples:
             raise ValueError("PolicyTrainer: no decisions to train on (every trajectory is empty)")
         metrics: dict[str, float] = {"samples": float(len(samples)), "episodes": float(len(trajectories))}
