@@ -8,7 +8,8 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dreamgym_core.annotate import OpenAIAnnotator, RuleAnnotator, TransformersAnnotator, annotate_table, placement_knowledge, portable_items
+from dreamgym_core.annotate import RuleAnnotator, annotate_table, placement_knowledge, portable_items
+from dreamgym_core.annotate_llm import OpenAIAnnotator, TransformersAnnotator
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
 from assets.loop import LoopSettings
@@ -194,11 +195,9 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     """
     import os
 
-    from dreamgym_core.experience_model import (PromptConfig, SFTConfig, has_progress, knowledge_of, knowledge_to_meta,
-                                                sft_examples, train_sft)
-    from dreamgym_core.models import (TinyLlamaConfig, build_tiny_llama, load_causal_lm, load_checkpoint,
-                                      save_checkpoint, train_tokenizer)
-    from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
+    from dreamgym_core.experience.sft_setup import SFTDataConfig, prepare_sft
+    from dreamgym_core.experience_model import PromptConfig, SFTConfig
+    from dreamgym_core.models import TinyLlamaConfig, load_checkpoint
     from pipelines.resources import data_root
 
     num_demos = config.num_demos if loop.replay_buffer else 0  # one switch for SFT and simulation
@@ -211,9 +210,6 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         reuse.reused(context, "experience_model", final)
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
-    rows = cot_annotations.to_pylist()
-    pc_ = core(PromptConfig, config, progress=config.progress and has_progress(rows),
-               placements=config.placements and has_progress(rows), num_demos=num_demos)
     retrieve = None
     if num_demos:  # D_k from the offline seed as written, never from the example's own task
         from assets.runtime import open_buffer
@@ -221,57 +217,46 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
 
         retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
                              source="offline", exclude_own_task=True)
-    examples = sft_examples(rows, pc_, retrieve)
-    weights = [config.win_weight if r["won"] else config.invalid_weight if not r["valid"] else 1.0 for r in rows]
-    if config.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
-        from dreamgym_core.curriculum import task_writing_examples
-        from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, trajectories_from_arrow
-
-        trajs = trajectories_from_arrow(cot_annotations.select(TRAJECTORY_ROWS_SCHEMA.names))
-        tasks = list({t.task.task_id: t.task for t in trajs}.values())
-        starts = {t.task.task_id: t.steps[0].state for t in trajs if t.steps and t.steps[0].step_idx == 0}
-        task_ex = task_writing_examples(tasks, starts, m=2, n=config.task_writing_examples, seed=config.seed,
-                                        pointers=config.pointers)
-        examples += task_ex
-        weights += [config.task_writing_weight] * len(task_ex)
-        context.log.info(f"{len(task_ex)} task-writing examples mixed in (M_task)")
-    if config.base_model:  # a pretrained base keeps its own tokenizer: the field names stay plain text
-        model, tok = load_causal_lm(config.base_model, cache_dir=os.path.join(data_root(), "cache", "models"))
-    else:
-        tok_dir = os.path.join(root, "tokenizer")
-        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            from transformers import PreTrainedTokenizerFast
-
-            tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-        else:
-            tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
-                                  vocab_size=config.vocab_size)
-        model = build_tiny_llama(tok, core(TinyLlamaConfig, config), seed=config.seed)
-    sft_cfg = core(SFTConfig, config, checkpoint_every=100)
-    meta = {"prompt": pc_.__dict__, "examples": len(examples), "replay": replay_seed.path if num_demos else "",
-            "replay_version": int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
-            "placements": knowledge_to_meta(knowledge_of(rows)) if pc_.placements else []}
-    if launcher.mode == "accelerate":
-        reported = _launch_sft(context, launcher, root, examples, weights, model, tok, sft_cfg, meta)
-        metrics, history = reported["metrics"], reported["history"]
-        extra = {"resumed_from_step": reported["resumed_from_step"], "world_size": reported["world_size"]}
-    else:
-        def progress(step: int, rec: dict) -> None:
-            if step % SFT_LOG_EVERY == 0:
-                context.log.info(sft_log_line(step, rec))
-
-        res = train_sft(model, tok, examples, sft_cfg, checkpoint_dir=os.path.join(root, "train"), progress=progress,
-                        sample_weights=weights)
-        metrics, history = sft_metrics(res), res.history
-        save_checkpoint(model, tok, final, {"metrics": metrics, **meta})
-        extra = {"resumed_from_step": res.resumed_from}
+    setup = prepare_sft(cot_annotations, core(PromptConfig, config, num_demos=num_demos), core(SFTDataConfig, config),
+                        core(TinyLlamaConfig, config), root, retrieve=retrieve,
+                        replay=replay_seed.path if num_demos else "",
+                        replay_version=int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
+                        cache_dir=os.path.join(data_root(), "cache", "models"), log=context.log.info)
+    metrics, history, extra = _train_sft(context, launcher, root, setup, core(SFTConfig, config, checkpoint_every=100))
     # an Output, not a bare value: after a Pipes session Dagster requires a typed event stream
     return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=metrics),
-                     metadata={"examples": len(examples), **extra, "num_demos": num_demos,
-                               "prompt_tokens_max": max(len(tok(e.prompt, add_special_tokens=False)["input_ids"])
-                                                        for e in examples[:2000]),
-                               "example_prompt": dg.MetadataValue.md("```\n" + examples[0].prompt + "\n```"),
+                     metadata={"examples": len(setup.examples), **extra, "num_demos": num_demos,
+                               "prompt_tokens_max": setup.prompt_tokens_max(),
+                               "example_prompt": dg.MetadataValue.md("```\n" + setup.examples[0].prompt + "\n```"),
                                "loss_curve": dg.MetadataValue.md(_curve(history))})
+
+
+def _train_sft(context: dg.AssetExecutionContext, launcher: Launcher, root: str, setup,
+               sft_cfg) -> tuple[dict, list[dict], dict]:
+    """``train_sft`` on ``setup`` (``experience.sft_setup.SFTSetup``), in this process or under
+    ``accelerate launch``; the final checkpoint goes to ``root/final``. Returns (metrics, loss history,
+    extra metadata)."""
+    import os
+
+    from dreamgym_core.experience_model import train_sft
+    from dreamgym_core.models import save_checkpoint
+    from pipelines.accelerate_entry import SFT_LOG_EVERY, sft_log_line, sft_metrics
+
+    if launcher.mode == "accelerate":
+        reported = _launch_sft(context, launcher, root, setup.examples, setup.weights, setup.model, setup.tokenizer,
+                               sft_cfg, setup.meta)
+        return reported["metrics"], reported["history"], {"resumed_from_step": reported["resumed_from_step"],
+                                                          "world_size": reported["world_size"]}
+
+    def progress(step: int, rec: dict) -> None:
+        if step % SFT_LOG_EVERY == 0:
+            context.log.info(sft_log_line(step, rec))
+
+    res = train_sft(setup.model, setup.tokenizer, setup.examples, sft_cfg, checkpoint_dir=os.path.join(root, "train"),
+                    progress=progress, sample_weights=setup.weights)
+    metrics = sft_metrics(res)
+    save_checkpoint(setup.model, setup.tokenizer, os.path.join(root, "final"), {"metrics": metrics, **setup.meta})
+    return metrics, res.history, {"resumed_from_step": res.resumed_from}
 
 
 def _launch_sft(context: dg.AssetExecutionContext, launcher: Launcher, root: str, examples, weights, model, tok,

@@ -24,6 +24,7 @@ from dreamgym_core.experience.retrieval import Retriever
 from dreamgym_core.schema import CheckpointRef, tasks_from_arrow
 from pipelines import reuse
 from pipelines.io_managers import parquet_path
+from pipelines.checks import synthetic_share
 from pipelines.partitions import PREVIOUS_ITERATION, iteration_index, iteration_partitions
 from pipelines.resources import Experiment, Launcher, data_root
 from pipelines.settings import core
@@ -118,26 +119,51 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                        offline_trajectories: pa.Table, replay_seed: CheckpointRef):
     """Iteration k of DreamGym: rollouts in M_exp -> policy update -> curriculum -> buffer -> evaluation."""
     from dreamgym_core import curriculum as cur
-    from dreamgym_core.loop import IterationInputs, LoopConfig, StageStore, run_iteration
+    from dreamgym_core.loop import LoopConfig, run_iteration
+    from pipelines.checks import loop_checks
 
-    config = loop
     k = iteration_index(context.partition_key)
     if k > 1 and prev_policy is None:
         raise dg.Failure(f"iteration {k:03d} needs iteration {k - 1:03d}'s policy: materialize it first "
                          "(backfill iterations in order)")
     started = time.perf_counter()
-    loop_cfg = core(LoopConfig, config)
-    cur_cfg = core(cur.CurriculumConfig, config, enabled=config.curriculum)
+    loop_cfg = core(LoopConfig, loop)
+    cur_cfg = core(cur.CurriculumConfig, loop, enabled=loop.curriculum)
     rl_cfg = rl_config(rl)
     key = reuse.stage_key("dreamgym_loop", (loop_cfg, cur_cfg, rl_cfg, experiment.source_key(),
-                                            {"k": k, "replay_buffer": config.replay_buffer}),
+                                            {"k": k, "replay_buffer": loop.replay_buffer}),
                           experience_model=experience_model, policy_init=policy_init, prev_policy=prev_policy,
                           prev_task_pool=prev_task_pool, seed_tasks=seed_tasks, eval_tasks=eval_tasks,
                           offline_trajectories=offline_trajectories)
-    # the stage tables live in their assets' Parquet partitions (one copy); records and the policy in `work`
+    store = _stage_store(context, key, k)
+    inp, sims = _iteration_inputs(context, k, loop, experiment, launcher, rl_cfg, prev_policy, prev_task_pool,
+                                  experience_model, policy_init, seed_tasks, eval_tasks, offline_trajectories,
+                                  replay_seed)
+    out = run_iteration(inp, loop_cfg, rl_cfg, cur_cfg, store, log=context.log.info)
+    yield from _iteration_outputs(k, loop, out, inp, sims, replay_seed, started)
+    yield from loop_checks(out, prev_eval, lam=loop.lam, curriculum=loop.curriculum)
+
+
+def _stage_store(context: dg.AssetExecutionContext, key: str, k: int):
+    """Where iteration k's stages are recorded: the stage tables in their assets' Parquet partitions
+    (one copy), records and the policy in the loop's ``work`` area under ``key``."""
+    from dreamgym_core.loop import StageStore
+
     tables = {stage: parquet_path(os.path.join(data_root(), "parquet"), asset, context.partition_key)
               for stage, asset in STAGE_TABLES.items()}
-    store = StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"), tables)
+    return StageStore(os.path.join(reuse.stage_dir(context, "dreamgym_loop", key, area="loop"), f"{k:03d}"), tables)
+
+
+def _iteration_inputs(context: dg.AssetExecutionContext, k: int, config: LoopSettings, experiment: Experiment,
+                      launcher: Launcher, rl_cfg, prev_policy: CheckpointRef | None, prev_task_pool: pa.Table | None,
+                      experience_model: CheckpointRef, policy_init: CheckpointRef, seed_tasks: pa.Table,
+                      eval_tasks: pa.Table, offline_trajectories: pa.Table, replay_seed: CheckpointRef):
+    """``run_iteration``'s inputs from the asset's: tasks, start states, M_exp as a simulator (retrieving
+    from the buffer as it stood at the start of k), M_task, the buffer and the policy update. Returns
+    (IterationInputs, the SimulatorFactory, whose totals go into the metadata)."""
+    from dreamgym_core import curriculum as cur
+    from dreamgym_core.loop import IterationInputs
+
     original = tasks_from_arrow(seed_tasks)
     test = heldout(eval_tasks)
     starts = {**offline_start_states(offline_trajectories), **real_start_states(experiment, test[:config.eval_tasks])}
@@ -156,8 +182,11 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
         buffer_export=os.path.join(data_root(), "parquet", "replay_buffer_rows", f"{k:03d}.parquet"),
         update=accelerate_update(context, launcher, rl_cfg, policy_init.path, resume=k > 1)
         if launcher.mode == "accelerate" else None)
-    out = run_iteration(inp, loop_cfg, rl_cfg, cur_cfg, store, log=context.log.info)
+    return inp, sims
 
+
+def _iteration_outputs(k: int, config: LoopSettings, out, inp, sims, replay_seed: CheckpointRef, started: float):
+    """One ``dg.Output`` per stage asset of iteration k, each with its metadata."""
     prev_key = f"{k - 1:03d}" if k > 1 else "sft"
     yield dg.Output(out.rollouts, output_name="rollouts",
                     metadata={"policy_version": prev_key, **_num(out.records.get("rollouts", {}))})
@@ -174,34 +203,16 @@ def dreamgym_iteration(context: dg.AssetExecutionContext, loop: LoopSettings, ex
                     metadata={"proposals": int(syn.get("proposals", 0)), "kept": out.synthesized_tasks.num_rows,
                               "drops": dg.MetadataValue.json(syn.get("drops", {}))})
     yield dg.Output(out.task_proposals, output_name="task_proposals", metadata=_proposal_metadata(syn, out))
-    share = _synthetic_share(out.task_pool)
     yield dg.Output(out.task_pool, output_name="task_pool",
-                    metadata={"tasks": out.task_pool.num_rows, "synthetic_share": share})
+                    metadata={"tasks": out.task_pool.num_rows, "synthetic_share": synthetic_share(out.task_pool)})
     buf = out.records.get("replay_buffer", {})
-    yield dg.Output(CheckpointRef(path=replay_seed.path if buffer is not None else "", kind="replay_buffer",
+    yield dg.Output(CheckpointRef(path=replay_seed.path if inp.buffer is not None else "", kind="replay_buffer",
                                   iteration=k, metrics=_num(buf)), output_name="replay_buffer",
                     metadata={**{f"replay/{a}": b for a, b in _num(buf).items()},
                               "by_source": dg.MetadataValue.json(buf.get("by_source", {}))})
     yield dg.Output(out.evaluation, output_name="iteration_eval",
                     metadata={**_num(out.evaluation.to_pylist()[0]), **sims.totals(),
                               "timing/iteration_s": round(time.perf_counter() - started, 1)})
-    from pipelines.checks import schema_check
-
-    for name, table in [("rollouts", out.rollouts), ("task_scores", out.task_scores),
-                        ("synthesized_tasks", out.synthesized_tasks), ("task_proposals", out.task_proposals),
-                        ("task_pool", out.task_pool),
-                        ("iteration_eval", out.evaluation)]:
-        yield schema_check(name, table)
-    yield dg.AssetCheckResult(asset_key="task_pool", check_name="synthetic_share_within_lambda",
-                              passed=share <= (config.lam if config.curriculum else 0.0) + 1e-9,
-                              metadata={"synthetic_share": share, "lambda": config.lam})
-    now = out.evaluation.to_pylist()[0]["success_rate"]
-    before = prev_eval.to_pylist()[0]["success_rate"] if prev_eval is not None and prev_eval.num_rows else None
-    yield dg.AssetCheckResult(asset_key="iteration_eval", check_name="real_success_not_regressed",
-                              passed=before is None or now is None or now >= before,  # None: no live env
-                              severity=dg.AssetCheckSeverity.WARN,
-                              metadata={"success_rate": now if now is not None else -1.0,
-                                        "previous": before if before is not None else -1.0})
 
 
 def accelerate_update(context: dg.AssetExecutionContext, launcher: Launcher, rl_cfg, ref_policy_dir: str, *,
@@ -247,12 +258,6 @@ def _proposal_metadata(syn: dict, out) -> dict:
         if value is not None:  # no proposals / no synthetic episode: no rate to show
             meta[key] = float(value)
     return meta
-
-
-def _synthetic_share(pool: pa.Table) -> float:
-    if pool.num_rows == 0:
-        return 0.0
-    return sum(s == "synthetic" for s in pool["source"].to_pylist()) / pool.num_rows
 
 
 def _histogram_md(sel: dict) -> str:

@@ -55,8 +55,8 @@ import torch
 
 from dreamgym_core.experience_model import (ExperienceModel, PromptConfig, SimConfig, _feedback, _ids,
                                             knowledge_from_meta, parse_for, step_prompt)
-from dreamgym_core.exp_format import Prediction, progress_percent
 from dreamgym_core.schema import Trajectory
+from dreamgym_core.state_delta import Prediction, progress_percent
 
 Context = tuple[str, Sequence[str] | None]
 

@@ -2,7 +2,7 @@
 
     python -m bench.miniwob_env [--seeds 20] [--collect-tasks 60]
 
-For every task of ``miniwob_env.TASKS`` and every split, ``--seeds`` tasks (seeds) are played by
+For every task of ``miniwob_state.TASKS`` and every split, ``--seeds`` tasks (seeds) are played by
 the scripted expert and by a uniform random policy over the candidates (``--max-steps`` cap).
 Step rates time ``env.step`` alone (abstract state included); reset rates include loading a task's
 page when the previous episode was on another one. Then ``collect`` (the offline data of the
@@ -18,7 +18,7 @@ import time
 
 from dreamgym_core.collect import CollectConfig, collect
 from dreamgym_core.envs import EnvSpec, make_env
-from dreamgym_core.envs.miniwob_env import TASKS
+from dreamgym_core.envs.miniwob_state import TASKS
 
 
 def _play(env, tasks, policy: str, max_steps: int, seed: int) -> dict:

@@ -124,7 +124,7 @@ def _with_acting_logprobs(model, tok, trajs, cfg):
     from dataclasses import replace
 
     from dreamgym_core.policy import policy_format, score_candidates
-    from dreamgym_core.rl.trainer import choice_logprobs, decision_samples
+    from dreamgym_core.rl.advantages import choice_logprobs, decision_samples
 
     samples = decision_samples(trajs)
     scores = score_candidates(model, tok, [s.prompt for s in samples], [s.candidates for s in samples],
@@ -227,7 +227,7 @@ def update_flops(trainer, trajectories) -> tuple[int, int]:
     with one epoch over one minibatch: each distinct decision once (``share_decisions``), prompts
     truncated as the trainer truncates them."""
     from dreamgym_core.policy import END_OF_ACTION
-    from dreamgym_core.rl.trainer import _distinct, decision_samples
+    from dreamgym_core.rl.advantages import _distinct, decision_samples
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     samples = decision_samples(trajectories)

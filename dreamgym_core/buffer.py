@@ -16,9 +16,9 @@ Where this departs from the paper, and why:
   counted policies: near-duplicate removal within a task, a cap on all-success rollout groups
   (little signal for the curriculum), and a newest-N-trajectories-per-task window. They live in
   ``dreamgym_core.replay`` (which imports this module), beside the per-iteration update that uses them.
-- **Embedded text.** ``action`` goes before ``state`` in the embedded text so that a long state
-  truncated at the encoder's token limit (256 for MiniLM) never loses the action.
-- **Search.** Exact cosine (numpy over the version's vectors) below ``index_min_rows``; above it
+- **Embedded text.** ``action`` goes before ``state`` in the embedded text (``buffer_rows``, which
+  defines a row and embeds transitions into rows without a table).
+- **Search.** Exact cosine (``buffer_exact``: numpy over the version's vectors) below ``index_min_rows``; above it
   an IVF_RQ index (RaBitQ codes, re-ranked by exact distance), chosen because on 2 cores it built
   in 3 s at 100k rows where IVF_PQ took 48 s, with the same recall after re-ranking; numbers in
   bench/replay_retrieval.py. Ties are broken by (traj_id, step_idx, source, iteration), so results
@@ -43,25 +43,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dreamgym_core.buffer_exact import ExactIndex, Filters, as_tuple, sql_str
+from dreamgym_core.buffer_rows import (
+    BUFFER_FORMAT, META_DIM, META_FORMAT, META_MODEL, RECORD_COLUMNS, REQUIRED_INPUT, Neighbor, buffer_schema,
+    buffer_text, encode_rows,
+)
 from dreamgym_core.embed import TextEmbedder
 from dreamgym_core.faults import fault
 from dreamgym_core.io import exists
 from dreamgym_core.lance_journal import recover, replacing, table_lock
-from dreamgym_core.schema import SOURCES, TRANSITION_SCHEMA, Transition, transitions_to_arrow
+from dreamgym_core.schema import Transition
 
-BUFFER_FORMAT = "1"
-META_FORMAT = "dreamgym.buffer.format"
-META_MODEL = "dreamgym.embedder.model"
-META_DIM = "dreamgym.embedder.dim"
-
-RECORD_COLUMNS = ("traj_id", "task_id", "env", "step_idx", "state", "action", "next_state", "reward",
-                  "done", "won", "lost", "valid", "action_kind", "policy", "source", "iteration")
-"""Transition fields kept in the buffer (names and types from schema.TRANSITION_SCHEMA)."""
-REQUIRED_INPUT = ("traj_id", "task_id", "env", "step_idx", "state", "action", "next_state", "reward",
-                  "done", "won", "valid")
-_DEFAULTS = {"lost": False, "action_kind": "", "policy": ""}
-SOURCE_PRIORITY = {"offline": 0, "real": 1, "imported": 2, "synthetic": 3}
-"""Which copy survives de-duplication: real data before synthetic, then the older one."""
 _TIE_KEYS = ("traj_id", "step_idx", "source", "iteration")
 LANCE_FILE_VERSION = "2.1"
 """Lance data format for new tables: fetching a few rows of 16 columns took ~3 ms with 2.1 against
@@ -70,17 +62,6 @@ LANCE_FILE_VERSION = "2.1"
 
 class ReplayBufferError(RuntimeError):
     """The buffer's table is missing, corrupt, or does not match this code or embedder."""
-
-
-def buffer_text(state: str, action: str) -> str:
-    """The text whose embedding keys retrieval."""
-    return f"action: {action}\nstate: {state}"
-
-
-def buffer_schema(model_name: str, dim: int) -> pa.Schema:
-    fields = [TRANSITION_SCHEMA.field(n) for n in RECORD_COLUMNS]
-    fields += [pa.field("text", pa.string()), pa.field("vector", pa.list_(pa.float32(), dim))]
-    return pa.schema(fields, metadata={META_FORMAT: BUFFER_FORMAT, META_MODEL: model_name, META_DIM: str(dim)})
 
 
 @dataclass(frozen=True)
@@ -115,168 +96,6 @@ class BufferConfig:
             raise ValueError(f"BufferConfig.reindex_fraction must be in (0, 1], got {self.reindex_fraction}")
 
 
-@dataclass(frozen=True)
-class Neighbor:
-    """One retrieved transition and its cosine similarity to the query."""
-
-    similarity: float
-    traj_id: str
-    task_id: str
-    env: str
-    step_idx: int
-    state: str
-    action: str
-    next_state: str
-    reward: float
-    done: bool
-    won: bool
-    lost: bool
-    valid: bool
-    action_kind: str
-    policy: str
-    source: str
-    iteration: int
-
-
-def _sql_str(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-@dataclass(frozen=True)
-class _Filters:
-    env: tuple[str, ...] | None = None
-    task_id: tuple[str, ...] | None = None
-    source: tuple[str, ...] | None = None
-    before_iteration: int | None = None
-
-    def where(self) -> str | None:
-        parts = []
-        for col in ("env", "task_id", "source"):
-            vals = getattr(self, col)
-            if vals is not None:
-                parts.append(f"{col} IN ({', '.join(_sql_str(v) for v in vals)})")
-        if self.before_iteration is not None:
-            parts.append(f"iteration < {int(self.before_iteration)}")
-        return " AND ".join(parts) or None
-
-
-class _ExactIndex:
-    """One table version's vectors and key columns in memory, for exact search and its filters."""
-
-    def __init__(self, table: pa.Table, dim: int, path: str):
-        n = table.num_rows
-        vec = table["vector"].combine_chunks()
-        values = vec.flatten().to_numpy(zero_copy_only=False) if n else np.zeros(0, np.float32)
-        self.vectors = values.reshape(n, dim)
-        # every search loads the vectors anyway, so it checks them: a flipped byte in a data file
-        # shows up here as a non-unit or non-finite row instead of as a silently wrong neighbour
-        _check_unit(self.vectors, path)
-        # sorted dictionaries: codes order like the strings, so ties sort by code
-        self.codes = {}
-        for col in ("env", "task_id", "source", "traj_id"):
-            uniq, inv = np.unique(np.asarray(table[col].to_pylist(), dtype=object).astype(str), return_inverse=True)
-            self.codes[col] = (uniq, inv)
-        self.step_idx = table["step_idx"].to_numpy()
-        self.iteration = table["iteration"].to_numpy()
-
-    def mask(self, f: _Filters) -> np.ndarray | None:
-        m = None
-        for col in ("env", "task_id", "source"):
-            vals = getattr(f, col)
-            if vals is None:
-                continue
-            uniq, inv = self.codes[col]
-            wanted = [int(i) for v in vals for i in [np.searchsorted(uniq, v)] if i < len(uniq) and uniq[i] == v]
-            cm = np.isin(inv, wanted)
-            m = cm if m is None else m & cm
-        if f.before_iteration is not None:
-            cm = self.iteration < f.before_iteration
-            m = cm if m is None else m & cm
-        return m
-
-    def task_codes(self, task_ids: Sequence[str | None]) -> np.ndarray:
-        """(Q,) codes of ``task_ids`` in this version's task dictionary; -1 for None or a task not stored."""
-        if not hasattr(self, "_task_lookup"):
-            self._task_lookup = {t: i for i, t in enumerate(self.codes["task_id"][0].tolist())}
-        return np.asarray([self._task_lookup.get(t, -1) if t is not None else -1 for t in task_ids], np.int64)
-
-    def topk(self, q: np.ndarray, k: int, f: _Filters,
-             exclude: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
-        """q: (Q, dim) unit rows -> per query [(row offset, similarity)] best first.
-        ``exclude``: (Q,) task codes (``task_codes``) whose rows query j must not return (-1: none)."""
-        mask = self.mask(f)
-        out = []
-        for s in range(0, len(q), 256):
-            sims = self.vectors @ q[s:s + 256].T                 # (N, chunk)
-            if mask is not None:
-                sims[~mask] = -np.inf
-            if exclude is not None:                              # per query: its own task's rows
-                sims[self.codes["task_id"][1][:, None] == exclude[None, s:s + 256]] = -np.inf
-            for j in range(sims.shape[1]):
-                col = sims[:, j]
-                valid = int(np.isfinite(col).sum())
-                if valid == 0:
-                    out.append([])
-                    continue
-                kk = min(k, valid)
-                kth = np.partition(col, len(col) - kk)[len(col) - kk]
-                cand = np.nonzero(col >= kth)[0]                 # all rows tied with the k-th
-                order = np.lexsort((self.iteration[cand], self.codes["source"][1][cand],
-                                    self.step_idx[cand], self.codes["traj_id"][1][cand], -col[cand]))[:kk]
-                out.append([(int(cand[i]), float(col[cand[i]])) for i in order])
-        return out
-
-
-def encode_rows(embedder: TextEmbedder, data: Iterable[Transition] | pa.Table, source: str, iteration: int,
-                vectors: np.ndarray | None = None) -> pa.Table:
-    """Buffer rows (``buffer_schema`` of ``embedder``) for ``data``, embedding ``buffer_text(state, action)``.
-
-    ``source`` and ``iteration`` label every row and replace any such columns in ``data``.
-    ``vectors`` (N, dim) skips the embedder (vectors computed elsewhere); they are normalized.
-    Needs no table, so a Dagster asset can return its rows for the LanceDB IO manager to write.
-    """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    schema = buffer_schema(embedder.model_name, embedder.dim)
-    table = _to_arrow(data)
-    missing = [c for c in REQUIRED_INPUT if c not in table.column_names]
-    if missing:
-        raise ValueError(f"transitions lack required columns {missing} (see schema.TRANSITION_SCHEMA)")
-    n = table.num_rows
-    cols = {}
-    for name in RECORD_COLUMNS:
-        typ = schema.field(name).type
-        if name == "source":
-            cols[name] = pa.array([source] * n, typ)
-        elif name == "iteration":
-            cols[name] = pa.array([int(iteration)] * n, typ)
-        elif name in table.column_names:
-            col = table[name]
-            if name in REQUIRED_INPUT and col.null_count:
-                raise ValueError(f"column {name!r} has {col.null_count} nulls; replay rows need it filled")
-            cols[name] = col.cast(typ)
-        else:
-            cols[name] = pa.array([_DEFAULTS[name]] * n, typ)
-    texts = [buffer_text(s, a) for s, a in zip(cols["state"].to_pylist(), cols["action"].to_pylist())]
-    vecs = embedder.encode(texts) if vectors is None else np.asarray(vectors, np.float32)
-    dim = embedder.dim
-    if vecs.shape != (n, dim):
-        raise ValueError(f"vectors have shape {vecs.shape}, expected {(n, dim)}")
-    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-    if n and (not np.isfinite(vecs).all() or (norms == 0).any()):
-        raise ValueError("vectors must be finite and non-zero")
-    vecs = (vecs / norms).astype(np.float32) if n else vecs
-    cols["text"] = pa.array(texts, pa.string())
-    cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)
-    return pa.table(cols, schema=schema)
-
-
 class ReplayBuffer:
     """Transitions + (state, action) embeddings in one LanceDB table, with versioned top-k retrieval.
 
@@ -293,7 +112,7 @@ class ReplayBuffer:
         self.schema = buffer_schema(embedder.model_name, embedder.dim)
         self._db = lancedb.connect(uri)
         self._handles: OrderedDict[int, object] = OrderedDict()
-        self._exact: OrderedDict[int, _ExactIndex] = OrderedDict()
+        self._exact: OrderedDict[int, ExactIndex] = OrderedDict()
         self._has_index: dict[int, bool] = {}
         self._tag_versions: dict[int, int] = {}
         self._tbl = self._open_or_create()
@@ -437,7 +256,7 @@ class ReplayBuffer:
         with self._lance_errors("writing"):
             if replace:   # delete + add are two commits: journaled, rolled back on a failure or after a kill
                 with table_lock(self.uri, self.config.table), replacing(self._tbl, self.uri, self.config.table):
-                    self._tbl.delete(f"source = {_sql_str(source)} AND iteration = {int(iteration)}")
+                    self._tbl.delete(f"source = {sql_str(source)} AND iteration = {int(iteration)}")
                     fault("lance:between_delete_and_add")
                     if rows.num_rows:
                         self._tbl.add(rows)
@@ -516,7 +335,7 @@ class ReplayBuffer:
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q = q / np.where(norms > 0, norms, 1.0)
         version = self.version_for_iteration(iteration) if iteration is not None else as_of_version
-        f = _Filters(_as_tuple(env), _as_tuple(task_id), _as_tuple(source), iteration)
+        f = Filters(as_tuple(env), as_tuple(task_id), as_tuple(source), iteration)
         latest = self._tbl.version
         v = latest if version is None else int(version)
         tbl = self._tbl if v == latest else self._table_at(v)
@@ -526,13 +345,17 @@ class ReplayBuffer:
             return [self._search_ann(tbl, q[j:j + 1], k, f, exclude=t)[0] for j, t in enumerate(exclude_task_id)]
         return self._search_exact(tbl, v, q, k, f, exclude_task_id)
 
-    def _search_exact(self, tbl, v: int, q: np.ndarray, k: int, f: _Filters,
+    def _search_exact(self, tbl, v: int, q: np.ndarray, k: int, f: Filters,
                       exclude_task_id: Sequence[str | None] | None = None) -> list[list[Neighbor]]:
         if v not in self._exact:
             with self._lance_errors(f"loading version {v}"):
                 cols = ["vector", "env", "task_id", "source", "traj_id", "step_idx", "iteration"]
                 data = tbl.search().select(cols).limit(None).to_arrow()
-            self._exact[v] = _ExactIndex(data, self.embedder.dim, self.path)
+            ex = ExactIndex(data, self.embedder.dim)
+            # every search loads the vectors anyway, so it checks them: a flipped byte in a data file
+            # shows up here as a non-unit or non-finite row instead of as a silently wrong neighbour
+            _check_unit(ex.vectors, self.path)
+            self._exact[v] = ex
             while len(self._exact) > 2:      # each holds N x dim floats
                 self._exact.popitem(last=False)
         ex = self._exact[v]
@@ -550,10 +373,10 @@ class ReplayBuffer:
                                         "reads; the table is inconsistent")
         return [[Neighbor(similarity=s, **by_offset[o]) for o, s in h] for h in hits]
 
-    def _search_ann(self, tbl, q: np.ndarray, k: int, f: _Filters, exclude: str | None = None) -> list[list[Neighbor]]:
+    def _search_ann(self, tbl, q: np.ndarray, k: int, f: Filters, exclude: str | None = None) -> list[list[Neighbor]]:
         where = f.where()
         if exclude is not None:
-            where = f"task_id != {_sql_str(exclude)}" + (f" AND {where}" if where else "")
+            where = f"task_id != {sql_str(exclude)}" + (f" AND {where}" if where else "")
         limit = k + 1                      # one extra row shows whether a tie runs past the k-th place
         res = self._ann_query(tbl, q, limit, where)
         out = []
@@ -650,11 +473,3 @@ def _check_unit(vectors: np.ndarray, path: str) -> None:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def _to_arrow(data) -> pa.Table:
-    if isinstance(data, pa.Table):
-        return data
-    if hasattr(data, "to_arrow"):            # polars DataFrame, without importing polars here
-        return data.to_arrow()
-    return transitions_to_arrow(data)

@@ -84,6 +84,11 @@ def paired_comparison(a: Sequence[Trajectory], b: Sequence[Trajectory]) -> Paire
     won_b = {t.task.task_id: bool(t.won) for t in b}
     if len(won_a) != len(a) or len(won_b) != len(b):
         raise ValueError("paired_comparison: one episode per task on each side (a task id repeats)")
+    return paired_outcomes(won_a, won_b)
+
+
+def paired_outcomes(won_a: dict[str, bool], won_b: dict[str, bool]) -> PairedComparison:
+    """``paired_comparison`` on outcomes already reduced to task id -> won (e.g. stored per game)."""
     if won_a.keys() != won_b.keys():
         raise ValueError(f"paired_comparison: the two sides cover different tasks "
                          f"({len(won_a.keys() - won_b.keys())} only in a, {len(won_b.keys() - won_a.keys())} only in b)")

@@ -42,7 +42,10 @@ class LearnerRun:
     """``RLConfig`` fields that differ from its defaults."""
     rounds: int = 20
     tasks: int = 16
-    """Train tasks, the same ones every round (a fixed batch)."""
+    """Train tasks per round: the same ones every round (a fixed batch) unless ``pool`` is set."""
+    pool: int = 0
+    """0: a fixed batch. N > 0: each round draws ``tasks`` tasks afresh from the first N train
+    games (the ``real_rl`` arm's regime: many games, each seen a few times)."""
     group_size: int = 4
     max_steps: int = 20
     dev_tasks: int = 100
@@ -62,6 +65,14 @@ SETTINGS: dict[str, dict] = {
     "plain_lr1e-3": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "lr": 1e-3},
     # More optimizer steps per round: two epochs of minibatches of 16 (about 4x the Adam steps).
     "fast": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3},
+    # gigpo at a learning rate between the defaults' 1e-4 and the collapsing 1e-3
+    "gigpo_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                     "gamma": 0.95, "lr": 3e-4},
+    # gigpo with the env's dense score in the reward (twc: partial credit per object placed)
+    "gigpo_progress": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                       "gamma": 0.95, "progress_reward": 1.0},
+    "gigpo_progress_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                              "gamma": 0.95, "progress_reward": 1.0, "lr": 3e-4},
     "fast_gigpo": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3,
                    "step_advantage_weight": 1.0, "gamma": 0.95},
 }
@@ -78,11 +89,16 @@ def _spec(testbed: str, cache_dir: str, params: str = ""):
 
 
 def _splits(testbed: str, env, run: LearnerRun) -> tuple[list[Task], list[Task]]:
-    """(train batch, dev games): twc's dev games are held-out seeds of the train fold (the
-    pipeline's ``eval_fold='train'``: same objects, unseen games), from 900 on."""
-    train = env.tasks("train", run.tasks)
-    dev = env.tasks("train", run.dev_tasks, start=900) if testbed == "twc" else env.tasks("dev", run.dev_tasks)
-    return train, dev
+    """(train games, dev games): twc's dev games are held-out seeds of the train fold (the
+    pipeline's ``eval_fold='train'``: same objects, unseen games), its last ones (from 900 for 100)."""
+    train = env.tasks("train", run.pool or run.tasks)
+    if testbed != "twc":
+        return train, env.tasks("dev", run.dev_tasks)
+    start = 1000 - max(run.dev_tasks, 100)  # the last seeds of twc's 1000-seed train fold (900 for 100 games)
+    if start < len(train):
+        raise ValueError(f"learner_check: {len(train)} train games and {run.dev_tasks} dev games overlap in twc's "
+                         "1000-seed train fold")
+    return train, env.tasks("train", run.dev_tasks, start=start)
 
 
 def start_policy(testbed: str, spec, out_dir: str, *, bc_steps: int = 300, seed: int = 0, log: Log = print) -> str:
@@ -159,8 +175,11 @@ def run_curve(run: LearnerRun, pi0_dir: str, spec, *, log: Log = print) -> list[
     def make_real():
         return SerialBatchEnv(lambda: make_env(spec), 8)
 
+    import random
+
+    draw = random.Random(run.seed)
     rows, used, started = [], 0, time.perf_counter()
-    base = {"testbed": run.testbed, "setting": run.setting, "seed": run.seed, "tasks": run.tasks,
+    base = {"testbed": run.testbed, "setting": run.setting, "seed": run.seed, "tasks": run.tasks, "pool": run.pool,
             "group_size": run.group_size, "lr": rl.lr, "kl_coef": rl.kl_coef, "step_advantage_weight":
             rl.step_advantage_weight, "ppo_epochs": rl.ppo_epochs, "minibatch_size": rl.minibatch_size}
     first = {"round": 0, "transitions": 0, "train_success": None, **_dev_success(trainer, make_real, dev, run, 0)}
@@ -169,7 +188,8 @@ def run_curve(run: LearnerRun, pi0_dir: str, spec, *, log: Log = print) -> list[
     for r in range(1, run.rounds + 1):
         cfg = LoopConfig(tasks_per_iteration=len(train), group_size=run.group_size, eval_max_steps=run.max_steps,
                          seed=run.seed * 100_003 + r)
-        m = rl_in_real_env(trainer, make_real, train, cfg, budget=10 ** 9, rounds=1, name=run.setting,
+        batch = draw.sample(train, run.tasks) if run.pool else train
+        m = rl_in_real_env(trainer, make_real, batch, cfg, budget=10 ** 9, rounds=1, name=run.setting,
                            log=lambda _: None)
         used += m["real_transitions"]
         row = {**base, "round": r, "transitions": used, "train_success": round(m["train_success_rate"], 4),
@@ -185,7 +205,7 @@ def run_curve(run: LearnerRun, pi0_dir: str, spec, *, log: Log = print) -> list[
 
 
 COLUMNS = ("testbed", "setting", "seed", "round", "transitions", "train_success", "dev_success", "dev_ci_low",
-           "dev_ci_high", "tasks", "group_size", "lr", "kl_coef", "step_advantage_weight", "ppo_epochs",
+           "dev_ci_high", "tasks", "pool", "group_size", "lr", "kl_coef", "step_advantage_weight", "ppo_epochs",
            "minibatch_size", "wall_s")
 
 
@@ -212,7 +232,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m dreamgym_core
     p.add_argument("--settings", default="default,gigpo", help=f"comma list of {sorted(SETTINGS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--tasks", type=int, default=16)
+    p.add_argument("--tasks", type=int, default=16, help="train tasks per round")
+    p.add_argument("--pool", type=int, default=0,
+                   help="draw each round's tasks from the first N train games (default 0: one fixed batch)")
     p.add_argument("--dev-tasks", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=20)
@@ -229,7 +251,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m dreamgym_core
         pi0 = start_policy(a.testbed, spec, os.path.join(a.work, f"{a.testbed}{a.params}_pi0_s{seed}"), bc_steps=a.bc_steps,
                            seed=seed)
         for name in a.settings.split(","):
-            run = LearnerRun(a.testbed, name, SETTINGS[name], rounds=a.rounds, tasks=a.tasks, dev_tasks=a.dev_tasks,
+            run = LearnerRun(a.testbed, name, SETTINGS[name], rounds=a.rounds, tasks=a.tasks, pool=a.pool, dev_tasks=a.dev_tasks,
                              eval_every=a.eval_every, max_steps=a.max_steps, seed=seed)
             append_rows(a.out, run_curve(run, pi0, spec))
     return 0

@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dreamgym_core.buffer import RECORD_COLUMNS, SOURCE_PRIORITY, ReplayBuffer
+from dreamgym_core.buffer import ReplayBuffer
+from dreamgym_core.buffer_rows import RECORD_COLUMNS, SOURCE_PRIORITY
 from dreamgym_core.io import write_parquet_atomic
 
 SYNTHETIC = "source = 'synthetic'"

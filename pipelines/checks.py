@@ -27,6 +27,35 @@ def schema_check(name: str, table: pa.Table) -> dg.AssetCheckResult:
                                metadata={"rows": table.num_rows, "problems": "; ".join(problems) or "none"})
 
 
+def synthetic_share(pool: pa.Table) -> float:
+    """The share of a task pool's tasks with ``source == "synthetic"`` (0 for an empty pool)."""
+    if pool.num_rows == 0:
+        return 0.0
+    return sum(s == "synthetic" for s in pool["source"].to_pylist()) / pool.num_rows
+
+
+def loop_checks(out, prev_eval: pa.Table | None, lam: float, curriculum: bool):
+    """The loop's in-step checks on ``run_iteration``'s output ``out``: every Parquet stage's schema, the
+    pool's synthetic share against ``lam`` (0 without the curriculum), and real held-out success against
+    iteration k-1's (``prev_eval``; a WARN)."""
+    for name, table in [("rollouts", out.rollouts), ("task_scores", out.task_scores),
+                        ("synthesized_tasks", out.synthesized_tasks), ("task_proposals", out.task_proposals),
+                        ("task_pool", out.task_pool),
+                        ("iteration_eval", out.evaluation)]:
+        yield schema_check(name, table)
+    share = synthetic_share(out.task_pool)
+    yield dg.AssetCheckResult(asset_key="task_pool", check_name="synthetic_share_within_lambda",
+                              passed=share <= (lam if curriculum else 0.0) + 1e-9,
+                              metadata={"synthetic_share": share, "lambda": lam})
+    now = out.evaluation.to_pylist()[0]["success_rate"]
+    before = prev_eval.to_pylist()[0]["success_rate"] if prev_eval is not None and prev_eval.num_rows else None
+    yield dg.AssetCheckResult(asset_key="iteration_eval", check_name="real_success_not_regressed",
+                              passed=before is None or now is None or now >= before,  # None: no live env
+                              severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"success_rate": now if now is not None else -1.0,
+                                        "previous": before if before is not None else -1.0})
+
+
 def _schema_asset_check(name: str):
     @dg.asset_check(asset=name, name="schema", description=f"{name}: columns and types match the declared schema")
     def _check(table: pa.Table) -> dg.AssetCheckResult:

@@ -7,6 +7,7 @@
     dreamgym import  FILE [--name NAME]               import external trajectories (JSONL / Parquet)
     dreamgym export  --to FILE [--split S]            the offline trajectories as JSONL in import's format
     dreamgym demo --offline LOGS [--score-live]       the offline-only path: M_exp and the loop from logs alone
+    dreamgym experiment TESTBED [--arms a,b] [--seeds 0,1,2]   the arms of a testbed as Dagster partitions
     dreamgym experiment NAME DATA [key=value ...]     a research run on a data root (pipelines.experiments)
     dreamgym learner lamp|twc [--settings ...]        learning curves of the RL learner (results/learner.csv)
     dreamgym results [--results DIR] [--out FILE]     docs/results.md and its plots from the rows under results/
@@ -271,9 +272,11 @@ def cmd_demo(args) -> int:
           "finished steps are skipped, so an interrupted demo resumes", flush=True)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     loud = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    ops = {"experience_model": {"config": {"time_budget_s": args.mexp_budget}},
+    # step counts, not wall budgets, decide the demo's models, so its results do not depend on how
+    # busy the machine is (its time does); the budgets are caps
+    ops = {"experience_model": {"config": {"steps": args.mexp_steps, "time_budget_s": args.mexp_budget}},
            "experience_model_eval": {"config": sizes["experience_model_eval"]},
-           "policy_init": {"config": {"time_budget_s": args.policy_budget}},
+           "policy_init": {"config": {"steps": args.policy_steps, "time_budget_s": args.policy_budget}},
            "real_rl_policy": {"config": sizes["real_rl_policy"]},
            "s2r_policy": {"config": sizes["s2r_policy"]},
            "policy_eval": {"config": {"sim_eval_tasks": 0, **sizes["policy_eval"], "sampled": False}}}
@@ -385,9 +388,11 @@ def _print_offline_results(data: str, experiment) -> None:
 
 
 def cmd_experiment(args) -> int:
+    from dreamgym_core.experiment import TESTBEDS
     from pipelines.experiments import main as run_experiment
 
-    return run_experiment([args.name, *args.args])
+    data = ["--data", args.data] if args.name in TESTBEDS and getattr(args, "data", None) else []
+    return run_experiment([args.name, *data, *args.args])
 
 
 def cmd_report(args) -> int:
@@ -428,8 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("demo", help="run the main job on the embedded default (TextWorldExpress twc)")
-    s.add_argument("--mexp-budget", type=float, default=240.0, help="M_exp training budget in seconds (default 240)")
-    s.add_argument("--policy-budget", type=float, default=240.0, help="SFT policy training budget in seconds (default 240)")
+    s.add_argument("--mexp-steps", type=int, default=320, help="M_exp SFT steps (default 320)")
+    s.add_argument("--mexp-budget", type=float, default=1200.0,
+                   help="M_exp training wall cap in seconds (default 1200; the steps decide on a 2-core CPU)")
+    s.add_argument("--policy-steps", type=int, default=600, help="SFT policy steps (default 600)")
+    s.add_argument("--policy-budget", type=float, default=1200.0, help="SFT policy training wall cap in seconds (default 1200)")
     s.add_argument("--iterations", type=int, default=None,
                    help="DreamGym iterations (partitions 001..N; default 3, alfworld 2)")
     s.add_argument("--env", choices=("twx", "alfworld", "miniwob"), default="twx",
@@ -474,10 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--env", default="external", help="env name for rows that do not give one")
     s.set_defaults(func=cmd_import)
 
-    s = add("experiment", help="a research run on a materialized data root: rl-in-mexp, compare-policies, "
-                               "sim-false-wins (pipelines.experiments; NAME alone prints its usage)")
-    s.add_argument("name", choices=("rl-in-mexp", "compare-policies", "sim-false-wins"))
-    s.add_argument("args", nargs=argparse.REMAINDER, help="DATA and key=value options of the experiment")
+    s = add("experiment", help="the arms of a testbed (twc, lamp, tiny: one Dagster partition per arm x seed; "
+                               "--arms, --seeds), or a research run on a materialized data root: rl-in-mexp, "
+                               "compare-policies, sim-false-wins (pipelines.experiments; NAME alone prints its usage)")
+    s.add_argument("name", help="a testbed (twc, lamp, tiny) or rl-in-mexp, compare-policies, sim-false-wins")
+    s.add_argument("args", nargs=argparse.REMAINDER,
+                   help="testbed: [--arms a,b] [--seeds 0,1,2] [--results DIR]; else DATA and key=value options")
     s.set_defaults(func=cmd_experiment)
 
     s = add("learner", help="learning curves of the RL learner on a fixed task batch (see --help of it)",

@@ -2,7 +2,9 @@
 
 Groups: bootstrap (tasks, offline data) -> experience_model (CoT annotation, M_exp SFT, fidelity) ->
 policy (SFT init, S2R) -> dreamgym_loop (iteration partitions 001, 002, ...) -> evaluation; the
-real-env RL baseline is its own group and job.
+real-env RL baseline is its own group and job. The experiments (group experiments: one partition per
+arm x seed of the testbed ``ExperimentSettings`` names, and their results) stand apart from that graph:
+they build their own stages (``dreamgym_core.experiment``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import dagster as dg  # noqa: E402
 
 from assets.bootstrap import eval_tasks, offline_trajectories, seed_tasks  # noqa: E402
+from assets.experiments import ExperimentSettings, arm_seed_partitions, experiment_arm, experiment_results  # noqa: E402
 from assets.experience import cot_annotations, experience_model, experience_model_eval, replay_seed  # noqa: E402
 from assets.loop import LOOP_SPECS, LoopSettings, dreamgym_iteration  # noqa: E402
 from assets.policy import RLSettings, policy_eval, policy_init, real_rl_policy, s2r_policy  # noqa: E402
@@ -34,7 +37,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     pass
 
 ALL_ASSETS = [seed_tasks, eval_tasks, offline_trajectories, cot_annotations, replay_seed, experience_model,
-              experience_model_eval, policy_init, dreamgym_iteration, s2r_policy, real_rl_policy, policy_eval]
+              experience_model_eval, policy_init, dreamgym_iteration, s2r_policy, real_rl_policy, policy_eval,
+              experiment_arm, experiment_results]
 LOOP_KEYS = [s.key for s in LOOP_SPECS]
 
 bootstrap_job = dg.define_asset_job("bootstrap", selection=dg.AssetSelection.groups("bootstrap"),
@@ -45,6 +49,10 @@ iteration_job = dg.define_asset_job(
                 "from the asset graph: `dagster job backfill` does not order partitions.")
 real_rl_job = dg.define_asset_job("real_rl_baseline", selection=dg.AssetSelection.assets("real_rl_policy"),
                                   description="The real-env PPO/GRPO baseline with a counted real budget.")
+experiment_job = dg.define_asset_job(
+    "experiment_arms", selection=dg.AssetSelection.assets("experiment_arm"), partitions_def=arm_seed_partitions,
+    description="One arm x seed of the testbed `experiments` names (pick or backfill partitions); then "
+                "materialize experiment_results.")
 
 
 PROFILES = {
@@ -53,7 +61,8 @@ PROFILES = {
     "tiny": {"experiment": dict(n_train_tasks=8, n_dev_tasks=2, n_test_tasks=4, episodes_noisy=1, episodes_random=1,
                                 max_steps=15),
              "loop": dict(tasks_per_iteration=3, group_size=2, max_steps=3, eval_tasks=3, sim_eval_tasks=2,
-                          eval_max_steps=5, variants_per_seed=1, n_feasibility_rollouts=2)},
+                          eval_max_steps=5, variants_per_seed=1, n_feasibility_rollouts=2),
+             "experiments": dict(testbed="tiny")},
 }
 
 
@@ -68,7 +77,7 @@ def build_defs(data_dir: str | None = None, profile: str | None = None) -> dg.De
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[bootstrap_job, iteration_job, real_rl_job],
+        jobs=[bootstrap_job, iteration_job, real_rl_job, experiment_job],
         # two runs of one partition at once: the second is refused (pipelines/runguard.py)
         executor=locking_executor(root),
         resources={"io_manager": ParquetIOManager(base_dir=os.path.join(root, "parquet")),
@@ -76,6 +85,8 @@ def build_defs(data_dir: str | None = None, profile: str | None = None) -> dg.De
                    "lance_io_manager": LanceDBIOManager(uri=os.path.join(root, "lancedb")),
                    "experiment": Experiment(**sizes.get("experiment", {})),
                    "loop": LoopSettings(**sizes.get("loop", {})), "rl": RLSettings(),
+                   "experiments": ExperimentSettings(**{"testbed": os.environ.get("DREAMGYM_TESTBED", "twc"),
+                                                        **sizes.get("experiments", {})}),
                    # GPU stages in-process by default; mode="accelerate" runs them under `accelerate launch`
                    "launcher": Launcher()},
     )

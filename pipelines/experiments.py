@@ -9,6 +9,10 @@ a data root (``make demo`` or the UI), writes nothing there, and prints a Markdo
   sim-false-wins    why M_exp grants wins: each simulated win of a fixed policy replayed in the real env.
 
 Arguments are ``key=value`` words after the positional ones, as in each usage text below.
+
+``dreamgym experiment TESTBED [--arms a,b] [--seeds 0,1,2]`` (TESTBED: twc, lamp, tiny) is different:
+it materializes the ``experiment_arm`` partitions (arm x seed) of that testbed, each from pi0 to its
+test-game score, skipping finished ones, then ``experiment_results`` (``results/<testbed>.csv``).
 """
 
 from __future__ import annotations
@@ -376,13 +380,104 @@ def sim_false_wins(argv: list[str]) -> int:
     return 0
 
 
+def run_testbed(testbed: str, argv: list[str]) -> int:
+    """``dreamgym experiment TESTBED [--arms a,b] [--seeds 0,1,2]``: the arm x seed partitions of the
+    testbed through the Dagster assets (a finished partition is skipped), then its results."""
+    import argparse
+    import sys
+
+    from dreamgym_core.experiment import ARMS, arm_done, get_testbed, split_arm
+
+    p = argparse.ArgumentParser(prog=f"dreamgym experiment {testbed}",
+                                description="Run the arms of a testbed (one Dagster partition per arm x seed).")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)} (default all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    p.add_argument("--data", default=os.environ.get("DREAMGYM_DATA", "data"), help="data folder (default ./data)")
+    p.add_argument("--work", default=None, help="shared stages and partitions (default <data>/experiments)")
+    p.add_argument("--results", default="results", help="results folder (default results)")
+    a = p.parse_args(argv)
+    try:
+        tb = get_testbed(testbed)
+        arms = [x for x in a.arms.split(",") if x]
+        for arm in arms:
+            split_arm(arm)
+        seeds = [int(x) for x in a.seeds.split(",") if x]
+        from assets.experiments import arm_partition_key
+
+        keys = [arm_partition_key(arm, seed) for arm in arms for seed in seeds]
+    except ValueError as exc:
+        print(f"dreamgym experiment {testbed}: {exc}", file=sys.stderr)
+        return 2
+    import dagster as dg
+
+    from assets.experiments import ExperimentSettings, experiment_arm, experiment_results
+    from pipelines.runguard import PartitionBusyError, partition_lock, run_tags, write_instance_yaml
+
+    data = os.path.abspath(a.data)
+    work = os.path.abspath(a.work or os.path.join(data, "experiments"))
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = os.path.join(data, "dagster_home")
+    write_instance_yaml(os.environ["DAGSTER_HOME"])
+    resources = {"experiments": ExperimentSettings(testbed=tb.name, work_dir=work, results_dir=a.results)}
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    started = time.perf_counter()
+    print(f"[experiment {tb.name}] {len(keys)} partitions ({len(arms)} arms x {len(seeds)} seeds); work {work}",
+          flush=True)
+    with dg.DagsterInstance.get() as instance:
+        for n, key in enumerate(keys, 1):
+            arm, algorithm = split_arm(key.keys_by_dimension["arm"])
+            seed = int(key.keys_by_dimension["seed"])
+            label = f"({n}/{len(keys)}) {key.keys_by_dimension['arm']} seed {seed}"
+            if arm_done(tb, arm, algorithm, seed, work):
+                print(f"[experiment {tb.name}] {label}: finished, skipped", flush=True)
+                continue
+            print(f"[experiment {tb.name}] {label}: running ...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                with partition_lock(data, ["experiment_arm"], str(key)):
+                    res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_arm"],
+                                         partition_key=key, resources=resources, instance=instance,
+                                         run_config=quiet, raise_on_error=False, tags=run_tags())
+            except PartitionBusyError as exc:
+                print(f"[experiment {tb.name}] {exc}", file=sys.stderr)
+                return 1
+            if not res.success:
+                print(f"[experiment {tb.name}] {label} failed; fix the cause and re-run (finished partitions are "
+                      "kept)", file=sys.stderr)
+                return 1
+            m = {k: v.value for k, v in res.asset_materializations_for_node("experiment_arm")[0].metadata.items()}
+            print(f"[experiment {tb.name}] {label}: done in {time.perf_counter() - t0:.1f}s: success "
+                  f"{m['success']:.3f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}] on {m['games']} games, "
+                  f"{m['real_transitions']} real / {m['synthetic_transitions']} synthetic transitions", flush=True)
+        res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_results"],
+                             resources=resources, instance=instance, run_config=quiet, raise_on_error=False)
+    if not res.success:
+        print(f"[experiment {tb.name}] experiment_results failed", file=sys.stderr)
+        return 1
+    meta = res.asset_materializations_for_node("experiment_results")[0].metadata
+    print(f"[experiment {tb.name}] {meta['partitions'].value} partitions in {meta['rows'].value} "
+          f"(paired: {meta['paired'].value}); {time.perf_counter() - started:.0f}s. "
+          "Render them with `dreamgym results`.", flush=True)
+    return 0
+
+
 EXPERIMENTS = {"rl-in-mexp": rl_in_mexp, "compare-policies": compare_policies, "sim-false-wins": sim_false_wins}
 
 
 def main(argv: list[str]) -> int:
-    """``dreamgym experiment NAME ARGS...`` -> the named experiment's exit status."""
-    if not argv or argv[0] not in EXPERIMENTS:
+    """``dreamgym experiment NAME ARGS...`` -> the named experiment's (or testbed's) exit status."""
+    import sys
+
+    from dreamgym_core.experiment import TESTBEDS
+
+    if not argv:
         print(__doc__)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if argv[0] in TESTBEDS:
+        return run_testbed(argv[0], argv[1:])
+    if argv[0] not in EXPERIMENTS:
+        print(f"dreamgym experiment: unknown experiment or testbed {argv[0]!r} (experiments: "
+              f"{', '.join(EXPERIMENTS)}; testbeds: {', '.join(TESTBEDS)})", file=sys.stderr)
+        return 2
     return EXPERIMENTS[argv[0]](argv[1:])

@@ -2,8 +2,9 @@
 
     dreamgym results [--results results] [--out docs/results.md]
 
-Each ``results/<name>.csv`` that this module knows becomes one section; an unknown CSV is listed with
-its row count so nothing committed is silently left out. Plots are PNG files beside the Markdown.
+Each ``results/<name>.csv`` that this module knows becomes one section (an experiment's
+``<testbed>.csv``, recognized by its columns, is rendered with its ``_pooled`` and ``_paired`` tables);
+an unknown CSV is listed with its row count so nothing committed is silently left out. Plots are PNG files beside the Markdown.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import csv
 import os
 from collections import defaultdict
 from typing import Sequence
+
+from dreamgym_core.experiment import ROW_COLUMNS
 
 
 def _rows(path: str) -> list[dict]:
@@ -136,6 +139,98 @@ def mexp_retrieval_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> 
     return "\n".join(out)
 
 
+ARM_TEXT = {"init": "pi0", "sft": "SFT on all demos", "real_rl": "RL in the real env (B)",
+            "dreamgym": "DreamGym (0 real)", "s2r": "DreamGym-S2R (<= 0.1 B real)",
+            "no_replay": "w/o experience replay", "no_cot": "w/o reasoning", "no_curriculum": "w/o task generation"}
+
+
+def _arm_order(arm: str, algorithm: str) -> tuple[int, str]:
+    order = list(ARM_TEXT)
+    return (order.index(arm) if arm in order else len(order), algorithm)
+
+
+def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png_dir: str, rel_dir: str) -> str:
+    """One testbed's arms (``dreamgym experiment TESTBED``): success pooled over seeds with its
+    bootstrap interval and the mean cost per arm; every seed against init and real_rl on the same
+    games; a plot of the pooled success with each seed's."""
+    def sibling(kind: str) -> list[dict]:
+        path = os.path.join(results_dir, f"{testbed}_{kind}.csv")
+        return _rows(path) if os.path.exists(path) else []
+
+    pooled = {(r["arm"], r["algorithm"]): r for r in sibling("pooled")}
+    by_arm: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_arm[(r["arm"], r["algorithm"])].append(r)
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(float(r[key]) for r in rs) / len(rs)
+
+    out = [f"## Experiment: {testbed}", "",
+           f"`dreamgym experiment {testbed}` (`dreamgym_core.experiment`): every RL arm from the same pi0, scored greedy",
+           "on the same held-out test games. Success is pooled over seeds (mean of the seeds' rates) with a 95%",
+           "bootstrap interval over seeds and games; cost columns are means per seed (real transitions the",
+           "policy trained on, synthetic transitions in M_exp, wall seconds and counted model FLOPs of training).",
+           "", "| arm | algorithm | seeds | games per seed | success [95% CI] | per seed | real transitions | "
+           "synthetic transitions | wall s | FLOPs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(by_arm, key=lambda k: _arm_order(*k)):
+        rs = sorted(by_arm[key], key=lambda r: int(r["seed"]))
+        pool = pooled.get(key)
+        cell = f"{float(pool['success']):.3f} [{float(pool['ci_low']):.2f}, {float(pool['ci_high']):.2f}]" if pool else ""
+        out.append(f"| {key[0]} ({ARM_TEXT.get(key[0], '')}) | {key[1]} | {len(rs)} | {rs[0]['games']} | {cell} | "
+                   + ", ".join(f"{float(r['success']):.3f}" for r in rs)
+                   + f" | {mean(rs, 'real_transitions'):,.0f} | {mean(rs, 'synthetic_transitions'):,.0f} | "
+                   f"{mean(rs, 'wall_s'):,.1f} | {mean(rs, 'flops'):.3g} |")
+    paired = sibling("paired")
+    if paired:
+        out += ["", "Paired on the same games (same seed): games only the arm won / only the baseline won, exact "
+                "McNemar p.", "", "| arm | algorithm | seed | vs init | vs real_rl |", "|---|---|---|---|---|"]
+        cells: dict[tuple, dict[str, str]] = defaultdict(dict)
+        for r in paired:
+            cells[(r["arm"], r["algorithm"], int(r["seed"]))][r["baseline"]] = \
+                f"+{r['only_arm']} / -{r['only_baseline']}, p={float(r['p_value']):.3f}"
+        for (arm, algo, seed), c in sorted(cells.items(), key=lambda kv: (_arm_order(*kv[0][:2]), kv[0][2])):
+            out.append(f"| {arm} | {algo} | {seed} | {c.get('init', '')} | {c.get('real_rl', '')} |")
+    png = _experiment_plot(testbed, by_arm, pooled)
+    if png:
+        name = f"experiment_{testbed}.png"
+        with open(os.path.join(png_dir, name), "wb") as f:
+            f.write(png)
+        out += ["", f"![{testbed} arms]({rel_dir}/{name})"]
+    out.append("")
+    return "\n".join(out)
+
+
+def _experiment_plot(testbed: str, by_arm: dict, pooled: dict) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = sorted(by_arm, key=lambda k: _arm_order(*k))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(keys) + 1), 3.5))
+    for i, key in enumerate(keys):
+        seeds = [float(r["success"]) for r in by_arm[key]]
+        ax.plot([i] * len(seeds), seeds, "o", color="grey", alpha=0.6, markersize=4)
+        if key in pooled:
+            p = pooled[key]
+            s, lo, hi = float(p["success"]), float(p["ci_low"]), float(p["ci_high"])
+            ax.errorbar([i], [s], yerr=[[s - lo], [hi - s]], fmt="s", color="C0", capsize=4)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([a if algo in ("none", "grpo") else f"{a}\n{algo}" for a, algo in keys], fontsize=7, rotation=30)
+    ax.set_ylabel("test success")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{testbed}: pooled success (95% CI) and seeds")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section}
 
 
@@ -152,8 +247,15 @@ def write_results_doc(results_dir: str = "results", out_path: str = "docs/result
         if not name.endswith(".csv"):
             continue
         path = os.path.join(results_dir, name)
+        stem = name.removesuffix(".csv")
+        if stem.rsplit("_", 1)[-1] in ("paired", "pooled") and \
+                os.path.exists(os.path.join(results_dir, stem.rsplit("_", 1)[0] + ".csv")):
+            continue  # rendered with its testbed's rows
         rows = _rows(path)
         section = SECTIONS.get(name)
+        if section is None and set(rows[0]) == set(ROW_COLUMNS):
+            parts.append(experiment_section(stem, rows, results_dir, png_dir, "results_png"))
+            continue
         parts.append(section(rows, png_dir, "results_png") if section else
                      f"## {name}\n\n{len(rows)} rows (no section renders this file yet).\n")
     tmp = out_path + ".tmp"

@@ -60,6 +60,7 @@ def conversions() -> list[Conversion]:
     from assets.policy import PolicyInitAssetConfig, RLSettings
     from dreamgym_core.curriculum import CurriculumConfig
     from dreamgym_core.evaluation import FidelityEvalConfig
+    from dreamgym_core.experience.sft_setup import SFTDataConfig
     from dreamgym_core.experience_model import PromptConfig, SFTConfig
     from dreamgym_core.loop import LoopConfig
     from dreamgym_core.models import TinyLlamaConfig
@@ -76,11 +77,9 @@ def conversions() -> list[Conversion]:
                    asset_only=("curriculum", "replay_buffer")),
         Conversion(PolicyInitAssetConfig, (PolicyInitConfig,)),
         Conversion(FidelityConfig, (FidelityEvalConfig,)),
-        Conversion(ExperienceModelConfig, (SFTConfig, PromptConfig, TinyLlamaConfig),
+        Conversion(ExperienceModelConfig, (SFTConfig, PromptConfig, TinyLlamaConfig, SFTDataConfig),
                    {"warmup": "the schedule's fixed warmup", "checkpoint_every": "fixed at 100 steps",
                     "heads": "fixed (TinyLlamaConfig)",
                     "kv_heads": "fixed", "intermediate": "fixed", "max_positions": "fixed"},
-                   asset_only=("base_model", "win_weight", "invalid_weight", "task_writing_examples",
-                               "task_writing_weight", "vocab_size"),
                    own_defaults=("steps", "max_len", "time_budget_s", "history_window", "num_demos")),
     ]

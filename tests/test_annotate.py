@@ -6,12 +6,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.annotate import (AnnotationError, AnnotationInput, OpenAIAnnotator, RuleAnnotator, TokenBucket,
-                                    TransformersAnnotator, annotate_table, clean_trace, rule_trace)
+from dreamgym_core.annotate import AnnotationError, AnnotationInput, RuleAnnotator, annotate_table, rule_trace
+from dreamgym_core.annotate_llm import OpenAIAnnotator, TokenBucket, TransformersAnnotator, clean_trace
 from dreamgym_core.collect import CollectConfig, collect
-from dreamgym_core.exp_format import diff, parse_output, progress_percent
+from dreamgym_core.exp_format import parse_output
 from dreamgym_core.schema import trajectories_to_arrow
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import diff, progress_percent
 
 KITCHEN = AbstractState.make("You are in the kitchen.", "kitchen",
                              ["counter: apple", "fridge (closed)", "knife", "table: empty"], ["west: corridor"])

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.buffer import BufferConfig, ReplayBuffer, ReplayBufferError, buffer_schema
+from dreamgym_core.buffer import BufferConfig, ReplayBuffer, ReplayBufferError
+from dreamgym_core.buffer_rows import buffer_schema
 from dreamgym_core.embed import Embedder, HashingEmbedder
 from dreamgym_core.replay import cap_success_groups, greedy_near_duplicates, keep_newest_per_task, prune_near_duplicates
 from dreamgym_core.schema import Transition

@@ -3,10 +3,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dreamgym_core.collect import CollectConfig, collect
 from dreamgym_core.envs import EnvSpec, make_env
-from dreamgym_core.exp_format import (FIELDS, Prediction, StateDelta, action_refs, apply, apply_object_edits,
-                                      build_prompt, conflicts, delex, diff, failure_delta, parse_output,
+from dreamgym_core.exp_format import (FIELDS, action_refs, apply_object_edits, build_prompt, delex, parse_output,
                                       parse_pointer_output, relex, render_delta, render_pointer_target, render_target)
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import Prediction, StateDelta, apply, conflicts, diff, failure_delta
 
 # Facts from a small pool so generated state pairs overlap (the interesting diffs), plus arbitrary text.
 _POOL = ["counter: apple", "counter: empty", "fridge (closed)", "fridge (open): milk", "apple", "knife",
@@ -402,7 +402,7 @@ def test_progress_field_round_trips_and_rejects_bad_values():
 
 
 def test_progress_percent_and_prompt_section():
-    from dreamgym_core.exp_format import progress_percent
+    from dreamgym_core.state_delta import progress_percent
 
     assert [progress_percent(x) for x in (0.0, 0.25, 0.5, 1.0, -1.0, 1 / 3, None)] == [0, 25, 50, 100, -100, 33, None]
     with pytest.raises(ValueError, match="finite"):

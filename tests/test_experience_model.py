@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamgym_core.exp_format import action_refs, diff, render_pointer_target, render_target
+from dreamgym_core.exp_format import action_refs, render_pointer_target, render_target
 from dreamgym_core.experience_model import (
     ExperienceModel, PromptConfig, SFTConfig, SFTExample, SimConfig, action_type, collate, encode_example, eq5_loss,
     fidelity, multi_step_drift, score_transitions, sft_examples, summarize_fidelity, train_sft,
 )
 from dreamgym_core.schema import Task, Trajectory, Transition
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import diff
 
 
 def S(fb, objs, inv=()):

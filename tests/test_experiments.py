@@ -70,5 +70,7 @@ def test_experiment_cli_prints_usage_and_refuses_the_removed_window(tmp_path, ca
     assert main(["experiment", "rl-in-mexp"]) == 2 and "ITERATIONS" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="window= is gone"):
         main(["experiment", "rl-in-mexp", str(tmp_path), "grpo", "1", "window=8"])
-    with pytest.raises(SystemExit):
-        main(["experiment", "nonsense"])
+    capsys.readouterr()
+    assert main(["experiment", "nonsense"]) == 2  # neither an experiment nor a testbed: one line naming it
+    err = capsys.readouterr().err.strip()
+    assert "'nonsense'" in err and "twc" in err and "rl-in-mexp" in err and "\n" not in err

@@ -6,7 +6,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.buffer import BufferConfig, ReplayBuffer, encode_rows
+from dreamgym_core.buffer import BufferConfig, ReplayBuffer
+from dreamgym_core.buffer_rows import encode_rows
 from dreamgym_core.embed import HashingEmbedder
 from pipelines.lance_io import LanceDBIOManager, LanceTableRef
 

@@ -10,6 +10,7 @@ import pytest
 
 from dreamgym_core.envs import EnvSpec, SerialBatchEnv, make_env
 from dreamgym_core.envs import miniwob_env as mw
+from dreamgym_core.envs import miniwob_state as ms
 from dreamgym_core.state import AbstractState
 
 live = pytest.mark.skipif(mw.unavailable_reason() is not None, reason=f"MiniWoB++: {mw.unavailable_reason()}")
@@ -43,8 +44,8 @@ def _login_page():
 
 def test_page_elements_are_cleaned_facts_and_candidates_follow_from_the_state_alone():
     pytest.importorskip("miniwob")
-    elements = mw.page_elements(_login_page())
-    state = mw.abstract_state("The page loads.", "login-user", elements, ("bob", "ab"))
+    elements = ms.page_elements(_login_page())
+    state = ms.abstract_state("The page loads.", "login-user", elements, ("bob", "ab"))
     s = AbstractState.parse(state)
     assert s.render() == state and s.location == "login-user" and s.inventory == ("ab", "bob")
     # containers gone; labels folded into their fields and checkboxes; inline filler dropped; quotes and
@@ -52,28 +53,28 @@ def test_page_elements_are_cleaned_facts_and_candidates_follow_from_the_state_al
     assert s.objects == ('[07] textbox "Username": empty', '[10] password "Password": ab', '[11] button "Login"',
                          '[14] checkbox "Xy - z" (checked)', "[16] checkbox \"Q'q\"", '[17] link "go"',
                          'text "some static words"')
-    cands = mw.propose_candidates(state)
+    cands = ms.propose_candidates(state)
     assert cands == sorted(cands) and len(cands) == 6 + 2 * 2
     assert 'click [14] checkbox "Xy - z"' in cands and 'type "bob" into [10] password "Password"' in cands
-    assert mw.parse_action('type "bob" into [10] password "Password"') == ("type", 10, "bob")
-    assert mw.parse_action('click [17] link "go"') == ("click", 17, None)
-    assert mw.parse_action("take apple") is None and mw.propose_candidates("not a state") == []
+    assert ms.parse_action('type "bob" into [10] password "Password"') == ("type", 10, "bob")
+    assert ms.parse_action('click [17] link "go"') == ("click", 17, None)
+    assert ms.parse_action("take apple") is None and ms.propose_candidates("not a state") == []
     rng = random.Random(0)
-    bad = {mw.invalid_action(state, cands, rng) for _ in range(200)}
+    bad = {ms.invalid_action(state, cands, rng) for _ in range(200)}
     assert None not in bad and not bad & set(cands)  # what offline data uses as rejected moves
     assert any(b.startswith("click text") for b in bad) and any(b.startswith('type "') for b in bad)
-    plan = mw.expert_plan("login-user", [("username", "bob"), ("password", "ab")], elements)
+    plan = ms.expert_plan("login-user", [("username", "bob"), ("password", "ab")], elements)
     assert plan == ['type "bob" into [07] textbox "Username"', 'type "ab" into [10] password "Password"',
                     'click [11] button "Login"'] and set(plan) <= set(cands)
-    assert mw.expert_plan("click-checkboxes", [("target 0", "Xy: z"), ("button", "submit")],
-                          [e for e in elements if e.kind != "button"] + [mw.Element(20, "button", "Submit")]) \
+    assert ms.expert_plan("click-checkboxes", [("target 0", "Xy: z"), ("button", "submit")],
+                          [e for e in elements if e.kind != "button"] + [ms.Element(20, "button", "Submit")]) \
         == ['click [14] checkbox "Xy - z"', 'click [20] button "Submit"']
     with pytest.raises(ValueError, match="no button 'Submit'"):
-        mw.expert_plan("enter-text", [("target", "x")], elements)
+        ms.expert_plan("enter-text", [("target", "x")], elements)
 
 
 def test_games_are_checked():
-    assert mw.parse_game("mix") == mw.TASKS and mw.parse_game("enter-text, focus-text") == ("enter-text", "focus-text")
+    assert mw.parse_game("mix") == ms.TASKS and mw.parse_game("enter-text, focus-text") == ("enter-text", "focus-text")
     with pytest.raises(ValueError, match="unknown: book-flight"):
         mw.parse_game("click-button,book-flight")
 
@@ -82,8 +83,8 @@ def test_games_are_checked():
 def test_live_experts_win_wrong_moves_lose_invalid_moves_do_nothing_and_the_browser_quits():
     env = make_env(EnvSpec("miniwob", "mix", step_limit=4))
     try:
-        tasks = env.tasks("train", len(mw.TASKS)) + env.tasks("test", len(mw.TASKS))
-        assert [t.game for t in tasks[:6]] == list(mw.TASKS) and tasks[0].task_id == "miniwob/click-button/train/0"
+        tasks = env.tasks("train", len(ms.TASKS)) + env.tasks("test", len(ms.TASKS))
+        assert [t.game for t in tasks[:6]] == list(ms.TASKS) and tasks[0].task_id == "miniwob/click-button/train/0"
         assert len({t.seed for t in tasks}) == len(tasks) and all(t.instruction for t in tasks)
         for task in tasks:  # every expert wins its task, on train and on held-out seeds
             obs = env.reset(task)
@@ -94,7 +95,7 @@ def test_live_experts_win_wrong_moves_lose_invalid_moves_do_nothing_and_the_brow
             assert [r.done for r in results] == [False] * (len(plan) - 1) + [True], task.task_id
             assert results[-1].won and results[-1].reward == 1.0 and all(r.valid for r in results)
         first = env.reset(tasks[0]).state
-        refs = [mw.parse_fact(f)[1] for f in AbstractState.parse(first).objects if mw.parse_fact(f)]
+        refs = [ms.parse_fact(f)[1] for f in AbstractState.parse(first).objects if ms.parse_fact(f)]
         assert len(refs) == len(set(refs)) >= 2
         env.step(env.expert_actions()[0])
         assert env.reset(tasks[0]).state == first  # the same seed gives the same page, refs included,
@@ -152,7 +153,7 @@ def test_live_expert_success_over_many_seeds_and_offline_collection():
     env = make_env(EnvSpec("miniwob", "mix"))
     try:
         for split in ("train", "dev", "test"):
-            for task in env.tasks(split, 5 * len(mw.TASKS), start=6):
+            for task in env.tasks(split, 5 * len(ms.TASKS), start=6):
                 env.reset(task)
                 *_, last = [env.step(a) for a in env.expert_actions()]
                 assert last.won, task.task_id

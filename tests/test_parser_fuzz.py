@@ -12,9 +12,9 @@ import random
 import pytest
 
 from dreamgym_core.curriculum import ParseFailure, TaskProposal, parse_task_output
-from dreamgym_core.exp_format import Prediction, action_refs, diff, parse_output, parse_pointer_output, render_pointer_target, \
-    render_target
+from dreamgym_core.exp_format import action_refs, parse_output, parse_pointer_output, render_pointer_target, render_target
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import Prediction, diff
 
 N = 1500     # cases per parser (x 5 parsers)
 S0 = AbstractState.make("You are in the kitchen.", "kitchen", ["counter: apple", "fridge (closed)", "knife"],

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dreamgym_core.buffer import ReplayBuffer, buffer_text
+from dreamgym_core.buffer import ReplayBuffer
+from dreamgym_core.buffer_rows import buffer_text
 from dreamgym_core.embed import HashingEmbedder
 from dreamgym_core.experience.prompt import PromptConfig, Query
 from dreamgym_core.experience.retrieval import Retriever

@@ -15,17 +15,19 @@ pytest.importorskip("textworld")
 
 from dreamgym_core.envs import EnvCrash, EnvSpec, make_env  # noqa: E402
 from dreamgym_core.envs.textworld_env import (  # noqa: E402
-    Lexicon,
     TextWorldEnv,
-    abstract_state,
-    canonical_feedback,
     challenge_settings,
     game_dir,
-    parse_description,
-    parse_inventory,
     propose_candidates,
     split_option,
     split_seeds,
+)
+from dreamgym_core.envs.textworld_state import (  # noqa: E402
+    Lexicon,
+    abstract_state,
+    canonical_feedback,
+    parse_description,
+    parse_inventory,
 )
 from dreamgym_core.state import AbstractState  # noqa: E402
 

@@ -8,9 +8,10 @@ from dreamgym_core.evaluation import wilson_interval
 from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, train_tokenizer
 from dreamgym_core.policy import LMPolicy, PolicyFormat, build_policy_prompt, score_candidates, set_policy_format
 from dreamgym_core.rl.step import train_step
-from dreamgym_core.rl.trainer import (
-    Decision, PolicyTrainer, RLConfig, choice_logprobs, decision_samples, gae_advantages, grpo_advantages,
+from dreamgym_core.rl.advantages import (
+    Decision, choice_logprobs, decision_samples, gae_advantages, grpo_advantages,
 )
+from dreamgym_core.rl.trainer import PolicyTrainer, RLConfig
 from dreamgym_core.rollout import RolloutConfig, rollout
 from dreamgym_core.schema import Task
 from dreamgym_core.state import AbstractState
@@ -392,3 +393,23 @@ def test_a_model_without_a_format_cannot_act(tok):
     model = build_tiny_llama(tok, TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64))
     with pytest.raises(ValueError, match="PolicyFormat"):
         LMPolicy(model, tok, "p")
+
+
+def test_progress_reward_adds_the_score_increments(tok):
+    """r_t + w * (score_t - score_{t-1}) from score 0, against a plain loop; a score that falls costs."""
+    from dataclasses import replace
+
+    traj = _trajs(_model(tok), tok, group=1)[0]
+    scores = [0.5, 0.25, 1.0, 1.0][:len(traj.steps)]
+    traj = replace(traj, steps=tuple(replace(s, score=sc) for s, sc in zip(traj.steps, scores)))
+    plain = decision_samples([traj])
+    shaped = decision_samples([traj], progress_weight=2.0)
+    expected, last = [], 0.0
+    for s in traj.steps:
+        expected.append(s.reward + 2.0 * (s.score - last))
+        last = s.score
+    assert [d.reward for d in shaped] == pytest.approx(expected)
+    assert [d.reward for d in plain] == [s.reward for s in traj.steps]
+    assert shaped[1].reward < plain[1].reward  # 0.5 -> 0.25: the step that lowered the score is charged
+    with pytest.raises(ValueError, match="progress_reward"):
+        RLConfig(progress_reward=-1.0)

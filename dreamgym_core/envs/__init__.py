@@ -27,7 +27,7 @@ class EnvSpec:
     game: str = "twc"
     """TWX game name, TextWorld challenge (tw-simple, tw-cooking, ...), ScienceWorld task name, ALFWorld
     task type ("all" = the six in turn), or MiniWoB task(s): ``mix`` or comma-separated names from
-    ``miniwob_env.TASKS``."""
+    ``miniwob_state.TASKS``."""
     params: str = ""
     """TWX and lamp: "k=v,k=v" game params ('' = the adapter's default). TextWorld/ScienceWorld: a JSON object."""
     step_limit: int = 100

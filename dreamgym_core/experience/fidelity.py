@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from dreamgym_core.exp_format import apply
 from dreamgym_core.experience.prompt import Query, Retrieve, _feedback, demos_for, has_progress, row_progress, \
     step_prompt
 from dreamgym_core.experience.simulator import ExperienceModel, outcome
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import apply
 
 
 def _token_f1(a: str, b: str) -> float:

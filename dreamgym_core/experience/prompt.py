@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
 
-from dreamgym_core.exp_format import Prediction, action_refs, build_prompt, parse_output, parse_pointer_output, \
-    progress_percent
+from dreamgym_core.exp_format import action_refs, build_prompt, parse_output, parse_pointer_output
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import Prediction, progress_percent
 
 
 class Query(NamedTuple):

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dreamgym_core.buffer import Neighbor, ReplayBuffer, buffer_text
+from dreamgym_core.buffer import ReplayBuffer
+from dreamgym_core.buffer_rows import Neighbor, buffer_text
 from dreamgym_core.experience.prompt import Query
 
 DEMO_FIELDS = ("state", "action", "next_state", "valid", "reward", "done", "task_id", "source", "iteration")

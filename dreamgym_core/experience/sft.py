@@ -33,11 +33,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from dreamgym_core.exp_format import diff, render_pointer_target, render_target
+from dreamgym_core.exp_format import render_pointer_target, render_target
 from dreamgym_core.experience.decoding import _ids
 from dreamgym_core.experience.prompt import PromptConfig, Query, Retrieve, _feedback, demos_for, has_progress, \
     row_progress, step_prompt
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import diff
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
 from dreamgym_core.envs.base import Observation, StepResult
-from dreamgym_core.exp_format import Prediction, StateDelta, apply
 from dreamgym_core.experience.decoding import DecodeConfig, Decoder
 from dreamgym_core.experience.prompt import Knowledge, PromptConfig, Query, Retrieve, _feedback, demos_for, parse_for, \
     step_prompt
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
+from dreamgym_core.state_delta import Prediction, StateDelta, apply
 
 _DECODE_KNOBS = tuple(f.name for f in fields(DecodeConfig))
 

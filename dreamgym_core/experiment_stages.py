@@ -1,0 +1,270 @@
+"""The shared, cached stages of the experiments (``dreamgym_core.experiment``) and their FLOP counter.
+
+Per testbed: the offline data with its reasoning traces (Eq. 5 targets, rule annotator), the
+replay seed, M_exp per variant and seed (Eq. 4-5, the ``experience_model`` asset's recipe, in
+process), behaviour-cloned policies (pi0 per seed; the SFT arm). Each lives in a directory keyed by
+testbed, stage, variant, seed and a hash of the fields it depends on, built in ``<dir>.partial`` and
+moved into place (``os.replace``): a killed stage leaves nothing that passes for finished, and a
+changed recipe never reuses a stale stage.
+
+``FlopCounter`` counts model FLOPs (see ``experiment``'s docstring for the rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    from dreamgym_core.experiment import PolicyRecipe, Testbed
+
+Log = Callable[[str], None]
+
+MEXP_VARIANTS = {"full": {}, "no_replay": {"num_demos": 0}, "no_cot": {"use_cot": False}}
+"""M_exp variant -> the ``PromptConfig`` fields it changes."""
+
+
+# Counting
+
+def matmul_params(config) -> int:
+    """Parameters of a Llama-type model that take part in a matmul per token (embedding lookup
+    excluded, LM head included), from its config."""
+    h, n_layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    return n_layers * (attn + 3 * h * inter) + h * config.vocab_size
+
+
+class FlopCounter:
+    """Counts model FLOPs while active (``with counter:``; see the module docstring)."""
+
+    def __init__(self):
+        self.flops = 0
+        self.tokens = {"trained": 0, "inferred": 0}
+        self._handle = None
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if not (hasattr(module, "inv_freq") and hasattr(module, "config") and args):
+            return
+        x = args[0]
+        tokens = int(x.shape[0] * x.shape[1]) if x.dim() >= 2 else int(x.numel())
+        n = matmul_params(module.config)
+        import torch
+
+        if torch.is_grad_enabled():
+            self.tokens["trained"] += tokens
+            self.flops += 6 * n * tokens
+        else:
+            self.tokens["inferred"] += tokens
+            self.flops += 2 * n * tokens
+
+    def __enter__(self) -> "FlopCounter":
+        from torch.nn.modules.module import register_module_forward_hook
+
+        self._handle = register_module_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared stages, cached per testbed (+ variant + seed) and written atomically
+
+def _key(*parts) -> str:
+    text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _stage_dir(work: str, tb: Testbed, stage: str, key: str) -> str:
+    return os.path.join(work, tb.name, f"{stage}-{key}")
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock``, waiting for it: two partitions that need the same
+    stage (run side by side by a backfill) build it once, the second finds it finished."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(final: str, make: Callable[[str], None]) -> str:
+    """``make(tmp)`` fills ``<final>.partial``, then it is moved into place (a kill leaves no half stage)."""
+    if os.path.exists(final):
+        return final
+    with locked(final):
+        if os.path.exists(final):
+            return final
+        tmp = final + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        make(tmp)
+        os.replace(tmp, final)
+    return final
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _offline_key(tb: Testbed) -> str:
+    return _key(tb.env, tb.game, tb.params, tb.offline)
+
+
+def offline_data(tb: Testbed, work: str, log: Log = print) -> str:
+    """The offline real data (expert, noisy, random, invalid moves) on the train tasks -> its directory
+    (``offline.parquet``, plus ``annotated.parquet``: the rule annotator's reasoning traces, Eq. 5 targets)."""
+    from dreamgym_core.annotate import RuleAnnotator, annotate_table, placement_knowledge, portable_items
+    from dreamgym_core.collect import CollectConfig, collect
+    from dreamgym_core.envs import make_env
+    from dreamgym_core.io import write_parquet_atomic
+    from dreamgym_core.schema import trajectories_to_arrow
+    import pyarrow.compute as pc
+
+    def make(tmp: str) -> None:
+        o = tb.offline
+        env = make_env(tb.env_spec(work))
+        try:
+            trajs, stats = collect(env, env.tasks("train", o.train_tasks), CollectConfig(
+                episodes={"expert": o.expert, "noisy": o.noisy, "random": o.random}, epsilon=o.epsilon,
+                invalid_rate=o.invalid_rate, max_steps=o.max_steps, seed=0))
+        finally:
+            env.close()
+        table = trajectories_to_arrow(trajs)
+        write_parquet_atomic(table, os.path.join(tmp, "offline.parquet"))
+        # done = the env's own end: a collector's step cap is not an outcome M_exp should predict
+        table = table.set_column(table.schema.get_field_index("done"), "done", pc.or_(table["won"], table["lost"]))
+        ann = RuleAnnotator(portable=portable_items(table), placements=placement_knowledge(table))
+        write_parquet_atomic(annotate_table(table, ann), os.path.join(tmp, "annotated.parquet"))
+        log(f"{tb.name}: offline data {table.num_rows} transitions, {stats.episodes} episodes")
+
+    return _build(_stage_dir(work, tb, "offline", _offline_key(tb)), make)
+
+
+def offline_trajectories(tb: Testbed, work: str, log: Log = print):
+    from dreamgym_core.io import read_parquet
+    from dreamgym_core.schema import trajectories_from_arrow
+
+    return trajectories_from_arrow(read_parquet(os.path.join(offline_data(tb, work, log), "offline.parquet")))
+
+
+def bc_policy(tb: Testbed, work: str, recipe: PolicyRecipe, seed: int, stage: str, log: Log = print) -> str:
+    """A behaviour-cloned policy (pi0: ``stage`` "pi0"; the SFT arm: "sft") -> its checkpoint directory
+    (with ``cost.json``: its counted FLOPs and wall seconds)."""
+    from dreamgym_core.policy_init import PolicyInitConfig, init_policy
+
+    def make(tmp: str) -> None:
+        trajs = offline_trajectories(tb, work, log)
+        tasks = sorted({t.task.task_id for t in trajs})[:max(1, round(recipe.demo_share * tb.offline.train_tasks))]
+        chosen = [t for t in trajs if t.task.task_id in set(tasks)]
+        cfg = PolicyInitConfig(steps=recipe.bc_steps, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
+                               vocab_size=recipe.vocab_size, batch_size=recipe.batch_size, lr=recipe.lr, seed=seed,
+                               time_budget_s=10 ** 6)
+        started, counter = time.perf_counter(), FlopCounter()
+        with counter:
+            metrics = init_policy(chosen, os.path.join(tmp, "policy"), cfg)
+        _write_json(os.path.join(tmp, "cost.json"), {
+            "flops": counter.flops, "wall_s": time.perf_counter() - started, **metrics,
+            "real_transitions": sum(len(t.steps) for t in chosen), "tasks": len(tasks)})
+        log(f"{tb.name}: {stage} seed {seed}: {recipe.bc_steps} BC steps on {len(tasks)} tasks' demos")
+
+    return _build(_stage_dir(work, tb, f"{stage}-s{seed}", _key(_offline_key(tb), recipe, seed)), make)
+
+
+def replay_seed(tb: Testbed, uri: str, work: str, log: Log = print):
+    """A replay buffer at ``uri`` holding the offline transitions (tag ``iteration-0000``)."""
+    from dreamgym_core.buffer import BufferConfig, ReplayBuffer
+    from dreamgym_core.embed import make_embedder
+    from dreamgym_core.io import read_parquet
+    from dreamgym_core.schema import TRANSITION_SCHEMA
+
+    buf = ReplayBuffer(uri, make_embedder("hashing"), BufferConfig(table="replay_hashing"))
+    if not buf.rows_by_source().get("offline"):
+        table = read_parquet(os.path.join(offline_data(tb, work, log), "offline.parquet"))
+        buf.add(table.select([c for c in TRANSITION_SCHEMA.names if c in table.column_names]), "offline", 0,
+                replace=True)
+    buf.tag_iteration(0)
+    return buf
+
+
+def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log = print) -> str:
+    """M_exp of ``variant`` (``MEXP_VARIANTS``) trained with Eq. 5 -> its checkpoint directory
+    (``final``, and ``cost.json``). The same recipe as the ``experience_model`` asset (in-process)."""
+    from dreamgym_core.experience_model import (PromptConfig, SFTConfig, has_progress, knowledge_of, knowledge_to_meta,
+                                                sft_examples, train_sft)
+    from dreamgym_core.experience.retrieval import Retriever
+    from dreamgym_core.io import read_parquet
+    from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, save_checkpoint, train_tokenizer
+
+    if variant not in MEXP_VARIANTS:
+        raise ValueError(f"unknown M_exp variant {variant!r}; known: {', '.join(MEXP_VARIANTS)}")
+    m = tb.mexp
+
+    def make(tmp: str) -> None:
+        import torch
+
+        data = offline_data(tb, work, log)
+        table = read_parquet(os.path.join(data, "annotated.parquet"))
+        rows = table.to_pylist()
+        pcfg = PromptConfig(**{"history_window": m.history_window, "num_demos": m.num_demos,
+                               "progress": has_progress(rows), "placements": has_progress(rows),
+                               **MEXP_VARIANTS[variant]})
+        retrieve, replay_uri = None, ""
+        if pcfg.num_demos:  # D_k from the offline seed, never from the example's own task
+            replay_uri = os.path.join(os.path.dirname(data), f"replay-{_offline_key(tb)}")
+            buf = replay_seed(tb, replay_uri, work, log)
+            retrieve = Retriever(buf, iteration=0, source="offline", exclude_own_task=True)
+        started, counter = time.perf_counter(), FlopCounter()
+        torch.manual_seed(seed)
+        with counter:
+            examples = sft_examples(rows, pcfg, retrieve)
+            weights = [m.win_weight if r["won"] else m.invalid_weight if not r["valid"] else 1.0 for r in rows]
+            if m.task_writing_examples:  # the same weights learn to be M_task (curriculum, Eq. 6)
+                from dreamgym_core.curriculum import task_writing_examples
+                from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, trajectories_from_arrow
+
+                trajs = trajectories_from_arrow(table.select(TRAJECTORY_ROWS_SCHEMA.names))
+                tasks = list({t.task.task_id: t.task for t in trajs}.values())
+                starts = {t.task.task_id: t.steps[0].state for t in trajs if t.steps and t.steps[0].step_idx == 0}
+                extra = task_writing_examples(tasks, starts, m=2, n=m.task_writing_examples, seed=seed,
+                                              pointers=pcfg.pointers)
+                examples += extra
+                weights += [1.0] * len(extra)
+            tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]),
+                                  os.path.join(tmp, "tokenizer"), vocab_size=m.vocab_size)
+            model = build_tiny_llama(tok, TinyLlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads,
+                                                          kv_heads=m.heads, intermediate=3 * m.hidden), seed=seed)
+            res = train_sft(model, tok, examples, SFTConfig(steps=m.steps, batch_size=m.batch_size, lr=m.lr,
+                                                            max_len=m.max_len, seed=seed, checkpoint_every=10 ** 9),
+                            sample_weights=weights)
+        meta = {"prompt": pcfg.__dict__, "examples": len(examples), "replay": replay_uri,
+                "placements": knowledge_to_meta(knowledge_of(rows)) if pcfg.placements else [],
+                "metrics": {"loss": res.history[-1]["loss"] if res.history else None, "steps": res.steps}}
+        save_checkpoint(model, tok, os.path.join(tmp, "final"), meta)
+        _write_json(os.path.join(tmp, "cost.json"), {"flops": counter.flops, "wall_s": time.perf_counter() - started,
+                                                     "sft_tokens": res.tokens})
+        log(f"{tb.name}: M_exp {variant} seed {seed}: {res.steps} SFT steps on {len(examples)} examples")
+
+    return _build(_stage_dir(work, tb, f"mexp-{variant}-s{seed}", _key(_offline_key(tb), m, variant, seed)), make)

@@ -1,0 +1,254 @@
+"""The experiment arms (dreamgym_core.experiment, experiment_results, assets.experiments): the tiny
+testbed end to end through the Dagster assets, the ablations' configs, the results tables by hand,
+bad names."""
+
+import csv
+import os
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from dreamgym_core.experiment import (ARMS, GAME_SCHEMA, ROW_COLUMNS, TESTBEDS, Testbed, get_testbed, plan, run_arm,
+                                      split_arm)
+from dreamgym_core.io import read_parquet
+from dreamgym_core.experiment_results import paired_table, pooled_table, read_rows, write_results
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _materialize(instance, settings, arm, seed=0):
+    from assets.experiments import arm_partition_key, experiment_arm, experiment_results
+
+    return dg.materialize([experiment_arm, experiment_results], selection=["experiment_arm"],
+                          partition_key=arm_partition_key(arm, seed), resources={"experiments": settings},
+                          instance=instance, raise_on_error=False)
+
+
+def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_path, monkeypatch, capsys):
+    from assets.experiments import ExperimentSettings, experiment_arm, experiment_results
+    from pipelines.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    data, results = tmp_path / "data", tmp_path / "results"
+    settings = ExperimentSettings(testbed="tiny", work_dir=str(data / "experiments"), results_dir=str(results))
+    tb = TESTBEDS["tiny"]
+    with dg.instance_for_test() as instance:
+        for arm in ("init", "real_rl", "dreamgym"):
+            res = _materialize(instance, settings, arm)
+            assert res.success, arm
+            meta = res.asset_materializations_for_node("experiment_arm")[0].metadata
+            assert meta["games"].value == tb.test_games and meta["testbed"].value == "tiny"
+        first = os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json")
+        res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_results"],
+                             resources={"experiments": settings}, instance=instance)
+        assert res.success
+    rows = _read_csv(results / "tiny.csv")
+    assert list(rows[0]) == list(ROW_COLUMNS)
+    by = {r["arm"]: r for r in rows}
+    assert sorted(by) == ["dreamgym", "init", "real_rl"] and {r["algorithm"] for r in rows} == {"none", "grpo"}
+    assert by["init"]["real_transitions"] == "0" and by["init"]["flops"] == "0"
+    assert 0 < int(by["real_rl"]["real_transitions"]) <= tb.budget and by["real_rl"]["synthetic_transitions"] == "0"
+    # the loop trained on M_exp transitions only: rounds x tasks x group episodes of at most sim_max_steps
+    assert by["dreamgym"]["real_transitions"] == "0"
+    assert 0 < int(by["dreamgym"]["synthetic_transitions"]) <= tb.rounds * tb.tasks_per_round * tb.group_size * \
+        tb.sim_max_steps
+    assert int(by["dreamgym"]["flops"]) > int(by["real_rl"]["flops"]) > 0
+    for r in rows:
+        assert int(r["games"]) == tb.test_games and float(r["ci_low"]) <= float(r["success"]) <= float(r["ci_high"])
+        games = read_parquet(str(results / "tiny_games" / f"{r['arm']}-{r['algorithm']}-s0.parquet"))
+        assert games.schema.equals(GAME_SCHEMA) and games.num_rows == tb.test_games
+        assert abs(sum(games["won"].to_pylist()) / games.num_rows - float(r["success"])) < 1e-3
+    paired = {(r["arm"], r["baseline"]): r for r in _read_csv(results / "tiny_paired.csv")}
+    assert set(paired) == {("dreamgym", "init"), ("dreamgym", "real_rl"), ("real_rl", "init"), ("init", "real_rl")}
+    d_vs_i = paired[("dreamgym", "init")]
+    assert int(d_vs_i["only_arm"]) - int(d_vs_i["only_baseline"]) == \
+        round((float(by["dreamgym"]["success"]) - float(by["init"]["success"])) * tb.test_games)
+    pooled = _read_csv(results / "tiny_pooled.csv")
+    assert {r["arm"] for r in pooled} == {"init", "real_rl", "dreamgym"} and all(r["seeds"] == "1" for r in pooled)
+
+    # the shell: finished partitions are skipped (nothing re-run), one new partition runs
+    assert main(["experiment", "tiny", "--arms", "init,real_rl", "--seeds", "0,1", "--data", str(data),
+                 "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "(1/4) init seed 0: finished, skipped" in out and "(3/4) real_rl seed 0: finished, skipped" in out
+    assert "(2/4) init seed 1: done in" in out and "(4/4) real_rl seed 1: done in" in out
+    assert os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json") == first
+    assert len(_read_csv(results / "tiny.csv")) == 5
+    # a partition killed after training, before its row: re-run, it keeps the training's counted cost
+    done = next((data / "experiments" / "tiny").glob("arm-real_rl-grpo-s0-*"))
+    os.remove(done / "row.json")
+    row, _ = run_arm(tb, "real_rl", "grpo", 0, str(data / "experiments"), log=lambda _: None)
+    assert row["flops"] == int(by["real_rl"]["flops"]) and row["real_transitions"] == int(by["real_rl"]["real_transitions"])
+    assert row["wall_s"] == float(by["real_rl"]["wall_s"])
+
+
+def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
+    """Each ablation changes what the core is given, and only that: recorded at the core's calls."""
+    import dreamgym_core.experience_model as em
+    import dreamgym_core.loop as loop
+
+    tb = TESTBEDS["tiny"]
+    full = plan(tb, "dreamgym", "grpo")
+    for arm in ("no_replay", "no_cot", "no_curriculum", "s2r"):
+        p = plan(tb, arm, "grpo")
+        assert p.rl == full.rl and p.loop == full.loop
+    assert plan(tb, "no_curriculum", "grpo").curriculum.enabled is False and full.curriculum.enabled is True
+    assert plan(tb, "s2r", "grpo").real_budget == int(0.1 * tb.budget) and full.real_budget == 0
+    # real-env RL and DreamGym: the same updates and episodes per update
+    real = plan(tb, "real_rl", "grpo")
+    assert (real.rounds, real.loop.tasks_per_iteration, real.loop.group_size) == \
+        (full.rounds, full.loop.tasks_per_iteration, full.loop.group_size) and real.real_budget == tb.budget
+    assert plan(tb, "real_rl", "ppo").rl.algorithm == "ppo" and plan(tb, "dreamgym", "ppo").rl.algorithm == "ppo"
+
+    prompts, iterations = {}, []
+    sft_examples, run_iteration = em.sft_examples, loop.run_iteration
+
+    def spy_sft(rows, cfg, retrieve=None):
+        prompts[(cfg.use_cot, cfg.num_demos)] = retrieve is not None
+        return sft_examples(rows, cfg, retrieve)
+
+    def spy_iteration(inp, cfg, rl_cfg, cur_cfg, store, log=print):
+        sim = inp.make_sim(lambda t: "")
+        iterations.append({"buffer": inp.buffer is not None, "curriculum": cur_cfg.enabled,
+                           "writer": inp.task_writer is not None, "retrieve": sim.retrieve is not None,
+                           "cot": sim.cfg.prompt.use_cot, "demos": sim.cfg.prompt.num_demos, "k": inp.k})
+        return run_iteration(inp, cfg, rl_cfg, cur_cfg, store, log)
+
+    monkeypatch.setattr(em, "sft_examples", spy_sft)
+    monkeypatch.setattr(loop, "run_iteration", spy_iteration)
+    seen = {}
+    for arm in ("dreamgym", "no_replay", "no_cot", "no_curriculum"):
+        iterations.clear()
+        run_arm(tb, arm, "grpo", 0, str(tmp_path), log=lambda _: None)
+        assert [i["k"] for i in iterations] == list(range(1, tb.rounds + 1))
+        seen[arm] = {k: v for k, v in iterations[0].items() if k != "k"}
+    base = {"buffer": True, "curriculum": True, "writer": True, "retrieve": True, "cot": True,
+            "demos": tb.mexp.num_demos}
+    assert seen["dreamgym"] == base
+    assert seen["no_replay"] == {**base, "buffer": False, "retrieve": False, "demos": 0}
+    assert seen["no_cot"] == {**base, "cot": False}
+    assert seen["no_curriculum"] == {**base, "curriculum": False, "writer": False}
+    # three M_exp variants trained (no_curriculum reuses the full one): with and without traces / demos
+    assert prompts == {(True, tb.mexp.num_demos): True, (True, 0): False, (False, tb.mexp.num_demos): True}
+
+
+def _games(wins: dict[str, bool]) -> pa.Table:
+    return pa.Table.from_pylist([{"game": g, "won": w, "steps": 1, "ret": float(w)} for g, w in wins.items()],
+                                schema=GAME_SCHEMA)
+
+
+def _row(arm, algorithm, seed, games: pa.Table) -> dict:
+    wins = sum(games["won"].to_pylist())
+    return {"testbed": "t", "arm": arm, "algorithm": algorithm, "seed": seed, "games": games.num_rows,
+            "success": wins / games.num_rows, "ci_low": 0.0, "ci_high": 1.0, "real_transitions": 0,
+            "synthetic_transitions": 0, "wall_s": 1.0, "flops": 10, "commit": "abc"}
+
+
+def test_results_tables_by_hand(tmp_path):
+    # init wins g1, g2; dreamgym wins g2, g3, g4: only dreamgym 2 (g3, g4), only init 1 (g1); McNemar
+    # on 3 discordant games: 2 * P(X <= 1 | n=3) = 2 * 4/8 = 1.0
+    init = _games({"g1": True, "g2": True, "g3": False, "g4": False})
+    dg_ = _games({"g1": False, "g2": True, "g3": True, "g4": True})
+    finished = [(_row("init", "none", 0, init), init), (_row("dreamgym", "grpo", 0, dg_), dg_)]
+    paths = write_results(str(tmp_path), "t", finished)
+    paired = _read_csv(paths["paired"])
+    assert [(r["arm"], r["baseline"], r["only_arm"], r["only_baseline"], float(r["p_value"])) for r in paired] == \
+        [("dreamgym", "init", "2", "1", 1.0)]
+    # a re-run partition replaces its row; another seed adds one
+    dg2 = _games({"g1": True, "g2": True, "g3": True, "g4": True})
+    write_results(str(tmp_path), "t", [(_row("dreamgym", "grpo", 0, dg2), dg2), (_row("init", "none", 1, init), init)])
+    rows = read_rows(str(tmp_path / "t.csv"))
+    assert [(r["arm"], r["seed"], r["success"]) for r in rows] == [("dreamgym", 0, 1.0), ("init", 0, 0.5),
+                                                                   ("init", 1, 0.5)]
+    # pooled: seeds that always win give exactly 1 with a degenerate interval; a half-won seed pair
+    # gives 0.5 inside an interval that holds it
+    games = {("a", "grpo", 0): {"x": True, "y": True}, ("a", "grpo", 1): {"x": True, "y": True},
+             ("b", "grpo", 0): {"x": True, "y": False}, ("b", "grpo", 1): {"x": False, "y": True}}
+    rows = [{"arm": a, "algorithm": g, "seed": s} for a, g, s in games]
+    pooled = {r["arm"]: r for r in pooled_table("t", rows, games, resamples=500)}
+    assert (pooled["a"]["success"], pooled["a"]["ci_low"], pooled["a"]["ci_high"]) == (1.0, 1.0, 1.0)
+    assert pooled["b"]["success"] == 0.5 and pooled["b"]["ci_low"] < 0.5 < pooled["b"]["ci_high"]
+    assert paired_table("t", rows, games) == []  # no init or real_rl to pair with
+
+
+def test_dreamgym_results_renders_an_experiment_with_its_tables(tmp_path):
+    from pipelines.results_docs import write_results_doc
+
+    init = _games({"g1": True, "g2": False})
+    real = _games({"g1": True, "g2": True})
+    write_results(str(tmp_path / "results"), "t", [(_row("init", "none", 0, init), init),
+                                                   (_row("real_rl", "grpo", 0, real), real)])
+    text = open(write_results_doc(str(tmp_path / "results"), str(tmp_path / "docs" / "results.md"))).read()
+    assert "## Experiment: t" in text and "t_paired.csv" not in text and "t_pooled.csv" not in text
+    assert "| init (pi0) | none | 1 | 2 | 0.500 [" in text
+    assert "| real_rl | grpo | 0 | +1 / -0, p=1.000 |  |" in text
+    png = tmp_path / "docs" / "results_png" / "experiment_t.png"
+    assert png.exists() == ("![t arms](results_png/experiment_t.png)" in text)
+
+
+def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
+    from assets.experiments import ExperimentSettings
+    from pipelines.cli import main
+
+    (tmp_path / "t.csv").write_text(",".join(ROW_COLUMNS) + "\nt,init,none,0,8,0.5,0.1,0.9,0,0,1.0,ten,abc\n")
+    with pytest.raises(ValueError, match=r"t\.csv: line 2: .*ten"):
+        read_rows(str(tmp_path / "t.csv"))
+    for call, name in ((lambda: get_testbed("nope"), "nope"), (lambda: split_arm("bogus"), "bogus"),
+                       (lambda: plan(TESTBEDS["tiny"], "init", "ppo"), "init")):
+        with pytest.raises(ValueError) as exc:
+            call()
+        assert name in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match="test_games=50"):
+        Testbed("small", "lamp", "lamp", test_games=50, eval_split="test")
+    with pytest.raises(ValueError, match="must not overlap"):
+        Testbed("overlap", "twx", "twc", test_start=200)
+    assert main(["experiment", "nope"]) == 2
+    assert main(["experiment", "tiny", "--arms", "init,bogus", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "'nope'" in err[0] and "'bogus'" in err[1] and "dreamgym experiment tiny" in err[1]
+    with dg.instance_for_test() as instance:
+        res = _materialize(instance, ExperimentSettings(testbed="nope", work_dir=str(tmp_path)), "init")
+    assert not res.success
+    failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "unknown testbed 'nope'" in failure.event_specific_data.error.message
+
+
+def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
+    assert set(TESTBEDS) == {"twc", "lamp", "tiny"}
+    twc = TESTBEDS["twc"]
+    assert twc.eval_split == "train" and twc.test_games >= 200 and twc.dev_start == 900
+    for name in ARMS:
+        arm, algorithm = split_arm(name)
+        assert plan(twc, arm, algorithm).algorithm == algorithm
+
+
+def test_flop_counter_counts_tokens_through_both_forwards():
+    """2 N per token without gradients, 6 N with, N = the parameters of the model's matmuls; the
+    simulator's lean forward passes the same rotary module and is counted alike."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from dreamgym_core.experiment_stages import FlopCounter, matmul_params
+    from dreamgym_core.lean_llama import LeanLlama
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(model.config) == linear  # every projection and the LM head, no embedding
+    x = torch.randint(0, 50, (3, 5))
+    with FlopCounter() as c:
+        with torch.no_grad():
+            model(input_ids=x)
+        assert (c.flops, c.tokens) == (2 * linear * 15, {"trained": 0, "inferred": 15})
+        model(input_ids=x).logits.sum().backward()
+        assert c.flops == 2 * linear * 15 + 6 * linear * 15 and c.tokens["trained"] == 15
+        LeanLlama(model).forward(x[:2, :4], torch.arange(4).repeat(2, 1), torch.ones(2, 4, dtype=torch.bool),
+                                 DynamicCache())
+        assert c.tokens["inferred"] == 15 + 8
+    model(input_ids=x)  # after the block: not counted
+    assert c.tokens["inferred"] == 23
