@@ -10,7 +10,8 @@ module measures that through the same code path every arm uses (``loop.rl_in_rea
   random rate to near 1.
 * a fixed batch of real train tasks replayed every round (TWX twc by default) from a weak
   behaviour-cloned policy: the trainer should push those tasks' success towards 1; success on dev
-  games (never trained on) says whether anything transfers.
+  games (never trained on) says whether anything transfers. ``--pool N`` draws each round's tasks
+  afresh from N train games instead (the ``real_rl`` arm's regime).
 
 Each round writes one row (the learning curve); dev success is measured greedy every
 ``eval_every`` rounds and at the end. Rows are plain dicts, written to ``results/learner.csv`` by

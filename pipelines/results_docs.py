@@ -40,13 +40,14 @@ def learner_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
     for r in rows:
         curves[(r["testbed"], r["setting"], r["seed"])].append(r)
     out = ["## The learner check", "",
-           "RL (GRPO, `dreamgym_core.learner_check`) on a fixed batch of train tasks replayed every round,",
-           "through the code path every arm uses (`loop.rl_in_real_env`). `lamp` starts from an untrained",
+           "RL (GRPO, `dreamgym_core.learner_check`) on train tasks, a fixed batch replayed every round or",
+           "(column `train games`, N of M) drawn afresh each round from M train games, through the code",
+           "path every arm uses (`loop.rl_in_real_env`). `lamp` starts from an untrained",
            "policy on a task with a known optimum (1.0); `twc` from a weak behaviour-cloned policy (300 BC",
            "steps). Dev success is greedy on games never trained on, with its 95% Wilson interval;",
            "train success is the sampled success of the round's rollouts (mean of the first / last 3 rounds).",
-           "", "| testbed | setting | seed | rounds | real transitions | train success (first -> last) | "
-           "dev success before | dev success after [95% CI] | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+           "", "| testbed | setting | seed | train games | rounds | real transitions | train success (first -> last) | "
+           "dev success before | dev success after [95% CI] | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (testbed, setting, seed), rs in sorted(curves.items()):
         rs = sorted(rs, key=lambda r: int(r["round"]))
         train = [_num(r["train_success"]) for r in rs if _num(r["train_success"]) is not None]
@@ -55,7 +56,9 @@ def learner_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
         first, last = (sum(train[:3]) / len(train[:3]), sum(train[-3:]) / len(train[-3:])) if train else (None, None)
         d0 = dev[0] if dev and dev[0][0] == 0 else None
         d1 = dev[-1] if dev and dev[-1][0] > 0 else None
-        out.append(f"| {testbed} | {setting} | {seed} | {rs[-1]['round']} | {int(float(rs[-1]['transitions'])):,} | "
+        pool = int(float(rs[-1].get("pool") or 0))
+        games = f"{rs[-1]['tasks']} of {pool}" if pool else f"{rs[-1]['tasks']} fixed"
+        out.append(f"| {testbed} | {setting} | {seed} | {games} | {rs[-1]['round']} | {int(float(rs[-1]['transitions'])):,} | "
                    f"{_fmt(first, 2)} -> {_fmt(last, 2)} | {_fmt(d0[1]) if d0 else ''} | "
                    + (f"{_fmt(d1[1])} [{_fmt(d1[2], 2)}, {_fmt(d1[3], 2)}]" if d1 else "")
                    + f" | {float(rs[-1]['wall_s']):.0f} |")

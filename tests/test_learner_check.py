@@ -31,14 +31,15 @@ def test_rows_append_atomically_and_render_into_the_results_page(tmp_path):
                "dev_ci_low": None, "dev_ci_high": None, "wall_s": 1.0 + r} for r in (1, 2, 3)]
     curve[-1].update(dev_success=0.969, dev_ci_low=0.84, dev_ci_high=0.99)
     append_rows(str(out), curve)
-    append_rows(str(out), [{**curve[0], "seed": 1}])
+    append_rows(str(out), [{**curve[0], "seed": 1, "pool": 300}, {**curve[-1], "seed": 1, "pool": 300}])
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 and list(rows[0]) == list(COLUMNS)
+    assert len(rows) == 6 and list(rows[0]) == list(COLUMNS)
     assert not (tmp_path / "results" / "learner.csv.tmp").exists()
     doc = write_results_doc(str(tmp_path / "results"), str(tmp_path / "docs" / "results.md"))
     text = open(doc).read()
-    assert "| lamp | fast | 0 | 3 | 540 | 0.40 -> 0.40 | 0.125 | 0.969 [0.84, 0.99] | 4 |" in text
+    assert "| lamp | fast | 0 | 16 fixed | 3 | 540 | 0.40 -> 0.40 | 0.125 | 0.969 [0.84, 0.99] | 4 |" in text
+    assert "| lamp | fast | 1 | 16 of 300 | 3 |" in text  # tasks drawn afresh from a pool each round
     assert (tmp_path / "docs" / "results_png" / "learner_curves.png").stat().st_size > 1000
 
 
