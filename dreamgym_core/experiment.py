@@ -176,7 +176,7 @@ TESTBEDS = {
     "lamp": Testbed("lamp", "lamp", "lamp", params="colours=4,length=3,slack=2", eval_split="test", dev_start=0,
                     test_start=50, offline=OfflineMix(train_tasks=200, max_steps=10), pi0=PolicyRecipe(bc_steps=10, demo_share=0.25,
                     hidden=64, vocab_size=500), sft=PolicyRecipe(bc_steps=500, hidden=64, vocab_size=500),
-                    mexp=MexpRecipe(steps=1500, hidden=128, layers=2, heads=4, vocab_size=800),
+                    mexp=MexpRecipe(steps=4000, hidden=128, layers=2, heads=4, vocab_size=800),
                     budget=8000, max_steps=10, sim_max_steps=10, rl={**_GIGPO, "lr": 1e-3}),
     # tiny: the tests' testbed (seconds per arm on a CPU); its numbers mean nothing
     "tiny": Testbed("tiny", "lamp", "lamp", params="colours=3,length=2,slack=1", eval_split="test", test_start=2,
