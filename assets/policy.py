@@ -65,6 +65,8 @@ class RLSettings(dg.ConfigurableResource):
     gae_lambda: float = 0.95
     step_advantage_weight: float = 0.0
     """GRPO: weight of GiGPO's step-level advantage over anchor states (0 = plain GRPO)."""
+    progress_reward: float = 0.0
+    """Weight of the env's dense score increments in the reward (0 = the paper's outcome reward)."""
     episode_weighting: bool = False
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
