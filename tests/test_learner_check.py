@@ -8,15 +8,14 @@ from pipelines.results_docs import write_results_doc
 
 
 def test_grpo_takes_an_untrained_policy_to_the_optimum_on_lamp(tmp_path):
-    # 3 colours, 2 presses to win, 1 spare step: a uniform policy wins 7/27 of episodes. Measured
-    # (the state showing the presses left): greedy dev success 0.09 -> 0.38 after 4-6 rounds and 1.0
-    # from round 8 on, 16 tasks x 4 with the `fast` setting (the RLConfig defaults, lr 1e-4 with a KL
-    # pull, stay near the random rate for 12 rounds).
+    # 3 colours, 2 presses to win, 1 spare step: a uniform policy wins 7/27 of episodes. Measured:
+    # greedy dev success 0.125 -> 1.0 after 5 rounds of 16 tasks x 4 with the `fast` setting (the
+    # RLConfig defaults, lr 1e-4 with a KL pull, stay near the random rate for 12 rounds).
     spec = EnvSpec("lamp", "lamp", params="colours=3,length=2,slack=1")
     pi0 = start_policy("lamp", spec, str(tmp_path / "pi0"))
-    rows = run_curve(LearnerRun("lamp", "fast", SETTINGS["fast"], rounds=10, tasks=16, dev_tasks=32, eval_every=10,
+    rows = run_curve(LearnerRun("lamp", "fast", SETTINGS["fast"], rounds=6, tasks=16, dev_tasks=32, eval_every=6,
                                 max_steps=3), pi0, spec, log=lambda _: None)
-    assert [r["round"] for r in rows] == list(range(11))
+    assert [r["round"] for r in rows] == list(range(7))
     assert rows[0]["dev_success"] <= 0.5
     assert rows[-1]["dev_success"] >= 0.9
     assert rows[-1]["transitions"] > rows[1]["transitions"] > 0

@@ -44,10 +44,8 @@ def parse_params(params: str) -> dict[str, int]:
     return out
 
 
-def _state(feedback: str, lit: str | None, done: int, length: int, left: int) -> str:
-    # the presses left are part of the state, so that the state is Markov: a simulator (M_exp) can
-    # tell from it alone when the episode runs out, as the env does
-    objects = [f"lamp ({lit})" if lit else "lamp (off)", f"panel ({done} of {length} lit)", f"presses left ({left})"]
+def _state(feedback: str, lit: str | None, done: int, length: int) -> str:
+    objects = [f"lamp ({lit})" if lit else "lamp (off)", f"panel ({done} of {length} lit)"]
     return AbstractState.make(feedback, "control room", objects).render()
 
 
@@ -83,7 +81,7 @@ class LampEnv:
         cands = list(self.colours)
         self._rng.shuffle(cands)
         cands = tuple(f"press {c}" for c in cands)
-        state = _state(feedback, lit, self._hits, self.length, self.length + self.slack - self._t)
+        state = _state(feedback, lit, self._hits, self.length)
         return Observation(state=state, candidates=cands, raw=RawObs(feedback=feedback, candidates=cands,
                                                                      score=self._hits / self.length))
 
