@@ -211,12 +211,13 @@ def replay_seed(tb: Testbed, uri: str, work: str, log: Log = print):
 
 def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log = print) -> str:
     """M_exp of ``variant`` (``MEXP_VARIANTS``) trained with Eq. 5 -> its checkpoint directory
-    (``final``, and ``cost.json``). The same recipe as the ``experience_model`` asset (in-process)."""
-    from dreamgym_core.experience_model import (PromptConfig, SFTConfig, has_progress, knowledge_of, knowledge_to_meta,
-                                                sft_examples, train_sft)
+    (``final``, and ``cost.json``): the ``experience_model`` asset's recipe (``sft_setup.prepare_sft``,
+    ``train_sft``) with the testbed's sizes."""
+    from dreamgym_core.experience.sft_setup import SFTDataConfig, prepare_sft
+    from dreamgym_core.experience_model import PromptConfig, SFTConfig, train_sft
     from dreamgym_core.experience.retrieval import Retriever
     from dreamgym_core.io import read_parquet
-    from dreamgym_core.models import TinyLlamaConfig, build_tiny_llama, save_checkpoint, train_tokenizer
+    from dreamgym_core.models import TinyLlamaConfig, save_checkpoint
 
     if variant not in MEXP_VARIANTS:
         raise ValueError(f"unknown M_exp variant {variant!r}; known: {', '.join(MEXP_VARIANTS)}")
@@ -227,10 +228,8 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
 
         data = offline_data(tb, work, log)
         table = read_parquet(os.path.join(data, "annotated.parquet"))
-        rows = table.to_pylist()
-        pcfg = PromptConfig(**{"history_window": m.history_window, "num_demos": m.num_demos,
-                               "progress": has_progress(rows), "placements": has_progress(rows),
-                               **MEXP_VARIANTS[variant]})
+        # progress and placements stay on where the data has a dense score (prepare_sft decides)
+        pcfg = PromptConfig(**{"history_window": m.history_window, "num_demos": m.num_demos, **MEXP_VARIANTS[variant]})
         retrieve, replay_uri = None, ""
         if pcfg.num_demos:  # D_k from the offline seed, never from the example's own task
             replay_uri = os.path.join(os.path.dirname(data), f"replay-{_offline_key(tb)}")
@@ -239,29 +238,16 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
         started, counter = time.perf_counter(), FlopCounter()
         torch.manual_seed(seed)
         with counter:
-            examples = sft_examples(rows, pcfg, retrieve)
-            weights = [m.win_weight if r["won"] else m.invalid_weight if not r["valid"] else 1.0 for r in rows]
-            if m.task_writing_examples:  # the same weights learn to be M_task (curriculum, Eq. 6)
-                from dreamgym_core.curriculum import task_writing_examples
-                from dreamgym_core.schema import TRAJECTORY_ROWS_SCHEMA, trajectories_from_arrow
-
-                trajs = trajectories_from_arrow(table.select(TRAJECTORY_ROWS_SCHEMA.names))
-                tasks = list({t.task.task_id: t.task for t in trajs}.values())
-                starts = {t.task.task_id: t.steps[0].state for t in trajs if t.steps and t.steps[0].step_idx == 0}
-                extra = task_writing_examples(tasks, starts, m=2, n=m.task_writing_examples, seed=seed,
-                                              pointers=pcfg.pointers)
-                examples += extra
-                weights += [1.0] * len(extra)
-            tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]),
-                                  os.path.join(tmp, "tokenizer"), vocab_size=m.vocab_size)
-            model = build_tiny_llama(tok, TinyLlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads,
-                                                          kv_heads=m.heads, intermediate=3 * m.hidden), seed=seed)
+            setup = prepare_sft(table, pcfg, SFTDataConfig(vocab_size=m.vocab_size, win_weight=m.win_weight,
+                                                           invalid_weight=m.invalid_weight,
+                                                           task_writing_examples=m.task_writing_examples, seed=seed),
+                                TinyLlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.heads,
+                                                intermediate=3 * m.hidden), tmp, retrieve=retrieve, replay=replay_uri)
+            model, tok, examples = setup.model, setup.tokenizer, setup.examples
             res = train_sft(model, tok, examples, SFTConfig(steps=m.steps, batch_size=m.batch_size, lr=m.lr,
                                                             max_len=m.max_len, seed=seed, checkpoint_every=10 ** 9),
-                            sample_weights=weights)
-        meta = {"prompt": pcfg.__dict__, "examples": len(examples), "replay": replay_uri,
-                "placements": knowledge_to_meta(knowledge_of(rows)) if pcfg.placements else [],
-                "metrics": {"loss": res.history[-1]["loss"] if res.history else None, "steps": res.steps}}
+                            sample_weights=setup.weights)
+        meta = {**setup.meta, "metrics": {"loss": res.history[-1]["loss"] if res.history else None, "steps": res.steps}}
         save_checkpoint(model, tok, os.path.join(tmp, "final"), meta)
         _write_json(os.path.join(tmp, "cost.json"), {"flops": counter.flops, "wall_s": time.perf_counter() - started,
                                                      "sft_tokens": res.tokens})

@@ -88,7 +88,7 @@ def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_pat
 
 def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
     """Each ablation changes what the core is given, and only that: recorded at the core's calls."""
-    import dreamgym_core.experience_model as em
+    import dreamgym_core.experience.sft_setup as em  # where the SFT examples are built
     import dreamgym_core.loop as loop
 
     tb = TESTBEDS["tiny"]
