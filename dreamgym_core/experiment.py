@@ -47,7 +47,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from dreamgym_core.experiment_stages import (MEXP_VARIANTS, FlopCounter, _key, _read_json, _stage_dir,
+from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopCounter, _key, _read_json, _stage_dir,
                                              _write_json, bc_policy, experience_model, locked, replay_seed)
 
 Log = Callable[[str], None]
@@ -394,7 +394,9 @@ def code_commit() -> str:
 
 
 def arm_dir(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> str:
-    return _stage_dir(work, tb, f"arm-{arm}-{algorithm}-s{seed}", _key(tb, arm, algorithm, seed))
+    uses_mexp = plan(tb, arm, algorithm, seed).kind == "dreamgym"
+    return _stage_dir(work, tb, f"arm-{arm}-{algorithm}-s{seed}",
+                      _key(tb, arm, algorithm, seed, *([MEXP_REVISION] if uses_mexp else [])))
 
 
 def arm_done(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> bool:
@@ -447,7 +449,8 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
             costs.append(_read_json(os.path.join(mexp, "cost.json")))
             # the loop is shared by the arms that configure it alike (dreamgym and s2r)
             root = _stage_dir(work, tb, f"loop-{p.mexp_variant}-{algorithm}-s{seed}",
-                              _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed))
+                              _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed,
+                                   MEXP_REVISION))
             with locked(root):  # one process at a time grows a loop's stages and buffer
                 policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
             costs.append(loop)

@@ -78,6 +78,12 @@ class FlopCounter:
 # --------------------------------------------------------------------------------------------
 # Shared stages, cached per testbed (+ variant + seed) and written atomically
 
+MEXP_REVISION = 2
+"""Part of the cache key of M_exp and of everything trained in it: bump it when the recipe changes what
+is built from the same config. 2: SFT retrieves D_k from the seed as tagged (revision 1 filtered every
+demonstration out, so M_exp met D_k only in simulation)."""
+
+
 def _key(*parts) -> str:
     text = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
                       default=str)
@@ -230,11 +236,12 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
         table = read_parquet(os.path.join(data, "annotated.parquet"))
         # progress and placements stay on where the data has a dense score (prepare_sft decides)
         pcfg = PromptConfig(**{"history_window": m.history_window, "num_demos": m.num_demos, **MEXP_VARIANTS[variant]})
-        retrieve, replay_uri = None, ""
-        if pcfg.num_demos:  # D_k from the offline seed, never from the example's own task
+        retrieve, replay_uri, version = None, "", 0
+        if pcfg.num_demos:  # D_k from the offline seed as written, never from the example's own task
             replay_uri = os.path.join(os.path.dirname(data), f"replay-{_offline_key(tb)}")
             buf = replay_seed(tb, replay_uri, work, log)
-            retrieve = Retriever(buf, iteration=0, source="offline", exclude_own_task=True)
+            version = buf.version_for_iteration(0)  # the seed as tagged (iteration=0 would read rows before 0: none)
+            retrieve = Retriever(buf, as_of_version=version, source="offline", exclude_own_task=True)
         started, counter = time.perf_counter(), FlopCounter()
         torch.manual_seed(seed)
         with counter:
@@ -242,7 +249,8 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
                                                            invalid_weight=m.invalid_weight,
                                                            task_writing_examples=m.task_writing_examples, seed=seed),
                                 TinyLlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.heads,
-                                                intermediate=3 * m.hidden), tmp, retrieve=retrieve, replay=replay_uri)
+                                                intermediate=3 * m.hidden), tmp, retrieve=retrieve, replay=replay_uri,
+                                replay_version=version)
             model, tok, examples = setup.model, setup.tokenizer, setup.examples
             res = train_sft(model, tok, examples, SFTConfig(steps=m.steps, batch_size=m.batch_size, lr=m.lr,
                                                             max_len=m.max_len, seed=seed, checkpoint_every=10 ** 9),
@@ -253,4 +261,5 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
                                                      "sft_tokens": res.tokens})
         log(f"{tb.name}: M_exp {variant} seed {seed}: {res.steps} SFT steps on {len(examples)} examples")
 
-    return _build(_stage_dir(work, tb, f"mexp-{variant}-s{seed}", _key(_offline_key(tb), m, variant, seed)), make)
+    return _build(_stage_dir(work, tb, f"mexp-{variant}-s{seed}", _key(_offline_key(tb), m, variant, seed,
+                                                                                  MEXP_REVISION)), make)

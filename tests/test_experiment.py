@@ -108,8 +108,9 @@ def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
     sft_examples, run_iteration = em.sft_examples, loop.run_iteration
 
     def spy_sft(rows, cfg, retrieve=None):
-        prompts[(cfg.use_cot, cfg.num_demos)] = retrieve is not None
-        return sft_examples(rows, cfg, retrieve)
+        out = sft_examples(rows, cfg, retrieve)  # the share of examples whose prompt holds demonstrations
+        prompts[(cfg.use_cot, cfg.num_demos)] = sum("## examples" in e.prompt for e in out) / len(out)
+        return out
 
     def spy_iteration(inp, cfg, rl_cfg, cur_cfg, store, log=print):
         sim = inp.make_sim(lambda t: "")
@@ -133,7 +134,11 @@ def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
     assert seen["no_cot"] == {**base, "cot": False}
     assert seen["no_curriculum"] == {**base, "curriculum": False, "writer": False}
     # three M_exp variants trained (no_curriculum reuses the full one): with and without traces / demos
-    assert prompts == {(True, tb.mexp.num_demos): True, (True, 0): False, (False, tb.mexp.num_demos): True}
+    # (trained with demonstrations where it simulates with them: a retriever that filters every row out
+    # once trained M_exp without D_k, which then met demonstrations only in simulation)
+    assert set(prompts) == {(True, tb.mexp.num_demos), (True, 0), (False, tb.mexp.num_demos)}
+    assert prompts[(True, 0)] == 0
+    assert prompts[(True, tb.mexp.num_demos)] > 0.9 and prompts[(False, tb.mexp.num_demos)] > 0.9
 
 
 def _games(wins: dict[str, bool]) -> pa.Table:

@@ -107,6 +107,11 @@ def test_sft_prompts_hold_demos_from_other_tasks_and_none_with_replay_off(tmp_pa
     assert not any("## examples" in e.prompt for e in off) and len(seen) == 1  # replay off: not even asked
     none = sft_examples(rows, PromptConfig(num_demos=2), None)
     assert not any("## examples" in e.prompt for e in none)
+    # a retriever filtered to nothing (iteration=0 reads rows of iterations before 0) is an error, not an
+    # M_exp silently trained without the D_k it will meet in simulation
+    b.tag_iteration(0)
+    with pytest.raises(ValueError, match="no demonstration for any of"):
+        sft_examples(rows, PromptConfig(num_demos=2), Retriever(b, iteration=0, exclude_own_task=True))
 
 
 def test_use_cot_false_leaves_no_reasoning_in_targets():

@@ -66,6 +66,11 @@ def sft_examples(rows: Sequence[Mapping], cfg: PromptConfig, retrieve: Retrieve 
 
         evidence = placement_evidence(rows)
     demos = demos_for(retrieve, [Query(r.get("task_id") or "", r["state"], r["action"]) for r in rows], cfg)
+    if retrieve is not None and cfg.num_demos and rows and not any(demos):
+        # M_exp would learn without D_k and then meet demonstrations only in simulation (off its training
+        # distribution); a retriever filtered to nothing (wrong iteration, source or version) is a bug
+        raise ValueError(f"sft_examples: the retriever returned no demonstration for any of {len(rows)} rows "
+                         f"(num_demos={cfg.num_demos}); check its buffer, source and iteration/version filters")
     out: list[SFTExample] = []
     history: list[tuple[str, str]] = []
     prev_traj = None
