@@ -221,7 +221,7 @@ class ArmPlan:
     curriculum: object = None
     """``CurriculumConfig``."""
     mexp_variant: str = ""
-    """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``)."""
+    """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``; its no_side_channels is for measurements)."""
     replay: bool = False
     """The loop grows a replay buffer and M_exp retrieves from it."""
     real_budget: int = 0
