@@ -12,7 +12,7 @@ import pytest
 from dreamgym_core.experiment import (ARMS, GAME_SCHEMA, ROW_COLUMNS, TESTBEDS, Testbed, get_testbed, plan, run_arm,
                                       split_arm)
 from dreamgym_core.io import read_parquet
-from dreamgym_core.experiment_results import paired_table, pooled_table, read_rows, write_results
+from dreamgym_core.experiment_results import claims_table, paired_table, pooled_table, read_rows, write_results
 
 
 def _read_csv(path):
@@ -257,3 +257,34 @@ def test_flop_counter_counts_tokens_through_both_forwards():
         assert c.tokens["inferred"] == 15 + 8
     model(input_ids=x)  # after the block: not counted
     assert c.tokens["inferred"] == 23
+
+
+def test_claims_table_checks_each_claim_by_hand():
+    def rows(arm, algo, real=0, n=3):
+        return [{"arm": arm, "algorithm": algo, "seed": s, "real_transitions": real} for s in range(n)]
+
+    def pool(arm, algo, s):
+        return {"arm": arm, "algorithm": algo, "success": s}
+
+    def pair(arm, seed, better, worse, p):
+        return {"arm": arm, "algorithm": "grpo", "seed": seed, "baseline": "init", "only_arm": better,
+                "only_baseline": worse, "p_value": p}
+
+    all_rows = (rows("init", "none") + rows("real_rl", "grpo", 8000) + rows("dreamgym", "grpo")
+                + rows("s2r", "grpo", 900) + rows("no_replay", "grpo") + rows("no_cot", "grpo", n=2))
+    pooled = [pool("init", "none", 0.10), pool("real_rl", "grpo", 0.90), pool("dreamgym", "grpo", 0.86),
+              pool("s2r", "grpo", 0.95), pool("no_replay", "grpo", 0.86), pool("no_cot", "grpo", 0.2)]
+    # dreamgym +0.76 over init, but seed 2's paired test is not significant: not met
+    paired = [pair("dreamgym", 0, 150, 0, 1e-9), pair("dreamgym", 1, 140, 2, 1e-9), pair("dreamgym", 2, 5, 3, 0.7)]
+    got = {c["claim"]: (c["measured"], c["verdict"]) for c in claims_table("t", all_rows, pooled, paired, budget=8000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == \
+        ("+0.760; 2 of 3 seeds paired p<0.05 in its favour", "not met")
+    assert got["dreamgym within 5 points of real_rl"] == ("-0.040", "met")
+    # s2r above real_rl but with 900 > 10% of 8000 real transitions: not met
+    assert got["s2r (<= 10% of B real) >= real_rl"] == ("+0.050 with 900 real (11% of B=8,000)", "not met")
+    assert got["no_replay below dreamgym"] == ("+0.000", "not met")   # equal is not below
+    assert got["no_cot below dreamgym"][1] == "not measured (no_cot 2 seed(s))"
+    assert got["no_curriculum below dreamgym"][1] == "not measured (no_curriculum 0 seed(s))"
+    paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
+    got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
