@@ -24,7 +24,7 @@ def _materialize(instance, settings, arm, seed=0):
     from assets.experiments import arm_partition_key, experiment_arm, experiment_results
 
     return dg.materialize([experiment_arm, experiment_results], selection=["experiment_arm"],
-                          partition_key=arm_partition_key(arm, seed), resources={"experiments": settings},
+                          partition_key=arm_partition_key(settings.testbed, arm, seed), resources={"experiments": settings},
                           instance=instance, raise_on_error=False)
 
 
@@ -42,6 +42,9 @@ def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_pat
             assert res.success, arm
             meta = res.asset_materializations_for_node("experiment_arm")[0].metadata
             assert meta["games"].value == tb.test_games and meta["testbed"].value == "tiny"
+        # the partition names its testbed: tiny's finished partitions are not lamp's
+        done = instance.get_materialized_partitions(dg.AssetKey("experiment_arm"))
+        assert set(done) == {"tiny.init|0", "tiny.real_rl|0", "tiny.dreamgym|0"}
         first = os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json")
         res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_results"],
                              resources={"experiments": settings}, instance=instance)
@@ -215,8 +218,13 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
     assert main(["experiment", "tiny", "--arms", "init,bogus", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "'nope'" in err[0] and "'bogus'" in err[1] and "dreamgym experiment tiny" in err[1]
+    from assets.experiments import arm_partition_key, experiment_results
+
+    with pytest.raises(ValueError, match="unknown testbed 'nope'"):
+        arm_partition_key("nope", "init", 0)   # no partition of an unknown testbed exists
     with dg.instance_for_test() as instance:
-        res = _materialize(instance, ExperimentSettings(testbed="nope", work_dir=str(tmp_path)), "init")
+        res = dg.materialize([experiment_results], resources={"experiments": ExperimentSettings(
+            testbed="nope", work_dir=str(tmp_path))}, instance=instance, raise_on_error=False)
     assert not res.success
     failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "unknown testbed 'nope'" in failure.event_specific_data.error.message
