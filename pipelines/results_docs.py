@@ -14,7 +14,8 @@ import os
 from collections import defaultdict
 from typing import Sequence
 
-from dreamgym_core.experiment import ROW_COLUMNS
+from dreamgym_core.experiment import ROW_COLUMNS, TESTBEDS
+from dreamgym_core.experiment_results import claims_table
 
 
 def _rows(path: str) -> list[dict]:
@@ -193,6 +194,13 @@ def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png
                 f"+{r['only_arm']} / -{r['only_baseline']}, p={float(r['p_value']):.3f}"
         for (arm, algo, seed), c in sorted(cells.items(), key=lambda kv: (_arm_order(*kv[0][:2]), kv[0][2])):
             out.append(f"| {arm} | {algo} | {seed} | {c.get('init', '')} | {c.get('real_rl', '')} |")
+    claims = claims_table(testbed, rows, list(pooled.values()), paired,
+                          budget=TESTBEDS[testbed].budget if testbed in TESTBEDS else None)
+    if claims:
+        out += ["", "Against the paper's claims (pooled success; an arm with fewer than 3 seeds is not measured):",
+                "", "| algorithm | claim | needed | measured | verdict |", "|---|---|---|---|---|"]
+        out += [f"| {c['algorithm']} | {c['claim']} | {c['needed']} | {c['measured']} | **{c['verdict']}** |"
+                for c in claims]
     png = _experiment_plot(testbed, by_arm, pooled)
     if png:
         name = f"experiment_{testbed}.png"

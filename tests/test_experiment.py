@@ -12,7 +12,7 @@ import pytest
 from dreamgym_core.experiment import (ARMS, GAME_SCHEMA, ROW_COLUMNS, TESTBEDS, Testbed, get_testbed, plan, run_arm,
                                       split_arm)
 from dreamgym_core.io import read_parquet
-from dreamgym_core.experiment_results import paired_table, pooled_table, read_rows, write_results
+from dreamgym_core.experiment_results import claims_table, paired_table, pooled_table, read_rows, write_results
 
 
 def _read_csv(path):
@@ -24,7 +24,7 @@ def _materialize(instance, settings, arm, seed=0):
     from assets.experiments import arm_partition_key, experiment_arm, experiment_results
 
     return dg.materialize([experiment_arm, experiment_results], selection=["experiment_arm"],
-                          partition_key=arm_partition_key(arm, seed), resources={"experiments": settings},
+                          partition_key=arm_partition_key(settings.testbed, arm, seed), resources={"experiments": settings},
                           instance=instance, raise_on_error=False)
 
 
@@ -42,6 +42,9 @@ def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_pat
             assert res.success, arm
             meta = res.asset_materializations_for_node("experiment_arm")[0].metadata
             assert meta["games"].value == tb.test_games and meta["testbed"].value == "tiny"
+        # the partition names its testbed: tiny's finished partitions are not lamp's
+        done = instance.get_materialized_partitions(dg.AssetKey("experiment_arm"))
+        assert set(done) == {"tiny.init|0", "tiny.real_rl|0", "tiny.dreamgym|0"}
         first = os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json")
         res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_results"],
                              resources={"experiments": settings}, instance=instance)
@@ -215,8 +218,13 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
     assert main(["experiment", "tiny", "--arms", "init,bogus", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "'nope'" in err[0] and "'bogus'" in err[1] and "dreamgym experiment tiny" in err[1]
+    from assets.experiments import arm_partition_key, experiment_results
+
+    with pytest.raises(ValueError, match="unknown testbed 'nope'"):
+        arm_partition_key("nope", "init", 0)   # no partition of an unknown testbed exists
     with dg.instance_for_test() as instance:
-        res = _materialize(instance, ExperimentSettings(testbed="nope", work_dir=str(tmp_path)), "init")
+        res = dg.materialize([experiment_results], resources={"experiments": ExperimentSettings(
+            testbed="nope", work_dir=str(tmp_path))}, instance=instance, raise_on_error=False)
     assert not res.success
     failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "unknown testbed 'nope'" in failure.event_specific_data.error.message
@@ -257,3 +265,34 @@ def test_flop_counter_counts_tokens_through_both_forwards():
         assert c.tokens["inferred"] == 15 + 8
     model(input_ids=x)  # after the block: not counted
     assert c.tokens["inferred"] == 23
+
+
+def test_claims_table_checks_each_claim_by_hand():
+    def rows(arm, algo, real=0, n=3):
+        return [{"arm": arm, "algorithm": algo, "seed": s, "real_transitions": real} for s in range(n)]
+
+    def pool(arm, algo, s):
+        return {"arm": arm, "algorithm": algo, "success": s}
+
+    def pair(arm, seed, better, worse, p):
+        return {"arm": arm, "algorithm": "grpo", "seed": seed, "baseline": "init", "only_arm": better,
+                "only_baseline": worse, "p_value": p}
+
+    all_rows = (rows("init", "none") + rows("real_rl", "grpo", 8000) + rows("dreamgym", "grpo")
+                + rows("s2r", "grpo", 900) + rows("no_replay", "grpo") + rows("no_cot", "grpo", n=2))
+    pooled = [pool("init", "none", 0.10), pool("real_rl", "grpo", 0.90), pool("dreamgym", "grpo", 0.86),
+              pool("s2r", "grpo", 0.95), pool("no_replay", "grpo", 0.86), pool("no_cot", "grpo", 0.2)]
+    # dreamgym +0.76 over init, but seed 2's paired test is not significant: not met
+    paired = [pair("dreamgym", 0, 150, 0, 1e-9), pair("dreamgym", 1, 140, 2, 1e-9), pair("dreamgym", 2, 5, 3, 0.7)]
+    got = {c["claim"]: (c["measured"], c["verdict"]) for c in claims_table("t", all_rows, pooled, paired, budget=8000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == \
+        ("+0.760; 2 of 3 seeds paired p<0.05 in its favour", "not met")
+    assert got["dreamgym within 5 points of real_rl"] == ("-0.040", "met")
+    # s2r above real_rl but with 900 > 10% of 8000 real transitions: not met
+    assert got["s2r (<= 10% of B real) >= real_rl"] == ("+0.050 with 900 real (11% of B=8,000)", "not met")
+    assert got["no_replay below dreamgym"] == ("+0.000", "not met")   # equal is not below
+    assert got["no_cot below dreamgym"][1] == "not measured (no_cot 2 seed(s))"
+    assert got["no_curriculum below dreamgym"][1] == "not measured (no_curriculum 0 seed(s))"
+    paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
+    got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
