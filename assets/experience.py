@@ -65,8 +65,8 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     from assets.runtime import side_channels
 
     channels = side_channels(experiment)
-    context.log.info(f"side channels of {experiment.env}/{experiment.game}"
-                     f"{' (offline-only logs)' if experiment.offline else ''}: {', '.join(channels.offered()) or 'none'}")
+    where = f"{experiment.env}/{experiment.game}" + (" (offline-only logs)" if experiment.offline else "")
+    context.log.info(f"side channels of {where}: {', '.join(channels.offered()) or 'none'}")
     table = offline_trajectories.set_column(
         offline_trajectories.schema.get_field_index("done"), "done",
         pc.or_(offline_trajectories["won"], offline_trajectories["lost"]))

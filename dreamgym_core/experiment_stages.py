@@ -5,9 +5,9 @@ replay seed, M_exp per variant and seed (Eq. 4-5, the ``experience_model`` asset
 process), behaviour-cloned policies (pi0 per seed; the SFT arm). The side channels M_exp and the
 rule traces use (dense score, placements, affordances, twc's task reading) are those the testbed's
 env adapter declares (``envs.side_channels``); the ``no_side_channels`` variant uses none of them
-(its traces are re-annotated without them), for the per-environment comparison. Each lives in a directory keyed by
-testbed, stage, variant, seed and a hash of the fields it depends on, built in ``<dir>.partial`` and
-moved into place (``os.replace``): a killed stage leaves nothing that passes for finished, and a
+(its traces are re-annotated without them), for the per-environment comparison. Each lives in a
+directory keyed by testbed, stage, variant, seed and a hash of the fields it depends on, built in
+``<dir>.partial`` and moved into place (``os.replace``): a killed stage leaves nothing that passes for finished, and a
 changed recipe never reuses a stale stage.
 
 ``FlopCounter`` counts model FLOPs (see ``experiment``'s docstring for the rule).

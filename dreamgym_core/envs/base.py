@@ -60,8 +60,8 @@ class SideChannels:
     as ``## progress`` and predicts it (``PromptConfig.progress``); the rule traces say "Progress a -> b"."""
     placements: bool = False
     """Where an item belongs is a fixed fact of the game that a put's score reveals, so a lookup of the
-    training data's (item, receptacle) evidence is knowledge (``PromptConfig.placements``, and the
-    rule traces' "belongs / does not belong")."""
+    training data's (item, receptacle) evidence is knowledge (``PromptConfig.placements``; the rule
+    traces also count items known to lie in the wrong place as left to put away)."""
     affordances: bool = False
     """The state's facts use twc's vocabulary (carried, open / closed container, surface, loose), so
     ``annotate.affordance_hints`` reads true affordances off them (``PromptConfig.affordances``)."""
@@ -69,9 +69,10 @@ class SideChannels:
     """The adapter proposes candidate actions from an abstract state alone (``Env.propose_candidates``),
     for synthetic states; without it the simulator proposes what the logs did (``offline.logged_candidates``)."""
     rule_traces: bool = False
-    """The rule annotator's task reading fits: without a score it counts "items left to put away" (twc
-    wins when every item is in place), with ``portable`` fixtures skipped; off, the rule traces hold the
-    state difference and the reward only (``annotate.RuleAnnotator(counting=False)``)."""
+    """The rule annotator's task reading fits (twc wins when every item is in place): a put item
+    "belongs" / "does not belong" where it went (read off the score), and without a score the count of
+    "items left to put away", fixtures skipped; off, the rule traces hold the validity, the state
+    difference and the reward only (``annotate.RuleAnnotator(task_reading=False)``)."""
 
     def offered(self) -> tuple[str, ...]:
         return tuple(name for name, on in self.__dict__.items() if on)

@@ -120,6 +120,7 @@ def prepare_sft(annotations: pa.Table, prompt: PromptConfig, data: SFTDataConfig
             tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
                                   vocab_size=data.vocab_size)
         model = build_tiny_llama(tok, tiny, seed=data.seed)
-    meta = {"prompt": prompt.__dict__, "side_channels": list(channels.offered()), "examples": len(examples), "replay": replay, "replay_version": replay_version,
+    meta = {"prompt": prompt.__dict__, "side_channels": list(channels.offered()), "examples": len(examples),
+            "replay": replay, "replay_version": replay_version,
             "placements": knowledge_to_meta(knowledge_of(rows)) if prompt.placements else []}
     return SFTSetup(examples, weights, model, tok, prompt, meta)
