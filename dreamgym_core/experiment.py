@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow as pa
@@ -189,6 +189,11 @@ TESTBEDS = {
                     sim_max_steps=3, rl={"lr": 1e-3, "kl_coef": 0.0, "minibatch_size": 16},
                     curriculum={"variants_per_seed": 1, "n_feasibility_rollouts": 2}, smoke=True),
 }
+
+
+# lamp_demo: lamp with a shorter M_exp SFT, the evidence row of `make demo` (init and dreamgym, one
+# seed, in a few minutes); its numbers are a demo's, the lamp rows are the measurement
+TESTBEDS["lamp_demo"] = replace(TESTBEDS["lamp"], name="lamp_demo", mexp=replace(TESTBEDS["lamp"].mexp, steps=1500))
 
 
 def get_testbed(name: str) -> Testbed:

@@ -274,3 +274,57 @@ def write_results_doc(results_dir: str = "results", out_path: str = "docs/result
         f.write("\n".join(parts).rstrip() + "\n")
     os.replace(tmp, out_path)
     return out_path
+
+
+README_BEGIN, README_END = "<!-- results:begin (dreamgym results writes this block) -->", "<!-- results:end -->"
+
+
+def readme_block(results_dir: str = "results") -> str:
+    """The README's summary of every experiment testbed: success pooled over seeds per arm, and the
+    paper's claims with their verdicts (the same numbers as docs/results.md)."""
+    out = []
+    for name in sorted(os.listdir(results_dir)):
+        stem = name.removesuffix(".csv")
+        if not name.endswith(".csv") or stem.rsplit("_", 1)[-1] in ("paired", "pooled"):
+            continue
+        rows = _rows(os.path.join(results_dir, name))
+        if not rows or set(rows[0]) != set(ROW_COLUMNS):
+            continue
+        sib = {kind: _rows(os.path.join(results_dir, f"{stem}_{kind}.csv"))
+               if os.path.exists(os.path.join(results_dir, f"{stem}_{kind}.csv")) else [] for kind in ("pooled", "paired")}
+        pooled = {(r["arm"], r["algorithm"]): r for r in sib["pooled"]}
+        real, syn = defaultdict(list), defaultdict(list)
+        for r in rows:
+            real[(r["arm"], r["algorithm"])].append(float(r["real_transitions"]))
+            syn[(r["arm"], r["algorithm"])].append(float(r["synthetic_transitions"]))
+        out += [f"**{stem}** (`dreamgym experiment {stem}`; {rows[0]['games']} held-out games per seed):", "",
+                "| arm | algorithm | seeds | success, pooled [95% CI] | real transitions | synthetic transitions |",
+                "|---|---|---|---|---|---|"]
+        for key in sorted(pooled, key=lambda k: _arm_order(*k)):
+            p = pooled[key]
+            out.append(f"| {key[0]} | {key[1]} | {p['seeds']} | {float(p['success']):.3f} [{float(p['ci_low']):.2f}, "
+                       f"{float(p['ci_high']):.2f}] | {sum(real[key]) / len(real[key]):,.0f} | "
+                       f"{sum(syn[key]) / len(syn[key]):,.0f} |")
+        claims = claims_table(stem, rows, sib["pooled"], sib["paired"],
+                              budget=TESTBEDS[stem].budget if stem in TESTBEDS else None)
+        if claims:
+            out += ["", "The paper's claims here: " + "; ".join(
+                f"{c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f", {c['measured']}" if c["measured"] else "")
+                for c in claims) + ".", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_readme(readme: str, results_dir: str = "results") -> bool:
+    """Replace the README's generated results block (between ``README_BEGIN`` and ``README_END``);
+    False when the README has no such block."""
+    if not os.path.exists(readme):
+        return False
+    text = open(readme).read()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme + ".tmp", "w") as f:
+        f.write(head + README_BEGIN + "\n" + readme_block(results_dir) + README_END + tail)
+    os.replace(readme + ".tmp", readme)
+    return True

@@ -196,6 +196,18 @@ def test_dreamgym_results_renders_an_experiment_with_its_tables(tmp_path):
     assert "| real_rl | grpo | 0 | +1 / -0, p=1.000 |  |" in text
     png = tmp_path / "docs" / "results_png" / "experiment_t.png"
     assert png.exists() == ("![t arms](results_png/experiment_t.png)" in text)
+    # the README's block is regenerated from the same rows; text around it is kept, a README without it untouched
+    from pipelines.results_docs import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nstale numbers\n{README_END}\noutro\n")
+    assert update_readme(str(readme), str(tmp_path / "results"))
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith(f"{README_END}\noutro\n") and "stale" not in new
+    assert "| init | none | 1 | 0.500 [" in new and "| real_rl | grpo | 1 | 1.000 [" in new
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no block\n")
+    assert not update_readme(str(plain), str(tmp_path / "results")) and plain.read_text() == "no block\n"
 
 
 def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
@@ -231,7 +243,7 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
 
 
 def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
-    assert set(TESTBEDS) == {"twc", "lamp", "tiny"}
+    assert set(TESTBEDS) == {"twc", "lamp", "lamp_demo", "tiny"}
     twc = TESTBEDS["twc"]
     assert twc.eval_split == "train" and twc.test_games >= 200 and twc.dev_start == 900
     for name in ARMS:
@@ -296,3 +308,22 @@ def test_claims_table_checks_each_claim_by_hand():
     paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
     got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
     assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
+
+
+def test_the_demo_prints_init_and_dreamgym_of_a_testbed_paired(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import _demo_testbed
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert _demo_testbed(str(tmp_path / "data"), "tiny") == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Init against DreamGym on tiny"):]
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in table.splitlines()
+            if line.startswith(("init ", "dreamgym "))}
+    written = {r["arm"]: r for r in read_rows(str(tmp_path / "data" / "results" / "tiny.csv"))}
+    assert set(rows) == {"init", "dreamgym"} == set(written)
+    for arm, cells in rows.items():  # the printed numbers are the rows written
+        assert float(cells[1]) == pytest.approx(written[arm]["success"], abs=1e-3)
+        assert int(cells[3]) == written[arm]["real_transitions"] == 0
+    assert int(rows["dreamgym"][4]) == written["dreamgym"]["synthetic_transitions"] > 0
+    assert rows["dreamgym"][5].startswith("+") and "p=" in rows["dreamgym"][5]
+    assert "docs/results.md" in table
