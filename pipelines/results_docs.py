@@ -308,9 +308,10 @@ def readme_block(results_dir: str = "results") -> str:
         claims = claims_table(stem, rows, sib["pooled"], sib["paired"],
                               budget=TESTBEDS[stem].budget if stem in TESTBEDS else None)
         if claims:
-            out += ["", "The paper's claims here: " + "; ".join(
-                f"{c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f", {c['measured']}" if c["measured"] else "")
-                for c in claims) + ".", ""]
+            out += ["", f"The paper's claims on {stem}:", ""]
+            out += [f"- {c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f" ({c['measured']})" if c["measured"]
+                                                                                 else "") for c in claims]
+            out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
