@@ -31,7 +31,7 @@ def _num(v: str) -> float | None:
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+    return "" if v is None else "–" if v != v else f"{v:.{digits}f}"  # nan: undefined (no positive prediction)
 
 
 def learner_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
@@ -242,7 +242,25 @@ def _experiment_plot(testbed: str, by_arm: dict, pooled: dict) -> bytes | None:
     return buf.getvalue()
 
 
-SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section}
+def side_channels_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
+    """M_exp's one-step fidelity and replay agreement with and without the adapter's side channels
+    (``scripts/side_channels.py``)."""
+    out = ["## M_exp with and without the env's side channels", "",
+           "`python scripts/side_channels.py` (one seed; the same held-out real transitions for both arms; both",
+           "retrieve 2 demonstrations). Exact match beside the 'nothing changes' baseline.", "",
+           "| env | side channels | SFT steps | exact match (baseline) | reward acc. | win recall / precision | "
+           "invalid-action acc. | all agree after 5 replayed steps | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['env']} | {r['side_channels']} ({r['channels']}) | {r['sft_steps']} | "
+                   f"{_fmt(_num(r['state_exact_match']), 2)} ({_fmt(_num(r['baseline_state_exact_match']), 2)}) | "
+                   f"{_fmt(_num(r['reward_accuracy']), 2)} | {_fmt(_num(r['win_recall']), 2)} / "
+                   f"{_fmt(_num(r['win_precision']), 2)} | {_fmt(_num(r['invalid_action_accuracy']), 2)} | "
+                   f"{_fmt(_num(r['drift_agree_at_5']), 2)} | `{r['command']}` |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section,
+            "side_channels.csv": side_channels_section}
 
 
 def write_results_doc(results_dir: str = "results", out_path: str = "docs/results.md") -> str:

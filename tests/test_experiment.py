@@ -327,3 +327,15 @@ def test_the_demo_prints_init_and_dreamgym_of_a_testbed_paired(tmp_path, monkeyp
     assert int(rows["dreamgym"][4]) == written["dreamgym"]["synthetic_transitions"] > 0
     assert rows["dreamgym"][5].startswith("+") and "p=" in rows["dreamgym"][5]
     assert "docs/results.md" in table
+
+
+def test_the_side_channel_rows_render_with_undefined_precision_marked(tmp_path):
+    from pipelines.results_docs import write_results_doc
+
+    res = tmp_path / "results"
+    res.mkdir()
+    cols = ("env", "side_channels", "channels", "sft_steps", "state_exact_match", "baseline_state_exact_match",
+            "reward_accuracy", "win_recall", "win_precision", "invalid_action_accuracy", "drift_agree_at_5", "command")
+    (res / "side_channels.csv").write_text(",".join(cols) + "\ntwx,off,none,300,0.73,0.12,0.77,0.0,nan,0.8,0.07,cmd\n")
+    text = open(write_results_doc(str(res), str(tmp_path / "results.md"))).read()
+    assert "| twx | off (none) | 300 | 0.73 (0.12) | 0.77 | 0.00 / – | 0.80 | 0.07 | `cmd` |" in text
