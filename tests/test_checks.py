@@ -99,6 +99,7 @@ def test_llm_annotator_falling_back_fails_cot_annotations(monkeypatch, twx_env):
     from dreamgym_core.annotate import rule_trace
     from dreamgym_core.collect import CollectConfig, collect
     from dreamgym_core.schema import trajectories_to_arrow
+    from pipelines.resources import Experiment
 
     class FallingBack:
         name, fallbacks = "fake-llm", 0
@@ -116,11 +117,11 @@ def test_llm_annotator_falling_back_fails_cot_annotations(monkeypatch, twx_env):
     trajs, _ = collect(twx_env, twx_env.tasks("train", 2), CollectConfig(seed=1))
     table = trajectories_to_arrow(trajs)
     for every, ok in [(1, False), (100, True)]:          # all fall back / about 1% fall back
-        monkeypatch.setattr(ex, "_annotator", lambda cfg, t, every=every: FallingBack(every))
+        monkeypatch.setattr(ex, "_annotator", lambda cfg, t, channels, every=every: FallingBack(every))
         ctx = dg.build_asset_context()
         if ok:
-            out = ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), table)
+            out = ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), Experiment(), table)
             assert out.num_rows == table.num_rows
         else:
             with pytest.raises(dg.Failure, match="fell back to rule traces"):
-                ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), table)
+                ex.cot_annotations(ctx, ex.AnnotationConfig(annotator="openai"), Experiment(), table)

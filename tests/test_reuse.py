@@ -125,7 +125,7 @@ def test_changed_annotator_retrains_mexp_and_force_recomputes(head, monkeypatch)
         def annotate(self, items):
             return ["Other: " + t for t in super().annotate(items)]
 
-    monkeypatch.setattr(ax, "_annotator", lambda cfg, table: OtherAnnotator())
+    monkeypatch.setattr(ax, "_annotator", lambda cfg, table, channels: OtherAnnotator())
     _annotate(defs, instance)
     retrained, meta = _mexp(defs, instance)
     assert retrained != first and "reused" not in meta
