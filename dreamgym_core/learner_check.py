@@ -12,7 +12,7 @@ module measures that through the same code path every arm uses (``loop.rl_in_rea
   behaviour-cloned policy: the trainer should push those tasks' success towards 1; success on dev
   games (never trained on) says whether anything transfers. ``--pool N`` draws each round's tasks
   afresh from N train games instead (the ``real_rl`` arm's regime).
-* any other testbed of ``experiment.TESTBEDS`` (e.g. ``coin``): its env, its pi0 (the experiment's
+* any other testbed of ``experiment.TESTBEDS`` (e.g. ``mapreader``): its env, its pi0 (the experiment's
   own ``bc_policy`` stage for that seed, so the curve starts where the ``real_rl`` arm starts), its
   train tasks and its **dev** games (never its test games); setting ``testbed`` is its ``rl``.
 
@@ -77,6 +77,9 @@ SETTINGS: dict[str, dict] = {
                        "gamma": 0.95, "progress_reward": 1.0},
     "gigpo_progress_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
                               "gamma": 0.95, "progress_reward": 1.0, "lr": 3e-4},
+    # gigpo with the dense score at lamp's learning rate (TWX games with sub-goals: coin, peckingorder)
+    "gigpo_progress_lr1e-3": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                              "gamma": 0.95, "progress_reward": 1.0, "lr": 1e-3},
     "fast_gigpo": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3,
                    "step_advantage_weight": 1.0, "gamma": 0.95},
 }
