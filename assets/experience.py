@@ -8,7 +8,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dreamgym_core.annotate import RuleAnnotator, annotate_table, placement_knowledge, portable_items
+from dreamgym_core.annotate import annotate_table, rule_annotator
 from dreamgym_core.annotate_llm import OpenAIAnnotator, TransformersAnnotator
 from dreamgym_core.collect import collect
 from dreamgym_core.envs import make_env
@@ -38,10 +38,10 @@ class AnnotationConfig(dg.Config):
     nothing usable), the asset fails rather than train M_exp on rule traces labelled as LLM ones."""
 
 
-def _annotator(cfg: AnnotationConfig, table: pa.Table):
+def _annotator(cfg: AnnotationConfig, table: pa.Table, channels):
     match cfg.annotator:
-        case "rule":
-            return RuleAnnotator(portable=portable_items(table), placements=placement_knowledge(table))
+        case "rule":  # its twc-made parts only where the adapter declares them
+            return rule_annotator(table, channels)
         case "transformers":
             if not cfg.model:
                 raise dg.Failure("annotator=transformers needs `model` (a local model directory)")
@@ -54,17 +54,23 @@ def _annotator(cfg: AnnotationConfig, table: pa.Table):
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"})
-def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
+def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig, experiment: Experiment,
                     offline_trajectories: pa.Table) -> pa.Table:
     """Every offline transition with a reasoning trace R* explaining why a leads to s' and r (Eq. 5 targets).
 
     ``done`` is set to the env's own end (won or lost) first: a collector's step cap is not an outcome
-    M_exp should learn to predict.
+    M_exp should learn to predict. The env's dense score and the rule annotator's twc-made parts are
+    used only where the env's adapter declares them (``runtime.side_channels``; offline-only: none).
     """
+    from assets.runtime import side_channels
+
+    channels = side_channels(experiment)
+    where = f"{experiment.env}/{experiment.game}" + (" (offline-only logs)" if experiment.offline else "")
+    context.log.info(f"side channels of {where}: {', '.join(channels.offered()) or 'none'}")
     table = offline_trajectories.set_column(
         offline_trajectories.schema.get_field_index("done"), "done",
         pc.or_(offline_trajectories["won"], offline_trajectories["lost"]))
-    annotator = _annotator(config, table)
+    annotator = _annotator(config, table, channels)
     started = time.perf_counter()
 
     seen = {"unique": 0}
@@ -74,7 +80,8 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
         if done == total or done % max(1, total // 10) < config.batch_size:
             context.log.info(f"annotated {done}/{total} unique transitions")
 
-    out = annotate_table(table, annotator, batch_size=config.batch_size, progress=progress)
+    out = annotate_table(table, annotator, batch_size=config.batch_size, progress=progress,
+                         use_score=channels.progress)
     fallbacks = int(getattr(annotator, "fallbacks", 0))
     unique = max(seen["unique"], 1)
     if config.annotator != "rule" and fallbacks / unique > config.max_fallback_share:
@@ -159,7 +166,9 @@ class ExperienceModelConfig(dg.Config):
     100); False = the model decides the win alone, counting what is left from the object list."""
     placements: bool = True
     """Show what the training data says about the (item, receptacle) pair an action puts to the test
-    (``## known``); the knowledge is saved with the checkpoint for the simulator."""
+    (``## known``); the knowledge is saved with the checkpoint for the simulator. This and ``progress`` /
+    ``affordances`` are side channels: on only where the env's adapter provides them (off with a
+    logged reason otherwise; ``dreamgym_core.envs.base.SideChannels``)."""
     affordances: bool = True
     """Also show, for each object the action names, what the state says it is (carried, closed / open
     container, surface, loose here, inside Y): read off the prompt's own state; False = ablation."""
@@ -183,7 +192,7 @@ class ExperienceModelConfig(dg.Config):
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "accelerate"}, io_manager_key="checkpoint_io_manager")
 def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelConfig, launcher: Launcher,
-                     loop: LoopSettings, cot_annotations: pa.Table,
+                     loop: LoopSettings, experiment: Experiment, cot_annotations: pa.Table,
                      replay_seed: CheckpointRef) -> dg.Output[CheckpointRef]:
     """M_exp trained with Eq. 5 (reasoning and next-state terms logged apart).
 
@@ -195,6 +204,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     """
     import os
 
+    from assets.runtime import side_channels
     from dreamgym_core.experience.sft_setup import SFTDataConfig, prepare_sft
     from dreamgym_core.experience_model import PromptConfig, SFTConfig
     from dreamgym_core.models import TinyLlamaConfig, load_checkpoint
@@ -210,6 +220,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         reuse.reused(context, "experience_model", final)
         return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=meta.get("metrics", {})),
                          metadata={"reused": True})
+    channels = side_channels(experiment)  # the adapter says which of twc's extra inputs exist here
     retrieve = None
     if num_demos:  # D_k from the offline seed as written, never from the example's own task
         from assets.runtime import open_buffer
@@ -218,7 +229,7 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
         retrieve = Retriever(open_buffer(replay_seed), as_of_version=int(replay_seed.metrics["version"]),
                              source="offline", exclude_own_task=True)
     setup = prepare_sft(cot_annotations, core(PromptConfig, config, num_demos=num_demos), core(SFTDataConfig, config),
-                        core(TinyLlamaConfig, config), root, retrieve=retrieve,
+                        core(TinyLlamaConfig, config), root, channels=channels, retrieve=retrieve,
                         replay=replay_seed.path if num_demos else "",
                         replay_version=int(replay_seed.metrics.get("version", 0)) if num_demos else 0,
                         cache_dir=os.path.join(data_root(), "cache", "models"), log=context.log.info)
@@ -226,6 +237,9 @@ def experience_model(context: dg.AssetExecutionContext, config: ExperienceModelC
     # an Output, not a bare value: after a Pipes session Dagster requires a typed event stream
     return dg.Output(CheckpointRef(path=final, kind="experience_model", metrics=metrics),
                      metadata={"examples": len(setup.examples), **extra, "num_demos": num_demos,
+                               "side_channels": ", ".join(channels.offered()) or "none",
+                               "prompt_side_channels": ", ".join(n for n in ("progress", "placements", "affordances")
+                                                                 if getattr(setup.prompt, n)) or "none",
                                "prompt_tokens_max": setup.prompt_tokens_max(),
                                "example_prompt": dg.MetadataValue.md("```\n" + setup.examples[0].prompt + "\n```"),
                                "loss_curve": dg.MetadataValue.md(_curve(history))})

@@ -1,12 +1,12 @@
 """Experiments as assets (EXPERIMENTS.md; paper Tables 1-2): one partition per (arm, seed).
 
-``experiment_arm`` is partitioned by arm x seed (``dg.MultiPartitionsDefinition``); a partition
-trains one arm of the configured testbed from pi0 and scores it on the test games
-(``dreamgym_core.experiment.run_arm``): a resumable unit, skipped once finished, resumed stage by
-stage after a kill. ``experiment_results`` aggregates every finished partition of the testbed into
-``results/<testbed>.csv``, its per-game files and the paired and pooled tables
-(``dreamgym_core.experiment_results``). The testbed is a resource (``ExperimentSettings``), so a UI
-backfill of arm x seed partitions runs the testbed the deployment names.
+``experiment_arm`` is partitioned by (testbed, arm) x seed (``dg.MultiPartitionsDefinition``: the
+first dimension's keys read ``lamp.dreamgym``, so the UI's partition status says which testbed a
+finished partition belongs to); a partition trains one arm of that testbed from pi0 and scores it on
+the test games (``dreamgym_core.experiment.run_arm``): a resumable unit, skipped once finished,
+resumed stage by stage after a kill. ``experiment_results`` aggregates every finished partition of
+the testbed the ``ExperimentSettings`` resource names into ``results/<testbed>.csv``, its per-game
+files and the paired and pooled tables (``dreamgym_core.experiment_results``).
 """
 # No `from __future__ import annotations` in asset modules: Dagster reads the annotations at definition time.
 
@@ -14,12 +14,14 @@ import os
 
 import dagster as dg
 
-from dreamgym_core.experiment import ARMS, arm_dir, arm_done, get_testbed, load_arm, split_arm
+from dreamgym_core.experiment import ARMS, TESTBEDS, arm_dir, arm_done, get_testbed, load_arm, split_arm
 from pipelines.resources import data_root
 
 GROUP = "experiments"
 SEEDS = tuple(str(s) for s in range(10))
-arm_seed_partitions = dg.MultiPartitionsDefinition({"arm": dg.StaticPartitionsDefinition(list(ARMS)),
+RUNS = tuple(f"{tb}.{arm}" for tb in TESTBEDS for arm in ARMS)
+"""The first partition dimension: ``<testbed>.<arm>``."""
+arm_seed_partitions = dg.MultiPartitionsDefinition({"run": dg.StaticPartitionsDefinition(list(RUNS)),
                                                     "seed": dg.StaticPartitionsDefinition(list(SEEDS))})
 
 
@@ -27,7 +29,8 @@ class ExperimentSettings(dg.ConfigurableResource):
     """Which testbed the experiment assets run, and where they keep their work and results."""
 
     testbed: str = "twc"
-    """A name of ``dreamgym_core.experiment.TESTBEDS`` (twc, lamp, tiny)."""
+    """A name of ``dreamgym_core.experiment.TESTBEDS``: the testbed ``experiment_results`` aggregates
+    (each ``experiment_arm`` partition names its own)."""
     work_dir: str = ""
     """Shared stages and partitions ('' = <data>/experiments)."""
     results_dir: str = "results"
@@ -43,11 +46,19 @@ class ExperimentSettings(dg.ConfigurableResource):
             raise dg.Failure(str(exc)) from None
 
 
-def arm_partition_key(arm: str, seed: int) -> dg.MultiPartitionKey:
-    split_arm(arm)  # a one-line error for an unknown arm
+def arm_partition_key(testbed: str, arm: str, seed: int) -> dg.MultiPartitionKey:
+    get_testbed(testbed)  # one-line errors for an unknown testbed or arm
+    split_arm(arm)
     if str(seed) not in SEEDS:
         raise ValueError(f"seed {seed} is not a partition; seeds are {SEEDS[0]}..{SEEDS[-1]}")
-    return dg.MultiPartitionKey({"arm": arm, "seed": str(seed)})
+    return dg.MultiPartitionKey({"run": f"{testbed}.{arm}", "seed": str(seed)})
+
+
+def parse_partition_key(key: dg.MultiPartitionKey) -> tuple[str, str, str, int]:
+    """(testbed, arm, algorithm, seed) of an ``experiment_arm`` partition."""
+    keys = key.keys_by_dimension
+    testbed, _, name = keys["run"].partition(".")
+    return (testbed, *split_arm(name), int(keys["seed"]))
 
 
 def _numbers(row: dict) -> dict:
@@ -59,13 +70,15 @@ def experiment_arm(context: dg.AssetExecutionContext, experiments: ExperimentSet
     """One arm of the testbed, one seed: trained from pi0, scored greedy on the test games."""
     from dreamgym_core.experiment import run_arm
 
-    tb = experiments.resolve()
-    keys = context.partition_key.keys_by_dimension
-    arm, algorithm = split_arm(keys["arm"])
-    row, games = run_arm(tb, arm, algorithm, int(keys["seed"]), experiments.work(), log=context.log.info)
+    name, arm, algorithm, seed = parse_partition_key(context.partition_key)
+    try:
+        tb = get_testbed(name)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from None
+    row, games = run_arm(tb, arm, algorithm, seed, experiments.work(), log=context.log.info)
     return dg.MaterializeResult(metadata={
         **_numbers(row), "testbed": tb.name, "algorithm": algorithm, "commit": row["commit"],
-        "path": dg.MetadataValue.path(arm_dir(tb, arm, algorithm, int(keys["seed"]), experiments.work()))})
+        "path": dg.MetadataValue.path(arm_dir(tb, arm, algorithm, seed, experiments.work()))})
 
 
 @dg.asset(group_name=GROUP, kinds={"csv"},

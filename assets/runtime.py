@@ -27,15 +27,25 @@ def scoring_env_factory(experiment, step: str, log):
     return real_env_factory(experiment)
 
 
+def side_channels(experiment):
+    """What the experiment's env adapter offers M_exp beyond the paper's inputs (``envs.side_channels``);
+    the offline-only path (``experiment.logs``) offers none."""
+    from dreamgym_core.envs import side_channels as declared
+
+    return declared(experiment.env, experiment.game, offline=experiment.offline)
+
+
 def candidate_rule(experiment):
-    """The adapter's state-only candidate rule (synthetic states have no engine to ask). Offline-only:
-    the same rule without starting an engine, or, for an env without one, the rule read off the logs."""
+    """The adapter's state-only candidate rule (synthetic states have no engine to ask), where it
+    declares one (``SideChannels.candidate_rule``). Offline-only (no side channels): the candidates
+    read off the logs (``offline.logged_candidates``)."""
     if experiment.offline:
-        from dreamgym_core.envs import state_candidate_rule
         from dreamgym_core.offline import logged_candidates
 
-        rule = state_candidate_rule(experiment.env, experiment.game)
-        return rule if rule is not None else logged_candidates(experiment.log_split().train)
+        return logged_candidates(experiment.log_split().train)
+    if not side_channels(experiment).candidate_rule:
+        raise ValueError(f"env {experiment.env}/{experiment.game}: its adapter declares no state-only candidate "
+                         "rule (SideChannels.candidate_rule), which simulating synthetic states needs")
     env = make_env(experiment.env_spec())
     env.close()
     return env.propose_candidates

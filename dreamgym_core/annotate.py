@@ -16,7 +16,11 @@ rule annotator, the placement knowledge the rule traces and M_exp's prompt share
 
 Departure from the paper: the paper annotates with a strong LLM. The rule annotator is the
 offline default here; its traces are short, template-like and always consistent with the data,
-which is what a small from-scratch M_exp can learn. The LLM annotators fall back to the rule trace
+which is what a small from-scratch M_exp can learn. Its twc-made parts are side channels that the
+env's adapter declares (``envs.base.SideChannels``; ``rule_annotator`` builds it from them): the
+env's score ("Progress a -> b", ``progress``), the placement knowledge (``placements``), and twc's task
+reading ("items left to put away", "X belongs in Y": ``rule_traces``). Without them a trace holds
+the validity, the state difference and the reward. The LLM annotators fall back to the rule trace
 (and count it in ``fallbacks``) when a model returns nothing usable.
 
 ``annotate_table`` adds three columns to a transition table: ``reasoning`` (R*), ``annotator``
@@ -32,6 +36,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import pyarrow as pa
 
+from dreamgym_core.envs.base import SideChannels
 from dreamgym_core.exp_format import render_target
 from dreamgym_core.state import AbstractState
 from dreamgym_core.state_delta import StateDelta, diff, progress_percent
@@ -303,7 +308,7 @@ def _placement(item: AnnotationInput, verb: str, x: str, y: str) -> str:
 
 
 def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[str] | None = None,
-               placements: dict[tuple[str, str], bool] | None = None) -> str:
+               placements: dict[tuple[str, str], bool] | None = None, task_reading: bool = True) -> str:
     """The deterministic trace of ``RuleAnnotator``; also the LLM annotators' fallback.
 
     Short and decision-first: why the action is valid or rejected (whether its objects are here,
@@ -311,7 +316,8 @@ def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[s
     known), the env's progress when the data has a dense score ("Progress 25 -> 50."; without one, how
     many items are left to put away, counted from the next state), then the reward. Names come from the action and
     the state only, so the pointer form (``exp_format.delex``) turns them into ``@1``/``@2`` and a
-    model never has to copy a name it has not seen.
+    model never has to copy a name it has not seen. ``task_reading`` False drops twc's reading of
+    the task (the items-left count and whether a put item belongs).
     """
     try:
         s, s2 = AbstractState.parse(item.state), AbstractState.parse(item.next_state)
@@ -326,12 +332,12 @@ def rule_trace(item: AnnotationInput, max_words: int = 60, portable: frozenset[s
     why = _why_valid(s, verb, x, y) if item.valid else ""
     head = (f"Valid: {why}." if why else "Valid.") if item.valid \
         else "Not a listed action, yet it changes the state."
-    placed = _placement(item, verb, x, y)
+    placed = _placement(item, verb, x, y) if task_reading else ""
     if item.progress is not None and item.next_progress is not None:  # the env's score: no counting needed
         a, b = progress_percent(item.progress), progress_percent(item.next_progress)
         left = f"Progress {a} -> {b}. " if a != b else ""
     else:
-        left = _progress(s2, portable, placements) + " " if d.changes_state else ""
+        left = _progress(s2, portable, placements) + " " if (d.changes_state and task_reading) else ""
     tail = (placed + " " if placed else "") + left + _reward_sentence(item.reward, item.done)
     budget = max_words - len(head.split()) - len(tail.split()) - 4  # room for "Other facts change too."
     kept: list[str] = []
@@ -347,17 +353,31 @@ class RuleAnnotator:
     """Deterministic traces from the state difference, the env's score and the reward (the offline
     default). ``portable``: object names that can be carried (``portable_items`` of the data), so
     the count of items left to put away skips fixtures; ``placements``: which receptacle items
-    belong in (``placement_knowledge`` of the data), so misplaced items count as left too."""
+    belong in (``placement_knowledge`` of the data), so misplaced items count as left too;
+    ``task_reading`` False: no twc reading at all (``rule_trace``), for envs whose adapter does not
+    declare ``SideChannels.rule_traces``."""
 
     name = "rule-v4"
 
     def __init__(self, portable: Iterable[str] | None = None,
-                 placements: dict[tuple[str, str], bool] | None = None):
+                 placements: dict[tuple[str, str], bool] | None = None, task_reading: bool = True):
         self.portable = frozenset(portable) if portable is not None else None
         self.placements = dict(placements) if placements else None
+        self.task_reading = task_reading
+        if not task_reading:
+            self.name = "rule-v4-generic"
 
     def annotate(self, items: list[AnnotationInput]) -> list[str]:
-        return [rule_trace(it, portable=self.portable, placements=self.placements) for it in items]
+        return [rule_trace(it, portable=self.portable, placements=self.placements, task_reading=self.task_reading)
+                for it in items]
+
+
+def rule_annotator(table: pa.Table, channels: SideChannels) -> RuleAnnotator:
+    """The rule annotator for ``table`` with the side channels the env's adapter provides: the
+    portable items and the placement knowledge of the data only where it declares them."""
+    return RuleAnnotator(portable=portable_items(table) if channels.rule_traces else None,
+                         placements=placement_knowledge(table) if channels.placements else None,
+                         task_reading=channels.rule_traces)
 
 
 def portable_items(table: pa.Table) -> frozenset[str]:
@@ -395,7 +415,7 @@ def _score_before(row: dict) -> float | None:
 
 
 def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
-                   progress: Callable[[int, int], None] | None = None) -> pa.Table:
+                   progress: Callable[[int, int], None] | None = None, use_score: bool = True) -> pa.Table:
     """Add ``reasoning``, ``annotator`` and ``target`` columns to a table of transitions.
 
     ``table`` needs the columns state, action, next_state, reward, valid, done (TRANSITION_SCHEMA
@@ -403,6 +423,8 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
     states (``AbstractState.render``): a row that is not raises ValueError naming the row, before
     any annotator call. Identical transitions are annotated once. Existing annotation columns are
     replaced. ``progress(done, total)`` is called after each batch of unique transitions.
+    ``use_score`` False: the env's dense score is ignored (an adapter without ``SideChannels.progress``),
+    so neither the traces nor the targets carry progress.
     """
     missing = [c for c in _NEEDED if c not in table.column_names]
     if missing:
@@ -417,7 +439,7 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
         except ValueError as exc:
             raise ValueError(f"annotate_table: row {i} (action {row['action']!r}): {exc}") from None
     # the env's dense score, when the data has one (imported logs may carry zeros only)
-    scored = any(r.get("score") for r in rows)
+    scored = use_score and any(r.get("score") for r in rows)
     inputs = [AnnotationInput(instruction=r.get("instruction") or "", state=r["state"], action=r["action"],
                               next_state=r["next_state"], reward=float(r["reward"]), valid=bool(r["valid"]),
                               done=bool(r["done"]), progress=_score_before(r) if scored else None,
@@ -444,4 +466,4 @@ def annotate_table(table: pa.Table, annotator: Annotator, batch_size: int = 64,
 
 
 __all__ = ["AnnotationError", "AnnotationInput", "Annotator", "RuleAnnotator", "annotate_table",
-           "placement_knowledge", "portable_items", "rule_trace"]
+           "placement_knowledge", "portable_items", "rule_annotator", "rule_trace"]

@@ -189,6 +189,18 @@ def _metric_cols(m: dict) -> dict:
             **{"baseline_" + k: m["baseline_" + k] for k in FIDELITY_METRICS}}
 
 
+def heldout_selection(rows: Sequence[dict], max_transitions: int, rng) -> list[bool]:
+    """Which of ``rows`` (held-out transitions) to score: all wins and invalid actions up to a third of
+    ``max_transitions`` each, the rest ordinary ones, drawn with ``rng`` (a ``random.Random``)."""
+    third = max_transitions // 3
+    wins = [i for i, r in enumerate(rows) if r["won"]]
+    invalid = [i for i, r in enumerate(rows) if not r["valid"]]
+    other = [i for i, r in enumerate(rows) if r["valid"] and not r["won"]]
+    chosen = set(rng.sample(wins, min(third, len(wins))) + rng.sample(invalid, min(third, len(invalid))))
+    chosen |= set(rng.sample(other, min(max_transitions - len(chosen), len(other))))
+    return [i in chosen for i in range(len(rows))]
+
+
 def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start_states, policy, cfg: FidelityEvalConfig,
                    base: dict, log=print) -> FidelityReport:
     """M_exp against held-out real experience, each number beside the "nothing changes" baseline:
@@ -208,17 +220,12 @@ def model_fidelity(real: Sequence[Trajectory], tasks, make_sim, make_real, start
 
     rows = trajectories_to_arrow(real).to_pylist()
     rng = random.Random(cfg.seed)
-    third = cfg.max_transitions // 3
-    wins = [i for i, r in enumerate(rows) if r["won"]]
-    invalid = [i for i, r in enumerate(rows) if not r["valid"]]
-    other = [i for i, r in enumerate(rows) if r["valid"] and not r["won"]]
-    chosen = set(rng.sample(wins, min(third, len(wins))) + rng.sample(invalid, min(third, len(invalid))))
-    chosen |= set(rng.sample(other, min(cfg.max_transitions - len(chosen), len(other))))
+    select = heldout_selection(rows, cfg.max_transitions, rng)
     out: list[dict] = []
 
     # 1. single steps, teacher-forced (real state and history)
     started = time.perf_counter()
-    records = score_transitions(make_sim(lambda t: ""), rows, select=[i in chosen for i in range(len(rows))])
+    records = score_transitions(make_sim(lambda t: ""), rows, select=select)
     per_s = len(records) / max(time.perf_counter() - started, 1e-9)
     overall = summarize_fidelity(records)
     out.append({**base, "scope": "overall", **_metric_cols(overall), "predictions_per_s": per_s})

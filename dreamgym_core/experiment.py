@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow as pa
@@ -210,6 +210,11 @@ TESTBEDS = {
 }
 
 
+# lamp_demo: lamp with a shorter M_exp SFT, the evidence row of `make demo` (init and dreamgym, one
+# seed, in a few minutes); its numbers are a demo's, the lamp rows are the measurement
+TESTBEDS["lamp_demo"] = replace(TESTBEDS["lamp"], name="lamp_demo", mexp=replace(TESTBEDS["lamp"].mexp, steps=1500))
+
+
 def get_testbed(name: str) -> Testbed:
     if name not in TESTBEDS:
         raise ValueError(f"unknown testbed {name!r}; known: {', '.join(TESTBEDS)}")
@@ -240,7 +245,7 @@ class ArmPlan:
     curriculum: object = None
     """``CurriculumConfig``."""
     mexp_variant: str = ""
-    """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``)."""
+    """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``; its no_side_channels is for measurements)."""
     replay: bool = False
     """The loop grows a replay buffer and M_exp retrieves from it."""
     real_budget: int = 0

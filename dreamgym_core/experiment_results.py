@@ -13,6 +13,9 @@ another machine and grow over days):
   <testbed>_pooled.csv     success pooled over seeds with a 95% interval from a bootstrap over seeds
                            and, within each drawn seed, over its games (both sources of variance).
 
+``claims_table`` checks the paper's relative claims (DreamGym vs init and real-env RL, S2R, the
+ablations) on those tables; the docs render it, nothing stores it.
+
 Every file is replaced atomically; the paired and pooled tables are recomputed from all rows and
 game files present, whichever machine wrote them.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import defaultdict
 from typing import Sequence
 
 import pyarrow as pa
@@ -150,3 +154,65 @@ def write_results(results_dir: str, testbed: str, finished: Sequence[tuple[dict,
                                 paired_table(testbed, rows, games)),
             "pooled": write_csv(os.path.join(results_dir, f"{testbed}_pooled.csv"), POOLED_COLUMNS,
                                 pooled_table(testbed, rows, games))}
+
+
+CLAIM_COLUMNS = ("testbed", "algorithm", "claim", "arm", "baseline", "needed", "measured", "verdict")
+ABLATIONS = ("no_replay", "no_cot", "no_curriculum")
+
+
+def claims_table(testbed: str, rows: Sequence[dict], pooled: Sequence[dict], paired: Sequence[dict], *,
+                 budget: int | None = None, min_seeds: int = 3) -> list[dict]:
+    """The paper's relative claims (issue protocol, ``shared/EXPERIMENTS.md``) checked on pooled success:
+
+    1. ``dreamgym`` (0 real) at least 10 points above ``init``, and every seed's paired test in its
+       favour at p < 0.05;
+    2. ``dreamgym`` within 5 points of ``real_rl`` at B (at most 5 points below);
+    3. ``s2r`` at or above ``real_rl``, with at most 10% of B real transitions (B = ``budget``, else
+       the most real transitions a ``real_rl`` seed used);
+    4. each ablation below ``dreamgym``.
+
+    A claim whose arms have fewer than ``min_seeds`` seeds is "not measured". Verdicts use the pooled
+    point estimates; the measured column carries the difference so that a reader sees the margin.
+    """
+    seeds = defaultdict(int)
+    real = defaultdict(list)
+    for r in rows:
+        seeds[(r["arm"], r["algorithm"])] += 1
+        real[(r["arm"], r["algorithm"])].append(int(r["real_transitions"]))
+    success = {(p["arm"], p["algorithm"]): float(p["success"]) for p in pooled}
+    tests = defaultdict(list)
+    for p in paired:
+        tests[(p["arm"], p["algorithm"], p["baseline"])].append(p)
+    out = []
+    for algo in sorted({a for arm, a in success if arm == "dreamgym"}):
+        dg, rl = ("dreamgym", algo), ("real_rl", algo)
+
+        def claim(name: str, arm: tuple, base: tuple, needed: str, check) -> None:
+            row = {"testbed": testbed, "algorithm": algo, "claim": name, "arm": arm[0], "baseline": base[0],
+                   "needed": needed}
+            few = [f"{a[0]} {seeds[a]} seed(s)" for a in (arm, base) if seeds[a] < min_seeds or a not in success]
+            if few:
+                out.append({**row, "measured": "", "verdict": "not measured (" + ", ".join(few) + ")"})
+                return
+            measured, ok = check(success[arm] - success[base])
+            out.append({**row, "measured": measured, "verdict": "met" if ok else "not met"})
+
+        def above_init(d: float) -> tuple[str, bool]:
+            per_seed = tests[("dreamgym", algo, "init")]
+            wins = [p for p in per_seed if int(p["only_arm"]) > int(p["only_baseline"]) and float(p["p_value"]) < 0.05]
+            return (f"{d:+.3f}; {len(wins)} of {len(per_seed)} seeds paired p<0.05 in its favour",
+                    d >= 0.10 and len(per_seed) >= min_seeds and len(wins) == len(per_seed))
+
+        claim("dreamgym (0 real) >= init + 10 points", dg, ("init", "none"), "+0.100, paired p<0.05 per seed",
+              above_init)
+        claim("dreamgym within 5 points of real_rl", dg, rl, ">= -0.050", lambda d: (f"{d:+.3f}", d >= -0.05))
+        b = budget or max(real[rl], default=0)
+
+        def s2r_check(d: float) -> tuple[str, bool]:
+            used = max(real[("s2r", algo)], default=0)
+            return f"{d:+.3f} with {used:,} real ({used / b:.0%} of B={b:,})" if b else f"{d:+.3f}", \
+                d >= 0 and used <= 0.1 * b
+        claim("s2r (<= 10% of B real) >= real_rl", ("s2r", algo), rl, ">= 0, real <= 10% of B", s2r_check)
+        for ab in ABLATIONS:
+            claim(f"{ab} below dreamgym", (ab, algo), dg, "< 0", lambda d: (f"{d:+.3f}", d < 0))
+    return out

@@ -2,9 +2,12 @@
 
 Per testbed: the offline data with its reasoning traces (Eq. 5 targets, rule annotator), the
 replay seed, M_exp per variant and seed (Eq. 4-5, the ``experience_model`` asset's recipe, in
-process), behaviour-cloned policies (pi0 per seed; the SFT arm). Each lives in a directory keyed by
-testbed, stage, variant, seed and a hash of the fields it depends on, built in ``<dir>.partial`` and
-moved into place (``os.replace``): a killed stage leaves nothing that passes for finished, and a
+process), behaviour-cloned policies (pi0 per seed; the SFT arm). The side channels M_exp and the
+rule traces use (dense score, placements, affordances, twc's task reading) are those the testbed's
+env adapter declares (``envs.side_channels``); the ``no_side_channels`` variant uses none of them
+(its traces are re-annotated without them), for the per-environment comparison. Each lives in a
+directory keyed by testbed, stage, variant, seed and a hash of the fields it depends on, built in
+``<dir>.partial`` and moved into place (``os.replace``): a killed stage leaves nothing that passes for finished, and a
 changed recipe never reuses a stale stage.
 
 ``FlopCounter`` counts model FLOPs (see ``experiment``'s docstring for the rule).
@@ -26,8 +29,9 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 
-MEXP_VARIANTS = {"full": {}, "no_replay": {"num_demos": 0}, "no_cot": {"use_cot": False}}
-"""M_exp variant -> the ``PromptConfig`` fields it changes."""
+MEXP_VARIANTS = {"full": {}, "no_replay": {"num_demos": 0}, "no_cot": {"use_cot": False}, "no_side_channels": {}}
+"""M_exp variant -> the ``PromptConfig`` fields it changes (``no_side_channels``: none; it trains as
+if the adapter offered no side channel, ``envs.NO_SIDE_CHANNELS``)."""
 
 
 # Counting
@@ -142,12 +146,10 @@ def _offline_key(tb: Testbed) -> str:
 def offline_data(tb: Testbed, work: str, log: Log = print) -> str:
     """The offline real data (expert, noisy, random, invalid moves) on the train tasks -> its directory
     (``offline.parquet``, plus ``annotated.parquet``: the rule annotator's reasoning traces, Eq. 5 targets)."""
-    from dreamgym_core.annotate import RuleAnnotator, annotate_table, placement_knowledge, portable_items
     from dreamgym_core.collect import CollectConfig, collect
     from dreamgym_core.envs import make_env
     from dreamgym_core.io import write_parquet_atomic
     from dreamgym_core.schema import trajectories_to_arrow
-    import pyarrow.compute as pc
 
     def make(tmp: str) -> None:
         o = tb.offline
@@ -160,13 +162,29 @@ def offline_data(tb: Testbed, work: str, log: Log = print) -> str:
             env.close()
         table = trajectories_to_arrow(trajs)
         write_parquet_atomic(table, os.path.join(tmp, "offline.parquet"))
-        # done = the env's own end: a collector's step cap is not an outcome M_exp should predict
-        table = table.set_column(table.schema.get_field_index("done"), "done", pc.or_(table["won"], table["lost"]))
-        ann = RuleAnnotator(portable=portable_items(table), placements=placement_knowledge(table))
-        write_parquet_atomic(annotate_table(table, ann), os.path.join(tmp, "annotated.parquet"))
+        write_parquet_atomic(annotate(table, side_channels(tb)), os.path.join(tmp, "annotated.parquet"))
         log(f"{tb.name}: offline data {table.num_rows} transitions, {stats.episodes} episodes")
 
     return _build(_stage_dir(work, tb, "offline", _offline_key(tb)), make)
+
+
+def side_channels(tb: Testbed):
+    """What the testbed's env adapter offers M_exp beyond the paper's inputs (``envs.side_channels``)."""
+    from dreamgym_core.envs import side_channels as declared
+
+    return declared(tb.env, tb.game)
+
+
+def annotate(table, channels):
+    """The rule annotator's reasoning traces (Eq. 5 targets) of offline transitions, with the side
+    channels ``channels`` only (the env's score, placements, twc's task reading)."""
+    import pyarrow.compute as pc
+
+    from dreamgym_core.annotate import annotate_table, rule_annotator
+
+    # done = the env's own end: a collector's step cap is not an outcome M_exp should predict
+    table = table.set_column(table.schema.get_field_index("done"), "done", pc.or_(table["won"], table["lost"]))
+    return annotate_table(table, rule_annotator(table, channels), use_score=channels.progress)
 
 
 def offline_trajectories(tb: Testbed, work: str, log: Log = print):
@@ -219,6 +237,7 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
     """M_exp of ``variant`` (``MEXP_VARIANTS``) trained with Eq. 5 -> its checkpoint directory
     (``final``, and ``cost.json``): the ``experience_model`` asset's recipe (``sft_setup.prepare_sft``,
     ``train_sft``) with the testbed's sizes."""
+    from dreamgym_core.envs import NO_SIDE_CHANNELS
     from dreamgym_core.experience.sft_setup import SFTDataConfig, prepare_sft
     from dreamgym_core.experience_model import PromptConfig, SFTConfig, train_sft
     from dreamgym_core.experience.retrieval import Retriever
@@ -233,8 +252,10 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
         import torch
 
         data = offline_data(tb, work, log)
-        table = read_parquet(os.path.join(data, "annotated.parquet"))
-        # progress and placements stay on where the data has a dense score (prepare_sft decides)
+        channels = NO_SIDE_CHANNELS if variant == "no_side_channels" else side_channels(tb)
+        table = read_parquet(os.path.join(data, "annotated.parquet")) if channels == side_channels(tb) else \
+            annotate(read_parquet(os.path.join(data, "offline.parquet")), channels)
+        # progress, placements, affordances stay on where the adapter provides them (prepare_sft decides)
         pcfg = PromptConfig(**{"history_window": m.history_window, "num_demos": m.num_demos, **MEXP_VARIANTS[variant]})
         retrieve, replay_uri, version = None, "", 0
         if pcfg.num_demos:  # D_k from the offline seed as written, never from the example's own task
@@ -249,8 +270,8 @@ def experience_model(tb: Testbed, work: str, variant: str, seed: int, log: Log =
                                                            invalid_weight=m.invalid_weight,
                                                            task_writing_examples=m.task_writing_examples, seed=seed),
                                 TinyLlamaConfig(hidden=m.hidden, layers=m.layers, heads=m.heads, kv_heads=m.heads,
-                                                intermediate=3 * m.hidden), tmp, retrieve=retrieve, replay=replay_uri,
-                                replay_version=version)
+                                                intermediate=3 * m.hidden), tmp, channels=channels,
+                                retrieve=retrieve, replay=replay_uri, replay_version=version, log=log)
             model, tok, examples = setup.model, setup.tokenizer, setup.examples
             res = train_sft(model, tok, examples, SFTConfig(steps=m.steps, batch_size=m.batch_size, lr=m.lr,
                                                             max_len=m.max_len, seed=seed, checkpoint_every=10 ** 9),

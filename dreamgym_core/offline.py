@@ -14,10 +14,10 @@ Departures and choices, and why:
   edits elsewhere, so a task never moves between train and held-out when more logs are appended);
   when the hash holds out none of a few tasks, the one with the lowest hash.
   Held out by task, not by trajectory: a task M_exp trained on says nothing about generalisation.
-- Candidate actions in states M_exp invents: the env adapter's state-only rule when the logs name
-  an env that has one (``envs.state_candidate_rule``, no engine started); otherwise
-  ``logged_candidates``, which reads the logs: the candidates (or actions) logged at that exact
-  state, else the logged actions whose argument words all appear in the state's text.
+- Candidate actions in states M_exp invents: ``logged_candidates``, which reads the logs: the
+  candidates (or actions) logged at that exact state, else the logged actions whose argument words
+  all appear in the state's text. The offline path offers M_exp no side channel
+  (``envs.NO_SIDE_CHANNELS``), so no adapter's state-only rule, whatever env the logs name.
 """
 
 from __future__ import annotations

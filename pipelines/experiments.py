@@ -402,9 +402,9 @@ def run_testbed(testbed: str, argv: list[str]) -> int:
         for arm in arms:
             split_arm(arm)
         seeds = [int(x) for x in a.seeds.split(",") if x]
-        from assets.experiments import arm_partition_key
+        from assets.experiments import arm_partition_key, parse_partition_key
 
-        keys = [arm_partition_key(arm, seed) for arm in arms for seed in seeds]
+        keys = [arm_partition_key(tb.name, arm, seed) for arm in arms for seed in seeds]
     except ValueError as exc:
         print(f"dreamgym experiment {testbed}: {exc}", file=sys.stderr)
         return 2
@@ -425,9 +425,8 @@ def run_testbed(testbed: str, argv: list[str]) -> int:
           flush=True)
     with dg.DagsterInstance.get() as instance:
         for n, key in enumerate(keys, 1):
-            arm, algorithm = split_arm(key.keys_by_dimension["arm"])
-            seed = int(key.keys_by_dimension["seed"])
-            label = f"({n}/{len(keys)}) {key.keys_by_dimension['arm']} seed {seed}"
+            _, arm, algorithm, seed = parse_partition_key(key)
+            label = f"({n}/{len(keys)}) {key.keys_by_dimension['run'].partition('.')[2]} seed {seed}"
             if arm_done(tb, arm, algorithm, seed, work):
                 print(f"[experiment {tb.name}] {label}: finished, skipped", flush=True)
                 continue

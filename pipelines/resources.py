@@ -65,9 +65,10 @@ class Experiment(dg.ConfigurableResource):
     """The offline-only path (docs/environments.md): a trajectory log in ``dreamgym import``'s format
     (JSONL or Parquet), or a table ``dreamgym import`` wrote (a path, or its NAME under
     <data>/parquet/imported_trajectories). Set: the tasks, the offline trajectories and the held-out
-    logs all come from it, ``env``/``game`` only name what the logs are of (for the state-only
-    candidate rule), the loop runs in M_exp alone, and no step starts a live env (real_rl_policy and
-    s2r_policy refuse to run; see ``live_scoring``)."""
+    logs all come from it, ``env``/``game`` only name what the logs are of (for ``live_scoring``), M_exp
+    gets no side channel (``dreamgym_core.envs.NO_SIDE_CHANNELS``: no dense score, placement or
+    affordance hints, candidates read off the logs), the loop runs in M_exp alone, and no step starts a
+    live env (real_rl_policy and s2r_policy refuse to run; see ``live_scoring``)."""
     heldout_share: float = 0.2
     """logs: share of the logged train tasks held out for evaluation (by a hash of the task id) when the
     logs have no test split of their own (``dreamgym_core.offline.split_logs``)."""

@@ -14,7 +14,8 @@ import os
 from collections import defaultdict
 from typing import Sequence
 
-from dreamgym_core.experiment import ROW_COLUMNS
+from dreamgym_core.experiment import ROW_COLUMNS, TESTBEDS
+from dreamgym_core.experiment_results import claims_table
 
 
 def _rows(path: str) -> list[dict]:
@@ -30,7 +31,7 @@ def _num(v: str) -> float | None:
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+    return "" if v is None else "–" if v != v else f"{v:.{digits}f}"  # nan: undefined (no positive prediction)
 
 
 def learner_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
@@ -193,6 +194,13 @@ def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png
                 f"+{r['only_arm']} / -{r['only_baseline']}, p={float(r['p_value']):.3f}"
         for (arm, algo, seed), c in sorted(cells.items(), key=lambda kv: (_arm_order(*kv[0][:2]), kv[0][2])):
             out.append(f"| {arm} | {algo} | {seed} | {c.get('init', '')} | {c.get('real_rl', '')} |")
+    claims = claims_table(testbed, rows, list(pooled.values()), paired,
+                          budget=TESTBEDS[testbed].budget if testbed in TESTBEDS else None)
+    if claims:
+        out += ["", "Against the paper's claims (pooled success; an arm with fewer than 3 seeds is not measured):",
+                "", "| algorithm | claim | needed | measured | verdict |", "|---|---|---|---|---|"]
+        out += [f"| {c['algorithm']} | {c['claim']} | {c['needed']} | {c['measured']} | **{c['verdict']}** |"
+                for c in claims]
     png = _experiment_plot(testbed, by_arm, pooled)
     if png:
         name = f"experiment_{testbed}.png"
@@ -234,7 +242,25 @@ def _experiment_plot(testbed: str, by_arm: dict, pooled: dict) -> bytes | None:
     return buf.getvalue()
 
 
-SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section}
+def side_channels_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
+    """M_exp's one-step fidelity and replay agreement with and without the adapter's side channels
+    (``scripts/side_channels.py``)."""
+    out = ["## M_exp with and without the env's side channels", "",
+           "`python scripts/side_channels.py` (one seed; the same held-out real transitions for both arms; both",
+           "retrieve 2 demonstrations). Exact match beside the 'nothing changes' baseline.", "",
+           "| env | side channels | SFT steps | exact match (baseline) | reward acc. | win recall / precision | "
+           "invalid-action acc. | all agree after 5 replayed steps | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['env']} | {r['side_channels']} ({r['channels']}) | {r['sft_steps']} | "
+                   f"{_fmt(_num(r['state_exact_match']), 2)} ({_fmt(_num(r['baseline_state_exact_match']), 2)}) | "
+                   f"{_fmt(_num(r['reward_accuracy']), 2)} | {_fmt(_num(r['win_recall']), 2)} / "
+                   f"{_fmt(_num(r['win_precision']), 2)} | {_fmt(_num(r['invalid_action_accuracy']), 2)} | "
+                   f"{_fmt(_num(r['drift_agree_at_5']), 2)} | `{r['command']}` |")
+    return "\n".join(out) + "\n"
+
+
+SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section,
+            "side_channels.csv": side_channels_section}
 
 
 def write_results_doc(results_dir: str = "results", out_path: str = "docs/results.md") -> str:
@@ -266,3 +292,58 @@ def write_results_doc(results_dir: str = "results", out_path: str = "docs/result
         f.write("\n".join(parts).rstrip() + "\n")
     os.replace(tmp, out_path)
     return out_path
+
+
+README_BEGIN, README_END = "<!-- results:begin (dreamgym results writes this block) -->", "<!-- results:end -->"
+
+
+def readme_block(results_dir: str = "results") -> str:
+    """The README's summary of every experiment testbed: success pooled over seeds per arm, and the
+    paper's claims with their verdicts (the same numbers as docs/results.md)."""
+    out = []
+    for name in sorted(os.listdir(results_dir)):
+        stem = name.removesuffix(".csv")
+        if not name.endswith(".csv") or stem.rsplit("_", 1)[-1] in ("paired", "pooled"):
+            continue
+        rows = _rows(os.path.join(results_dir, name))
+        if not rows or set(rows[0]) != set(ROW_COLUMNS):
+            continue
+        sib = {kind: _rows(os.path.join(results_dir, f"{stem}_{kind}.csv"))
+               if os.path.exists(os.path.join(results_dir, f"{stem}_{kind}.csv")) else [] for kind in ("pooled", "paired")}
+        pooled = {(r["arm"], r["algorithm"]): r for r in sib["pooled"]}
+        real, syn = defaultdict(list), defaultdict(list)
+        for r in rows:
+            real[(r["arm"], r["algorithm"])].append(float(r["real_transitions"]))
+            syn[(r["arm"], r["algorithm"])].append(float(r["synthetic_transitions"]))
+        out += [f"**{stem}** (`dreamgym experiment {stem}`; {rows[0]['games']} held-out games per seed):", "",
+                "| arm | algorithm | seeds | success, pooled [95% CI] | real transitions | synthetic transitions |",
+                "|---|---|---|---|---|---|"]
+        for key in sorted(pooled, key=lambda k: _arm_order(*k)):
+            p = pooled[key]
+            out.append(f"| {key[0]} | {key[1]} | {p['seeds']} | {float(p['success']):.3f} [{float(p['ci_low']):.2f}, "
+                       f"{float(p['ci_high']):.2f}] | {sum(real[key]) / len(real[key]):,.0f} | "
+                       f"{sum(syn[key]) / len(syn[key]):,.0f} |")
+        claims = claims_table(stem, rows, sib["pooled"], sib["paired"],
+                              budget=TESTBEDS[stem].budget if stem in TESTBEDS else None)
+        if claims:
+            out += ["", f"The paper's claims on {stem}:", ""]
+            out += [f"- {c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f" ({c['measured']})" if c["measured"]
+                                                                                 else "") for c in claims]
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_readme(readme: str, results_dir: str = "results") -> bool:
+    """Replace the README's generated results block (between ``README_BEGIN`` and ``README_END``);
+    False when the README has no such block."""
+    if not os.path.exists(readme):
+        return False
+    text = open(readme).read()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme + ".tmp", "w") as f:
+        f.write(head + README_BEGIN + "\n" + readme_block(results_dir) + README_END + tail)
+    os.replace(readme + ".tmp", readme)
+    return True

@@ -89,6 +89,29 @@ def test_rule_annotations_on_real_twx(table):
     assert annotate_table(out, RuleAnnotator()).column_names == out.column_names     # re-annotation replaces
 
 
+def test_rule_annotator_uses_only_the_side_channels_the_adapter_declares():
+    from dreamgym_core.annotate import rule_annotator
+    from dreamgym_core.envs import NO_SIDE_CHANNELS, side_channels
+
+    carried = AbstractState.make("", "kitchen", ["table: empty", "shelf: empty"], [], ["knife", "cup"])
+    after = AbstractState.make("You put the knife in the table.", "kitchen", ["table: knife", "shelf: empty"], [],
+                               ["cup"])
+    put = {"state": carried.render(), "action": "put knife in table", "next_state": after.render(), "reward": 0.0,
+           "valid": True, "done": False, "won": False, "lost": False, "instruction": "Put things away.",
+           "task_id": "t", "obs": {"score": 0.25}, "score": 0.5}
+    table = pa.Table.from_pylist([put])
+    twc = annotate_table(table, rule_annotator(table, side_channels("twx", "twc")))
+    assert "The knife belongs in the table. Progress 25 -> 50." in twc["reasoning"][0].as_py()
+    assert "progress: 50" in twc["target"][0].as_py() and twc["annotator"][0].as_py() == "rule-v4"
+    bare = annotate_table(table, rule_annotator(table, NO_SIDE_CHANNELS), use_score=False)
+    trace = bare["reasoning"][0].as_py()
+    assert trace == ("Valid: you carry the knife and the table is here. The knife moves from your inventory onto the table. "
+                     "The task is not complete: reward 0.")   # no score, no placement, no items-left count
+    assert "progress: =" in bare["target"][0].as_py() and bare["annotator"][0].as_py() == "rule-v4-generic"
+    counted = annotate_table(table, RuleAnnotator(), use_score=False)["reasoning"][0].as_py()
+    assert "Items left to put away: 1." in counted   # twc's reading, which the generic annotator leaves out
+
+
 class CountingAnnotator:
     name = "counting"
 

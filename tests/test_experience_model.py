@@ -579,3 +579,68 @@ def test_prefill_grouped_by_length_gives_the_one_forward_prefill_logits_cache_an
     assert sim.decoder.grouped_prefill(*same, GrowingCache(P), step, lean is not None) is None  # equal lengths: one forward instead
     with pytest.raises(ValueError, match="prefill_rows"):
         SimConfig(prefill_rows=-1)
+
+
+def _sft_setup(tmp_path, rows, channels, prompt=PromptConfig()):
+    import pyarrow as pa
+
+    from dreamgym_core.experience.sft_setup import SFTDataConfig, prepare_sft
+    from dreamgym_core.models import TinyLlamaConfig
+
+    said: list[str] = []
+    setup = prepare_sft(pa.Table.from_pylist(rows), prompt, SFTDataConfig(vocab_size=300, task_writing_examples=0),
+                        TinyLlamaConfig(hidden=32, layers=1, heads=4, kv_heads=4, intermediate=64), str(tmp_path),
+                        channels=channels, log=said.append)
+    return setup, said
+
+
+def test_side_channels_the_adapter_lacks_are_off_in_sft_prompts_and_the_log_says_why(tmp_path):
+    from dreamgym_core.envs import NO_SIDE_CHANNELS, side_channels
+    from dreamgym_core.envs.lamp import LampEnv
+
+    rows = [_scored(row("A", 0, S0, "take apple", S1), "t/a", 0.5, 0.75),
+            _scored(row("A", 1, S1, "put apple in fridge", S2, 1.0, True), "t/a", 0.75, 1.0),
+            _scored({**row("B", 1, S1, "put apple in fridge", S2, 1.0, True), "traj_id": "B"}, "t/b", 0.75, 1.0)]
+    twc, said = _sft_setup(tmp_path / "twc", rows, side_channels("twx", "twc"))
+    assert twc.prompt == PromptConfig() and not said   # twc provides them all: nothing turned off
+    assert "## progress\n75\n" in twc.examples[1].prompt and "@1 in @2: belongs" in twc.examples[1].prompt
+    assert "@1: carried" in twc.examples[1].prompt and twc.meta["prompt"]["progress"] is True
+
+    none, said = _sft_setup(tmp_path / "none", rows, NO_SIDE_CHANNELS)  # the config still asks for all three
+    assert not (none.prompt.progress or none.prompt.placements or none.prompt.affordances)
+    assert all("## progress" not in e.prompt and "## known" not in e.prompt for e in none.examples)
+    assert all("progress: =" in e.prediction for e in none.examples)   # the format's "unchanged": none predicted
+    assert PromptConfig.from_meta(none.meta) == none.prompt and none.meta["placements"] == []
+    assert sorted(said) == [f"M_exp prompt: {n} off: the env's adapter does not provide it (SideChannels.{n} is off)"
+                            for n in ("affordances", "placements", "progress")]
+
+    lamp, said = _sft_setup(tmp_path / "lamp", rows, LampEnv.side_channels("lamp"))  # a score, nothing of twc's
+    assert lamp.prompt.progress and not (lamp.prompt.placements or lamp.prompt.affordances)
+    assert "## progress\n75\n" in lamp.examples[1].prompt and "## known" not in lamp.examples[1].prompt
+    assert len(said) == 2 and all("does not provide it" in s for s in said)
+    unscored = [{**r, "score": 0.0} for r in rows]   # the adapter offers a score the data lacks: also said
+    _, said = _sft_setup(tmp_path / "unscored", unscored, side_channels("twx", "twc"))
+    assert sorted(said) == [f"M_exp prompt: {n} off: the training data carries no dense score (has_progress)"
+                            for n in ("placements", "progress")]
+
+
+def test_every_adapter_declares_its_side_channels_and_the_offline_path_has_none():
+    import importlib
+
+    from dreamgym_core.envs import ENV_NAMES, NO_SIDE_CHANNELS, SideChannels, side_channels
+
+    classes = {"twx": "twx.TWXEnv", "textworld": "textworld_env.TextWorldEnv", "lamp": "lamp.LampEnv",
+               "scienceworld": "scienceworld_env.ScienceWorldEnv", "alfworld": "alfworld_env.ALFWorldEnv",
+               "miniwob": "miniwob_env.MiniWoBEnv"}
+    assert set(classes) == set(ENV_NAMES)
+    for env, where in classes.items():
+        module, name = where.split(".")
+        cls = getattr(importlib.import_module(f"dreamgym_core.envs.{module}"), name)
+        assert "side_channels" in cls.__dict__, f"{name} must state its side channels itself"
+        assert isinstance(side_channels(env), SideChannels) and side_channels(env).candidate_rule
+    assert side_channels("twx", "twc") == SideChannels(True, True, True, True, True)
+    assert side_channels("twx", "cookingworld").offered() == ("progress", "candidate_rule")
+    assert not side_channels("alfworld").progress and not side_channels("miniwob").progress
+    assert side_channels("twx", "twc", offline=True) == NO_SIDE_CHANNELS and NO_SIDE_CHANNELS.offered() == ()
+    with pytest.raises(ValueError, match="unknown env 'webshop'"):
+        side_channels("webshop")

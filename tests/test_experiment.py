@@ -12,7 +12,7 @@ import pytest
 from dreamgym_core.experiment import (ARMS, GAME_SCHEMA, ROW_COLUMNS, TESTBEDS, Testbed, get_testbed, plan, run_arm,
                                       split_arm)
 from dreamgym_core.io import read_parquet
-from dreamgym_core.experiment_results import paired_table, pooled_table, read_rows, write_results
+from dreamgym_core.experiment_results import claims_table, paired_table, pooled_table, read_rows, write_results
 
 
 def _read_csv(path):
@@ -24,7 +24,7 @@ def _materialize(instance, settings, arm, seed=0):
     from assets.experiments import arm_partition_key, experiment_arm, experiment_results
 
     return dg.materialize([experiment_arm, experiment_results], selection=["experiment_arm"],
-                          partition_key=arm_partition_key(arm, seed), resources={"experiments": settings},
+                          partition_key=arm_partition_key(settings.testbed, arm, seed), resources={"experiments": settings},
                           instance=instance, raise_on_error=False)
 
 
@@ -42,6 +42,9 @@ def test_tiny_arms_run_through_the_assets_and_the_results_aggregate_them(tmp_pat
             assert res.success, arm
             meta = res.asset_materializations_for_node("experiment_arm")[0].metadata
             assert meta["games"].value == tb.test_games and meta["testbed"].value == "tiny"
+        # the partition names its testbed: tiny's finished partitions are not lamp's
+        done = instance.get_materialized_partitions(dg.AssetKey("experiment_arm"))
+        assert set(done) == {"tiny.init|0", "tiny.real_rl|0", "tiny.dreamgym|0"}
         first = os.path.getmtime(next((data / "experiments" / "tiny").glob("arm-init-none-s0-*")) / "row.json")
         res = dg.materialize([experiment_arm, experiment_results], selection=["experiment_results"],
                              resources={"experiments": settings}, instance=instance)
@@ -193,6 +196,18 @@ def test_dreamgym_results_renders_an_experiment_with_its_tables(tmp_path):
     assert "| real_rl | grpo | 0 | +1 / -0, p=1.000 |  |" in text
     png = tmp_path / "docs" / "results_png" / "experiment_t.png"
     assert png.exists() == ("![t arms](results_png/experiment_t.png)" in text)
+    # the README's block is regenerated from the same rows; text around it is kept, a README without it untouched
+    from pipelines.results_docs import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nstale numbers\n{README_END}\noutro\n")
+    assert update_readme(str(readme), str(tmp_path / "results"))
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith(f"{README_END}\noutro\n") and "stale" not in new
+    assert "| init | none | 1 | 0.500 [" in new and "| real_rl | grpo | 1 | 1.000 [" in new
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no block\n")
+    assert not update_readme(str(plain), str(tmp_path / "results")) and plain.read_text() == "no block\n"
 
 
 def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
@@ -215,15 +230,20 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
     assert main(["experiment", "tiny", "--arms", "init,bogus", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "'nope'" in err[0] and "'bogus'" in err[1] and "dreamgym experiment tiny" in err[1]
+    from assets.experiments import arm_partition_key, experiment_results
+
+    with pytest.raises(ValueError, match="unknown testbed 'nope'"):
+        arm_partition_key("nope", "init", 0)   # no partition of an unknown testbed exists
     with dg.instance_for_test() as instance:
-        res = _materialize(instance, ExperimentSettings(testbed="nope", work_dir=str(tmp_path)), "init")
+        res = dg.materialize([experiment_results], resources={"experiments": ExperimentSettings(
+            testbed="nope", work_dir=str(tmp_path))}, instance=instance, raise_on_error=False)
     assert not res.success
     failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "unknown testbed 'nope'" in failure.event_specific_data.error.message
 
 
 def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
-    assert set(TESTBEDS) == {"twc", "lamp", "mapreader", "tiny"}
+    assert set(TESTBEDS) == {"twc", "lamp", "lamp_demo", "mapreader", "tiny"}
     mr = TESTBEDS["mapreader"]  # a real game's held-out fold: dev and test seeds disjoint, >= 200 test games
     assert (mr.env, mr.game, mr.eval_split) == ("twx", "mapreader", "test") and mr.test_games >= 200
     assert mr.dev_start + mr.dev_games <= mr.test_start and not mr.smoke
@@ -260,3 +280,65 @@ def test_flop_counter_counts_tokens_through_both_forwards():
         assert c.tokens["inferred"] == 15 + 8
     model(input_ids=x)  # after the block: not counted
     assert c.tokens["inferred"] == 23
+
+
+def test_claims_table_checks_each_claim_by_hand():
+    def rows(arm, algo, real=0, n=3):
+        return [{"arm": arm, "algorithm": algo, "seed": s, "real_transitions": real} for s in range(n)]
+
+    def pool(arm, algo, s):
+        return {"arm": arm, "algorithm": algo, "success": s}
+
+    def pair(arm, seed, better, worse, p):
+        return {"arm": arm, "algorithm": "grpo", "seed": seed, "baseline": "init", "only_arm": better,
+                "only_baseline": worse, "p_value": p}
+
+    all_rows = (rows("init", "none") + rows("real_rl", "grpo", 8000) + rows("dreamgym", "grpo")
+                + rows("s2r", "grpo", 900) + rows("no_replay", "grpo") + rows("no_cot", "grpo", n=2))
+    pooled = [pool("init", "none", 0.10), pool("real_rl", "grpo", 0.90), pool("dreamgym", "grpo", 0.86),
+              pool("s2r", "grpo", 0.95), pool("no_replay", "grpo", 0.86), pool("no_cot", "grpo", 0.2)]
+    # dreamgym +0.76 over init, but seed 2's paired test is not significant: not met
+    paired = [pair("dreamgym", 0, 150, 0, 1e-9), pair("dreamgym", 1, 140, 2, 1e-9), pair("dreamgym", 2, 5, 3, 0.7)]
+    got = {c["claim"]: (c["measured"], c["verdict"]) for c in claims_table("t", all_rows, pooled, paired, budget=8000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == \
+        ("+0.760; 2 of 3 seeds paired p<0.05 in its favour", "not met")
+    assert got["dreamgym within 5 points of real_rl"] == ("-0.040", "met")
+    # s2r above real_rl but with 900 > 10% of 8000 real transitions: not met
+    assert got["s2r (<= 10% of B real) >= real_rl"] == ("+0.050 with 900 real (11% of B=8,000)", "not met")
+    assert got["no_replay below dreamgym"] == ("+0.000", "not met")   # equal is not below
+    assert got["no_cot below dreamgym"][1] == "not measured (no_cot 2 seed(s))"
+    assert got["no_curriculum below dreamgym"][1] == "not measured (no_curriculum 0 seed(s))"
+    paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
+    got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
+    assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
+
+
+def test_the_demo_prints_init_and_dreamgym_of_a_testbed_paired(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import _demo_testbed
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert _demo_testbed(str(tmp_path / "data"), "tiny") == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Init against DreamGym on tiny"):]
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in table.splitlines()
+            if line.startswith(("init ", "dreamgym "))}
+    written = {r["arm"]: r for r in read_rows(str(tmp_path / "data" / "results" / "tiny.csv"))}
+    assert set(rows) == {"init", "dreamgym"} == set(written)
+    for arm, cells in rows.items():  # the printed numbers are the rows written
+        assert float(cells[1]) == pytest.approx(written[arm]["success"], abs=1e-3)
+        assert int(cells[3]) == written[arm]["real_transitions"] == 0
+    assert int(rows["dreamgym"][4]) == written["dreamgym"]["synthetic_transitions"] > 0
+    assert rows["dreamgym"][5].startswith("+") and "p=" in rows["dreamgym"][5]
+    assert "docs/results.md" in table
+
+
+def test_the_side_channel_rows_render_with_undefined_precision_marked(tmp_path):
+    from pipelines.results_docs import write_results_doc
+
+    res = tmp_path / "results"
+    res.mkdir()
+    cols = ("env", "side_channels", "channels", "sft_steps", "state_exact_match", "baseline_state_exact_match",
+            "reward_accuracy", "win_recall", "win_precision", "invalid_action_accuracy", "drift_agree_at_5", "command")
+    (res / "side_channels.csv").write_text(",".join(cols) + "\ntwx,off,none,300,0.73,0.12,0.77,0.0,nan,0.8,0.07,cmd\n")
+    text = open(write_results_doc(str(res), str(tmp_path / "results.md"))).read()
+    assert "| twx | off (none) | 300 | 0.73 (0.12) | 0.77 | 0.00 / – | 0.80 | 0.07 | `cmd` |" in text

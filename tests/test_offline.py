@@ -154,6 +154,10 @@ def test_offline_demo_runs_end_to_end_without_a_live_env(twc_logs, tmp_path, mon
     assert seeds[0]["n"] == len({t.task.task_id for t in split_logs(read_logs(twc_logs)).train}) == seeds[0]["s"]
     rollouts = json.loads(run_query(str(data), "SELECT count(*) n FROM rollouts", fmt="json"))
     assert rollouts[0]["n"] > 0
+    # the logs name twx/twc, yet the offline path gives M_exp none of twc's side channels
+    [meta] = [json.loads(p.read_text()) for p in data.glob("checkpoints/experience_model/*/final/dreamgym.json")]
+    assert meta["side_channels"] == [] and meta["placements"] == []
+    assert not (meta["prompt"]["progress"] or meta["prompt"]["placements"] or meta["prompt"]["affordances"])
 
 
 def test_export_command_writes_what_import_reads(tmp_path, capsys):

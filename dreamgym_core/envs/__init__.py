@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from dreamgym_core.envs.base import BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, StepResult, safe_step
+from dreamgym_core.envs.base import NO_SIDE_CHANNELS, BatchEnv, Env, EnvCrash, Observation, SerialBatchEnv, \
+    SideChannels, StepResult, safe_step
 
 ENV_NAMES = ("twx", "textworld", "scienceworld", "lamp", "alfworld", "miniwob")
 
@@ -106,5 +107,30 @@ def state_candidate_rule(env: str, game: str = "") -> Callable[[str], list[str]]
     return None
 
 
-__all__ = ["BatchEnv", "Env", "EnvCrash", "EnvSpec", "Observation", "SerialBatchEnv", "StepResult",
-           "make_env", "safe_step", "state_candidate_rule", "ENV_NAMES"]
+def side_channels(env: str, game: str = "", offline: bool = False) -> SideChannels:
+    """What the adapter ``env`` declares it offers M_exp for ``game`` beyond the paper's inputs
+    (``SideChannels``), read off its class without starting an engine; ``offline`` (the imported-logs
+    path): none, whatever env the logs name."""
+    if offline:
+        return NO_SIDE_CHANNELS
+    match env:
+        case "twx":
+            from dreamgym_core.envs.twx import TWXEnv as adapter
+        case "textworld":
+            from dreamgym_core.envs.textworld_env import TextWorldEnv as adapter
+        case "scienceworld":
+            from dreamgym_core.envs.scienceworld_env import ScienceWorldEnv as adapter
+        case "lamp":
+            from dreamgym_core.envs.lamp import LampEnv as adapter
+        case "alfworld":
+            from dreamgym_core.envs.alfworld_env import ALFWorldEnv as adapter
+        case "miniwob":
+            from dreamgym_core.envs.miniwob_env import MiniWoBEnv as adapter
+        case _:
+            raise ValueError(f"side_channels: unknown env {env!r}; known: {', '.join(ENV_NAMES)}")
+    return adapter.side_channels(game or EnvSpec.game)
+
+
+__all__ = ["BatchEnv", "Env", "EnvCrash", "EnvSpec", "NO_SIDE_CHANNELS", "Observation", "SerialBatchEnv",
+           "SideChannels", "StepResult", "make_env", "safe_step", "side_channels", "state_candidate_rule",
+           "ENV_NAMES"]

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from dreamgym_core.envs._deadline import deadline, failure
 from dreamgym_core.envs.alfworld_gen import TASK_TYPES, ensure_game, load_spec
-from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
+from dreamgym_core.envs.base import EnvCrash, Observation, SideChannels, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState, clean_text
 
@@ -223,6 +223,14 @@ class ALFWorldEnv:
     """One ALFWorld engine (TextWorld PddlEnv + ALFWorld wrappers) reused across games."""
 
     name = "alfworld"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """The state-only candidate rule only. Its score is 0/1 (no progress); where an item goes is
+        the task's goal, not a fixed fact of the game (no placement lookup); its facts look like
+        twc's, but the affordance hints and the rule traces' item counting were written and measured
+        for twc, not here."""
+        return SideChannels(candidate_rule=True)
 
     def __init__(self, game: str = "all", settings: dict | None = None, cache_dir: str = "data/cache",
                  step_limit: int = 50, step_timeout_s: float = 60.0):

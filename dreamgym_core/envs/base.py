@@ -7,6 +7,13 @@ implements ``BatchEnv`` natively (batched generation).
 
 Failure policy: an env crash or timeout ends that episode as failed (``StepResult.crashed``) and
 is counted by the caller; it never takes the whole collection down.
+
+Side channels (``SideChannels``): inputs to M_exp beyond the paper's (s, a, H, D_k) that only some
+adapters can give (a dense score, placement knowledge, affordance hints, a state-only candidate
+rule, the rule annotator's task-specific reading). Every adapter declares which it offers
+(``Env.side_channels(game)``); the offline/imported path offers none (``NO_SIDE_CHANNELS``). M_exp's
+prompt switches a channel off, with a logged reason, where the adapter does not offer it
+(``experience.prompt.provided``); retrieval of D_k from the replay buffer is the generic grounding.
 """
 
 from __future__ import annotations
@@ -40,6 +47,42 @@ class StepResult:
     crashed: bool = False
 
 
+@dataclass(frozen=True)
+class SideChannels:
+    """Which of M_exp's inputs beyond the paper's an adapter can provide (all off = the paper's inputs).
+
+    Each was made for TextWorldExpress twc and measured there (``docs/environments.md``, "M_exp with
+    and without side channels"); an adapter sets a field only where the channel means something for
+    its game."""
+
+    progress: bool = False
+    """The env's dense score is task progress (``StepResult.score`` rises with sub-goals): M_exp sees it
+    as ``## progress`` and predicts it (``PromptConfig.progress``); the rule traces say "Progress a -> b"."""
+    placements: bool = False
+    """Where an item belongs is a fixed fact of the game that a put's score reveals, so a lookup of the
+    training data's (item, receptacle) evidence is knowledge (``PromptConfig.placements``; the rule
+    traces also count items known to lie in the wrong place as left to put away)."""
+    affordances: bool = False
+    """The state's facts use twc's vocabulary (carried, open / closed container, surface, loose), so
+    ``annotate.affordance_hints`` reads true affordances off them (``PromptConfig.affordances``)."""
+    candidate_rule: bool = False
+    """The adapter proposes candidate actions from an abstract state alone (``Env.propose_candidates``),
+    for synthetic states; without it the simulator proposes what the logs did (``offline.logged_candidates``)."""
+    rule_traces: bool = False
+    """The rule annotator's task reading fits (twc wins when every item is in place): a put item
+    "belongs" / "does not belong" where it went (read off the score), and without a score the count of
+    "items left to put away", fixtures skipped; off, the rule traces hold the validity, the state
+    difference and the reward only (``annotate.RuleAnnotator(task_reading=False)``)."""
+
+    def offered(self) -> tuple[str, ...]:
+        return tuple(name for name, on in self.__dict__.items() if on)
+
+
+NO_SIDE_CHANNELS = SideChannels()
+"""The offline/imported path (``offline``, ``importer``): logs of an unknown provenance give M_exp the
+paper's inputs only, whatever env their rows name."""
+
+
 class EnvCrash(RuntimeError):
     """Raised by adapters when the underlying engine fails; callers end the episode as failed."""
 
@@ -49,6 +92,10 @@ class Env(Protocol):
     """One episode at a time. Adapters keep one engine process and reuse it across resets."""
 
     name: str
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """What this adapter offers M_exp for ``game`` beyond the paper's inputs (no engine started)."""
 
     def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
         """``n`` tasks of a split; train/dev/test never overlap."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from dreamgym_core.envs.base import Observation, StepResult
+from dreamgym_core.envs.base import Observation, SideChannels, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
 
@@ -60,6 +60,13 @@ class LampEnv:
     """One episode at a time (the ``Env`` protocol); ``SerialBatchEnv`` batches it."""
 
     name = "lamp"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """Its score (lit presses / length) is task progress; its candidates ("press <colour>") need
+        the params, not the state, so ``state_candidate_rule`` has none and the live adapter's own
+        ``propose_candidates`` serves. No items, receptacles or containers: nothing else applies."""
+        return SideChannels(progress=True, candidate_rule=True)
 
     def __init__(self, params: str = ""):
         p = parse_params(params)

@@ -49,7 +49,7 @@ import time
 import weakref
 
 from dreamgym_core.envs._deadline import deadline, failure
-from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
+from dreamgym_core.envs.base import EnvCrash, Observation, SideChannels, StepResult
 from dreamgym_core.envs.miniwob_state import (
     FIELDS_KINDS, TASKS, Element, abstract_state, dom_text, expert_plan, invalid_action, page_elements, parse_action,
     propose_candidates, task_values,
@@ -188,6 +188,12 @@ class MiniWoBEnv:
     """One episode at a time in one tab of the shared browser (the ``Env`` protocol)."""
 
     name = "miniwob"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """The state-only candidate rule (``miniwob_state.propose_candidates``) only: the reward is
+        terminal (score 0), and pages have no items, receptacles or containers."""
+        return SideChannels(candidate_rule=True)
 
     def __init__(self, game: str = "mix", step_limit: int = 30, step_timeout_s: float | None = 20.0):
         self.game = game

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 
 from dreamgym_core.envs._deadline import deadline, failure
-from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
+from dreamgym_core.envs.base import EnvCrash, Observation, SideChannels, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState, clean_text
 
@@ -249,6 +249,12 @@ class ScienceWorldEnv:
     """One ScienceWorld engine (one JVM via py4j) reused across tasks and variations."""
 
     name = "scienceworld"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """Its 0-100 score rewards sub-goals (progress) and it has a state-only candidate rule; twc's
+        placement, affordance and item-counting readings do not fit its procedures."""
+        return SideChannels(progress=True, candidate_rule=True)
 
     def __init__(self, task_name: str, settings: dict, step_limit: int = 100, step_timeout_s: float = 30.0,
                  load_timeout_s: float = 300.0):

@@ -44,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dreamgym_core.envs._deadline import deadline, failure
-from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
+from dreamgym_core.envs.base import EnvCrash, Observation, SideChannels, StepResult
 from dreamgym_core.envs.textworld_state import Lexicon, abstract_state
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState
@@ -246,6 +246,12 @@ class TextWorldEnv:
     """One TextWorld engine (a Jericho z-machine plus TextWorld's state tracker) reused across games."""
 
     name = "textworld"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """The game's points over its max score (progress) and the state-only candidate rule; twc's
+        placement, affordance and item-counting readings were not made for these quests."""
+        return SideChannels(progress=True, candidate_rule=True)
 
     def __init__(self, challenge: str, settings: dict, cache_dir: str, step_limit: int = 100,
                  step_timeout_s: float = 30.0):

@@ -19,7 +19,7 @@ import re
 import time
 
 from dreamgym_core.envs._deadline import deadline, failure
-from dreamgym_core.envs.base import EnvCrash, Observation, StepResult
+from dreamgym_core.envs.base import EnvCrash, Observation, SideChannels, StepResult
 from dreamgym_core.schema import RawObs, Task
 from dreamgym_core.state import AbstractState, clean_text
 
@@ -175,6 +175,17 @@ class TWXEnv:
     """One TextWorldExpress engine (one JVM via py4j) reused across resets."""
 
     name = "twx"
+
+    @classmethod
+    def side_channels(cls, game: str) -> SideChannels:
+        """twc: all of them (they were made for it). Any other TWX game: its dense score and the
+        state-only candidate rule; twc's placement and affordance readings and its "items left to
+        put away" traces mean nothing there (on a TWX game with rooms to move between, the twc pipeline
+        gave an M_exp that a random policy beats 0.75 to 0.02: DESIGN.md)."""
+        if game == "twc":
+            return SideChannels(progress=True, placements=True, affordances=True, candidate_rule=True,
+                                rule_traces=True)
+        return SideChannels(progress=True, candidate_rule=True)
 
     def __init__(self, game: str = "twc", params: str | None = None, step_limit: int = 100,
                  step_timeout_s: float | None = 10.0):

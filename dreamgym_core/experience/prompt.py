@@ -8,6 +8,10 @@ all call it, so a prompt seen in training is the prompt seen in use. M_task's pr
 one (a task-writing prompt, ``curriculum.build_task_prompt``), trained into the same weights.
 
 Departures from the paper (and why):
+* Side channels. Progress, placements and affordances (below) are inputs beyond the paper's
+  (s, a, H_t, D_k), made for TextWorldExpress twc. Each is on only where the env's adapter declares
+  it (``envs.base.SideChannels``; ``provided`` switches the rest off and logs why); without them M_exp
+  has the paper's inputs, with retrieved demonstrations D_k as the generic grounding.
 * Pointer form (``PromptConfig.pointers``, default on): the action's objects are ``@1``/``@2`` in
   the prompt and the target, and object changes are item-level edits resolved by code
   (``exp_format`` "Pointer form"). Held-out games use items never seen in training and a tiny
@@ -29,9 +33,12 @@ Departures from the paper (and why):
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
 
+from dreamgym_core.envs.base import SideChannels
 from dreamgym_core.exp_format import action_refs, build_prompt, parse_output, parse_pointer_output
 from dreamgym_core.state import AbstractState
 from dreamgym_core.state_delta import Prediction, progress_percent
@@ -62,17 +69,20 @@ class PromptConfig:
     """Copy-free prompts and targets (``exp_format`` pointer form); False = literal names (ablation)."""
     progress: bool = True
     """Show the env's dense score before the step (``## progress``) and predict it after; the
-    simulator wins an episode when it reaches 100. Data without a dense score leaves it out."""
+    simulator wins an episode when it reaches 100. A side channel: off where the adapter does not
+    provide it or the data carries no dense score (``provided``)."""
     placements: bool = True
     """For an action that puts an item somewhere (or takes it out of a receptacle), show what the
     training data says about that (item, receptacle) pair (``## known``: belongs / does not belong /
     never seen; ``annotate.placement_evidence``). SFT examples see the evidence of the *other*
-    training tasks only, so "never seen" is trained as often as it happens on unseen games."""
+    training tasks only, so "never seen" is trained as often as it happens on unseen games. A side
+    channel (twc's): off where the adapter does not provide it (``provided``)."""
     affordances: bool = True
     """Also in ``## known``: one line per object the action names saying what the state shows it is
     (carried, closed / open container, surface, loose here, inside Y; ``annotate.affordance_hints``).
     Read off the prompt's own state, so no outcome leaks; it makes rare invalid actions (open a
-    non-container, take a carried item, close a shelf) learnable in minutes on a CPU."""
+    non-container, take a carried item, close a shelf) learnable in minutes on a CPU. A side channel
+    (twc's vocabulary): off where the adapter does not provide it (``provided``)."""
 
     @classmethod
     def from_meta(cls, meta: Mapping) -> "PromptConfig":
@@ -158,6 +168,29 @@ def _hint(state: str, action: str, known: Callable[[tuple[str, str]], bool | Non
     except ValueError:
         return None
     return placement_hint(pair, known(pair)) if pair else None
+
+
+_SIDE_CHANNEL_SWITCHES = ("progress", "placements", "affordances")
+_log = logging.getLogger(__name__)
+
+
+def provided(prompt: PromptConfig, channels: SideChannels, rows: Sequence[Mapping] | None = None, *,
+             source: str = "the env's adapter", log: Callable[[str], None] | None = None) -> PromptConfig:
+    """``prompt`` with every side-channel switch (progress, placements, affordances) that ``channels``
+    (what ``source`` declares, ``envs.side_channels``) does not provide turned off, each with one
+    logged line saying why (``log``, default this module's logger at WARNING). With ``rows`` (the
+    training transitions) progress and placements also need the data to carry the dense score
+    (``has_progress``): an adapter may offer a score that imported logs left out."""
+    say = log or _log.warning
+    off = {name: f"{source} does not provide it (SideChannels.{name} is off)"
+           for name in _SIDE_CHANNEL_SWITCHES if getattr(prompt, name) and not getattr(channels, name)}
+    if rows is not None and not has_progress(rows):
+        for name in ("progress", "placements"):  # placements are read off the score's rises
+            if getattr(prompt, name) and name not in off:
+                off[name] = "the training data carries no dense score (has_progress)"
+    for name, why in off.items():
+        say(f"M_exp prompt: {name} off: {why}")
+    return dataclasses.replace(prompt, **{name: False for name in off})
 
 
 def has_progress(rows: Sequence[Mapping]) -> bool:

@@ -15,20 +15,23 @@ Where this departs from the paper, and why:
 - **From scratch by default.** The paper fine-tunes an LLM; the embedded CPU default is a tiny
   Llama with a BPE tokenizer trained on the examples themselves (``base_model`` names a pretrained
   one instead, which keeps its own tokenizer).
-- **Progress and placements** are used only when the data carries the env's dense score
-  (``has_progress``); otherwise the prompt drops them whatever the config says.
+- **Side channels** (progress, placements, affordances: twc's inputs beyond the paper's) are used
+  only where the env's adapter declares them (``channels``, ``envs.side_channels``) and, for progress
+  and placements, the data carries the env's dense score; otherwise the prompt drops them whatever
+  the config says, with a logged reason (``prompt.provided``), and the checkpoint records the config
+  actually used.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
-from dreamgym_core.experience.prompt import PromptConfig, Retrieve, has_progress, knowledge_of, knowledge_to_meta
+from dreamgym_core.envs.base import SideChannels
+from dreamgym_core.experience.prompt import PromptConfig, Retrieve, knowledge_of, knowledge_to_meta, provided
 from dreamgym_core.experience.sft import SFTExample, sft_examples
 
 if TYPE_CHECKING:
@@ -65,7 +68,7 @@ class SFTSetup:
     model: object
     tokenizer: object
     prompt: PromptConfig
-    """The prompt configuration actually used (progress/placements off when the data has no score)."""
+    """The prompt configuration actually used (side channels the adapter or the data lacks: off)."""
     meta: dict
 
     def prompt_tokens_max(self, n: int = 2000) -> int:
@@ -74,21 +77,22 @@ class SFTSetup:
 
 
 def prepare_sft(annotations: pa.Table, prompt: PromptConfig, data: SFTDataConfig, tiny: TinyLlamaConfig,
-                out_dir: str, *,
+                out_dir: str, *, channels: SideChannels,
                 retrieve: Retrieve | None = None, replay: str = "", replay_version: int = 0,
                 cache_dir: str | None = None, log: Callable[[str], None] | None = None) -> SFTSetup:
     """The SFT examples of ``annotations`` (CoT-annotated transition rows), weighted, and the model.
 
-    ``tiny``: the architecture of a from-scratch model; its tokenizer is trained into
-    ``out_dir/tokenizer`` once and reused by a resumed run. ``replay`` / ``replay_version``: the
+    ``channels``: the side channels the env's adapter provides (``envs.side_channels``); ``prompt``'s
+    switches for the others are turned off, each with a line to ``log``. ``tiny``: the architecture
+    of a from-scratch model; its tokenizer is trained into ``out_dir/tokenizer`` once and reused by a
+    resumed run. ``replay`` / ``replay_version``: the
     buffer D_k was retrieved from, recorded in ``meta``. ``cache_dir``: where a pretrained base is
     converted once.
     """
     from dreamgym_core.models import build_tiny_llama, load_causal_lm, train_tokenizer
 
     rows = annotations.to_pylist()
-    prompt = dataclasses.replace(prompt, progress=prompt.progress and has_progress(rows),
-                                 placements=prompt.placements and has_progress(rows))
+    prompt = provided(prompt, channels, rows, log=log)
     examples = sft_examples(rows, prompt, retrieve)
     weights = [data.win_weight if r["won"] else data.invalid_weight if not r["valid"] else 1.0 for r in rows]
     if data.task_writing_examples:  # the same weights also learn to be M_task (curriculum, Eq. 6)
@@ -116,6 +120,7 @@ def prepare_sft(annotations: pa.Table, prompt: PromptConfig, data: SFTDataConfig
             tok = train_tokenizer((e.prompt + "\n" + e.reasoning + e.prediction for e in examples[:30000]), tok_dir,
                                   vocab_size=data.vocab_size)
         model = build_tiny_llama(tok, tiny, seed=data.seed)
-    meta = {"prompt": prompt.__dict__, "examples": len(examples), "replay": replay, "replay_version": replay_version,
+    meta = {"prompt": prompt.__dict__, "side_channels": list(channels.offered()), "examples": len(examples),
+            "replay": replay, "replay_version": replay_version,
             "placements": knowledge_to_meta(knowledge_of(rows)) if prompt.placements else []}
     return SFTSetup(examples, weights, model, tok, prompt, meta)

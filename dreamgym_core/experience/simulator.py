@@ -14,7 +14,12 @@ Departures from the paper (and why):
   "invalid action leads to a failure state" is ``SimConfig.invalid_ends_episode``. An output that
   does not parse always ends the synthetic episode as a failure (and is counted).
 * With progress (``PromptConfig.progress``) the simulator carries the predicted dense score and the
-  episode is won when it reaches 100 (``outcome``), whatever the reward field says.
+  episode is won when it reaches 100 (``outcome``), whatever the reward field says. Progress,
+  placements and affordances are side channels: the checkpoint's prompt config has them on only
+  where the env's adapter declared them at training (``prompt.provided``); without them the model's
+  own reward and done decide, as in the paper. Candidates for synthetic states come from the
+  ``propose_candidates`` argument: the adapter's state-only rule where it declares one
+  (``SideChannels.candidate_rule``), otherwise the candidates read off the logs.
 * Retrieval is pinned by the caller: the loop's retriever reads the replay buffer as it stood at
   the start of the iteration (``retrieval.Retriever``), so a re-run simulates what the first did.
 """
