@@ -178,6 +178,25 @@ TESTBEDS = {
                     hidden=64, vocab_size=500), sft=PolicyRecipe(bc_steps=500, hidden=64, vocab_size=500),
                     mexp=MexpRecipe(steps=4000, hidden=128, layers=2, heads=4, vocab_size=800),
                     budget=8000, max_steps=10, sim_max_steps=10, rl={**_GIGPO, "lr": 1e-3}),
+    # mapreader: TextWorldExpress "mapreader" (take the coin from the room the task names, put it in the
+    # box of the room it names; a map is in the inventory), 5 rooms at most 2 apart, no doors. Held-out
+    # games are TWX's test fold (dev seeds 0-99, test 100-299); pi0 clones 100 steps on a quarter of
+    # the demos; real_rl is GiGPO at lamp's lr 1e-3. Chosen on dev games with `dreamgym learner`
+    # (results/learner.csv; the probes ran under the names coin, coin_ms12, map5, peck): from this pi0
+    # (greedy dev 0.14, sampled train 0.59) 15 rounds x 64 episodes (13.8K real transitions) took
+    # sampled train success to 0.70-0.77 and greedy dev to 0.27 (0.18 at round 5, 0.04 at round 10:
+    # one seed, noisy). Measured and not chosen: coin (6 rooms with doors) greedy dev 0.34 -> 0.27
+    # at lr 1e-3 (12.9K transitions) and 0.40 -> 0.39 at lr 3e-4 with 12 steps (7.7K); peckingorder
+    # pi0 0.00, RL with or without the dense score stayed at 0 (the greedy policies loop on no-op
+    # actions: look around, open an open door, read the book).
+    # Measured on test games (results/mapreader*.csv): NO headroom greedy (init 0.180/0.195/0.350,
+    # real_rl 0.145/0.180/0.155 at B = 20K); sampled (scripts/sampled_scores.py) init 0.660/0.635/0.530,
+    # real_rl 0.780/0.770/0.495 (p = 0.004, 0.001, 0.51): real RL sharpens the sampled policy, not its
+    # argmax. Kept as a measured negative testbed for greedy scoring, not as the second headroom testbed.
+    "mapreader": Testbed("mapreader", "twx", "mapreader",
+                         params="numLocations=5,maxDistanceApart=2,includeDoors=0,maxDistractorItemsPerLocation=0",
+                         eval_split="test", dev_start=0, dev_games=100, test_start=100,
+                         pi0=PolicyRecipe(bc_steps=100, demo_share=0.25), budget=20000, rl={**_GIGPO, "lr": 1e-3}),
     # tiny: the tests' testbed (seconds per arm on a CPU); its numbers mean nothing
     "tiny": Testbed("tiny", "lamp", "lamp", params="colours=3,length=2,slack=1", eval_split="test", test_start=2,
                     offline=OfflineMix(train_tasks=8, noisy=1, random=1, max_steps=6),

@@ -12,6 +12,9 @@ module measures that through the same code path every arm uses (``loop.rl_in_rea
   behaviour-cloned policy: the trainer should push those tasks' success towards 1; success on dev
   games (never trained on) says whether anything transfers. ``--pool N`` draws each round's tasks
   afresh from N train games instead (the ``real_rl`` arm's regime).
+* any other testbed of ``experiment.TESTBEDS`` (e.g. ``mapreader``): its env, its pi0 (the experiment's
+  own ``bc_policy`` stage for that seed, so the curve starts where the ``real_rl`` arm starts), its
+  train tasks and its **dev** games (never its test games); setting ``testbed`` is its ``rl``.
 
 Each round writes one row (the learning curve); dev success is measured greedy every
 ``eval_every`` rounds and at the end. Rows are plain dicts, written to ``results/learner.csv`` by
@@ -74,14 +77,34 @@ SETTINGS: dict[str, dict] = {
                        "gamma": 0.95, "progress_reward": 1.0},
     "gigpo_progress_lr3e-4": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
                               "gamma": 0.95, "progress_reward": 1.0, "lr": 3e-4},
+    # gigpo with the dense score at lamp's learning rate (TWX games with sub-goals: coin, peckingorder)
+    "gigpo_progress_lr1e-3": {"kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "step_advantage_weight": 1.0,
+                              "gamma": 0.95, "progress_reward": 1.0, "lr": 1e-3},
     "fast_gigpo": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3,
                    "step_advantage_weight": 1.0, "gamma": 0.95},
 }
 
 
+LEGACY = ("lamp", "twc")
+"""The learner's own testbeds (their pi0 built by ``start_policy``); other names come from TESTBEDS."""
+
+
+def registry_testbed(name: str):
+    """The ``experiment.TESTBEDS`` entry the learner runs on, or None for its own lamp / twc."""
+    from dreamgym_core.experiment import TESTBEDS, get_testbed
+
+    if name in LEGACY:
+        return None
+    if name not in TESTBEDS:
+        raise ValueError(f"learner_check: unknown testbed {name!r}; known: {', '.join(dict.fromkeys([*LEGACY, *TESTBEDS]))}")
+    return get_testbed(name)
+
+
 def _spec(testbed: str, cache_dir: str, params: str = ""):
     from dreamgym_core.envs import EnvSpec
 
+    if (tb := registry_testbed(testbed)) is not None:
+        return EnvSpec(tb.env, tb.game, params=tb.params, cache_dir=cache_dir)
     if testbed == "lamp":
         return EnvSpec("lamp", "lamp", params=params)
     if testbed == "twc":
@@ -93,6 +116,11 @@ def _splits(testbed: str, env, run: LearnerRun) -> tuple[list[Task], list[Task]]
     """(train games, dev games): twc's dev games are held-out seeds of the train fold (the
     pipeline's ``eval_fold='train'``: same objects, unseen games), its last ones (from 900 for 100)."""
     train = env.tasks("train", run.pool or run.tasks)
+    if (tb := registry_testbed(testbed)) is not None:
+        if run.pool > tb.offline.train_tasks or run.dev_tasks > tb.dev_games:
+            raise ValueError(f"learner_check: testbed {testbed} has {tb.offline.train_tasks} train tasks and "
+                             f"{tb.dev_games} dev games; asked for a pool of {run.pool} and {run.dev_tasks} dev games")
+        return train, env.tasks(tb.eval_split, run.dev_tasks, start=tb.dev_start)
     if testbed != "twc":
         return train, env.tasks("dev", run.dev_tasks)
     start = 1000 - max(run.dev_tasks, 100)  # the last seeds of twc's 1000-seed train fold (900 for 100 games)
@@ -229,8 +257,13 @@ def append_rows(path: str, rows: Sequence[dict]) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m dreamgym_core.learner_check") -> int:
     p = argparse.ArgumentParser(prog=prog,
                                 description="Learning curves of the RL learner on a fixed batch of train tasks.")
-    p.add_argument("testbed", choices=("lamp", "twc"))
-    p.add_argument("--settings", default="default,gigpo", help=f"comma list of {sorted(SETTINGS)}")
+    from dreamgym_core.experiment import TESTBEDS
+
+    p.add_argument("testbed", choices=tuple(dict.fromkeys([*LEGACY, *TESTBEDS])),
+                   help="lamp | twc: the learner's own pi0; any other: an experiment testbed (its pi0, train "
+                        "tasks and dev games)")
+    p.add_argument("--settings", default="default,gigpo",
+                   help=f"comma list of {sorted(SETTINGS)}, or 'testbed' (a registry testbed's rl)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--tasks", type=int, default=16, help="train tasks per round")
@@ -238,22 +271,32 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m dreamgym_core
                    help="draw each round's tasks from the first N train games (default 0: one fixed batch)")
     p.add_argument("--dev-tasks", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=None, help="episode cap (default: the testbed's, else 20)")
     p.add_argument("--params", default="", help="lamp game params, e.g. colours=3,length=2,slack=1")
     p.add_argument("--bc-steps", type=int, default=300)
     p.add_argument("--work", default="data/learner", help="where pi0 is kept")
     p.add_argument("--out", default="results/learner.csv")
     a = p.parse_args(argv)
-    unknown = [s for s in a.settings.split(",") if s not in SETTINGS]
+    tb = registry_testbed(a.testbed)
+    settings = {**SETTINGS, **({"testbed": dict(tb.rl)} if tb is not None else {})}
+    unknown = [s for s in a.settings.split(",") if s not in settings]
     if unknown:
-        p.error(f"--settings: unknown {unknown}; known: {sorted(SETTINGS)}")
+        p.error(f"--settings: unknown {unknown}; known: {sorted(settings)}")
+    if tb is not None and a.params:
+        p.error(f"--params: testbed {a.testbed} fixes its own ({tb.params!r})")
+    max_steps = a.max_steps or (tb.max_steps if tb is not None else 20)
     spec = _spec(a.testbed, os.path.join(a.work, "cache"), a.params)
     for seed in (int(s) for s in a.seeds.split(",")):
-        pi0 = start_policy(a.testbed, spec, os.path.join(a.work, f"{a.testbed}{a.params}_pi0_s{seed}"), bc_steps=a.bc_steps,
-                           seed=seed)
+        if tb is not None:  # the experiment's own pi0 stage (cached under --work like the arms' stages)
+            from dreamgym_core.experiment_stages import bc_policy
+
+            pi0 = os.path.join(bc_policy(tb, a.work, tb.pi0, seed, "pi0"), "policy")
+        else:
+            pi0 = start_policy(a.testbed, spec, os.path.join(a.work, f"{a.testbed}{a.params}_pi0_s{seed}"),
+                               bc_steps=a.bc_steps, seed=seed)
         for name in a.settings.split(","):
-            run = LearnerRun(a.testbed, name, SETTINGS[name], rounds=a.rounds, tasks=a.tasks, pool=a.pool, dev_tasks=a.dev_tasks,
-                             eval_every=a.eval_every, max_steps=a.max_steps, seed=seed)
+            run = LearnerRun(a.testbed, name, settings[name], rounds=a.rounds, tasks=a.tasks, pool=a.pool,
+                             dev_tasks=a.dev_tasks, eval_every=a.eval_every, max_steps=max_steps, seed=seed)
             append_rows(a.out, run_curve(run, pi0, spec))
     return 0
 

@@ -169,8 +169,12 @@ def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png
     def mean(rs: list[dict], key: str) -> float:
         return sum(float(r[key]) for r in rs) / len(rs)
 
-    out = [f"## Experiment: {testbed}", "",
-           f"`dreamgym experiment {testbed}` (`dreamgym_core.experiment`): every RL arm from the same pi0, scored greedy",
+    sampled = testbed.endswith("_sampled")  # scripts/sampled_scores.py: the arms' policies re-scored sampled
+    how = (f"`python scripts/sampled_scores.py {testbed.removesuffix('_sampled')}`: the finished arms of "
+           f"`dreamgym experiment {testbed.removesuffix('_sampled')}` re-scored with the sampled policy (one episode "
+           "a game)" if sampled else
+           f"`dreamgym experiment {testbed}` (`dreamgym_core.experiment`): every RL arm from the same pi0, scored greedy")
+    out = [f"## Experiment: {testbed}", "", how,
            "on the same held-out test games. Success is pooled over seeds (mean of the seeds' rates) with a 95%",
            "bootstrap interval over seeds and games; cost columns are means per seed (real transitions the",
            "policy trained on, synthetic transitions in M_exp, wall seconds and counted model FLOPs of training).",

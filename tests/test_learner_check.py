@@ -43,6 +43,30 @@ def test_rows_append_atomically_and_render_into_the_results_page(tmp_path):
     assert (tmp_path / "docs" / "results_png" / "learner_curves.png").stat().st_size > 1000
 
 
+def test_a_registry_testbed_runs_from_the_experiments_pi0_on_its_dev_games(tmp_path, capsys):
+    # "tiny" stands in for any experiment testbed (coin, ...): the curve starts from the pi0 stage
+    # the experiment arms use and scores the testbed's dev games, with the testbed's rl as setting
+    import pytest
+
+    from dreamgym_core.experiment import TESTBEDS
+
+    out, work = tmp_path / "learner.csv", tmp_path / "work"
+    assert main(["tiny", "--settings", "testbed", "--pool", "8", "--tasks", "3", "--rounds", "2", "--dev-tasks", "2",
+                 "--eval-every", "2", "--work", str(work), "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["testbed"], r["setting"], r["round"]) for r in rows] == [("tiny", "testbed", str(k)) for k in range(3)]
+    assert float(rows[0]["lr"]) == TESTBEDS["tiny"].rl["lr"] and rows[0]["pool"] == "8"
+    assert int(rows[-1]["transitions"]) > 0 and rows[-1]["dev_success"] != ""
+    assert len(list((work / "tiny").glob("pi0-s0-*/policy"))) == 1  # the experiment's own pi0 stage
+    with pytest.raises(ValueError, match="8 train tasks and 2 dev games; asked for a pool of 9"):
+        main(["tiny", "--settings", "testbed", "--pool", "9", "--rounds", "1", "--dev-tasks", "2", "--work", str(work),
+              "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["tiny", "--params", "colours=2", "--work", str(work)])
+    assert "fixes its own" in capsys.readouterr().err
+
+
 def test_unknown_setting_is_a_usage_error(capsys):
     import pytest
 
