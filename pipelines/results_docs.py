@@ -319,7 +319,10 @@ def readme_block(results_dir: str = "results") -> str:
         for r in rows:
             real[(r["arm"], r["algorithm"])].append(float(r["real_transitions"]))
             syn[(r["arm"], r["algorithm"])].append(float(r["synthetic_transitions"]))
-        out += [f"**{stem}** (`dreamgym experiment {stem}`; {rows[0]['games']} held-out games per seed):", "",
+        base = stem.removesuffix("_sampled")
+        how = (f"the `{base}` arms' policies sampled, one episode a game: `python scripts/sampled_scores.py {base}`"
+               if stem.endswith("_sampled") else f"`dreamgym experiment {stem}`, greedy")
+        out += [f"**{stem}** ({how}; {rows[0]['games']} held-out games per seed):", "",
                 "| arm | algorithm | seeds | success, pooled [95% CI] | real transitions | synthetic transitions |",
                 "|---|---|---|---|---|---|"]
         for key in sorted(pooled, key=lambda k: _arm_order(*k)):
