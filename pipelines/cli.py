@@ -374,7 +374,8 @@ def _demo_testbed(data: str, testbed: str) -> int:
     print("---------+---------+--------------+------------------+-----------------------+-----------------")
     for arm in ("init", "dreamgym"):
         r, p = rows[arm], paired.get(arm)
-        vs = f"+{p['only_arm']} / -{p['only_baseline']}, p={float(p['p_value']):.2g}" if p else ""
+        pv = float(p["p_value"]) if p else 1.0
+        vs = (f"+{p['only_arm']} / -{p['only_baseline']}, " + (f"p={pv:.2g}" if pv >= 1e-6 else "p<1e-6")) if p else ""
         print(f"{arm:<8} | {r['success']:<7.3f} | [{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['real_transitions']:<16} "
               f"| {r['synthetic_transitions']:<21} | {vs}")
     p = paired.get("dreamgym")
