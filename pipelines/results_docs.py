@@ -153,15 +153,21 @@ def _arm_order(arm: str, algorithm: str) -> tuple[int, str]:
     return (order.index(arm) if arm in order else len(order), algorithm)
 
 
+def _siblings(results_dir: str, testbed: str, kind: str) -> list[dict]:
+    """Rows of ``<testbed>_<kind>.csv`` (paired, pooled), [] when absent."""
+    path = os.path.join(results_dir, f"{testbed}_{kind}.csv")
+    return _rows(path) if os.path.exists(path) else []
+
+
+def _claims(testbed: str, rows: Sequence[dict], pooled: Sequence[dict], paired: Sequence[dict]) -> list[dict]:
+    return claims_table(testbed, rows, pooled, paired, budget=TESTBEDS[testbed].budget if testbed in TESTBEDS else None)
+
+
 def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png_dir: str, rel_dir: str) -> str:
     """One testbed's arms (``dreamgym experiment TESTBED``): success pooled over seeds with its
     bootstrap interval and the mean cost per arm; every seed against init and real_rl on the same
     games; a plot of the pooled success with each seed's."""
-    def sibling(kind: str) -> list[dict]:
-        path = os.path.join(results_dir, f"{testbed}_{kind}.csv")
-        return _rows(path) if os.path.exists(path) else []
-
-    pooled = {(r["arm"], r["algorithm"]): r for r in sibling("pooled")}
+    pooled = {(r["arm"], r["algorithm"]): r for r in _siblings(results_dir, testbed, "pooled")}
     by_arm: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by_arm[(r["arm"], r["algorithm"])].append(r)
@@ -188,7 +194,7 @@ def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png
                    + ", ".join(f"{float(r['success']):.3f}" for r in rs)
                    + f" | {mean(rs, 'real_transitions'):,.0f} | {mean(rs, 'synthetic_transitions'):,.0f} | "
                    f"{mean(rs, 'wall_s'):,.1f} | {mean(rs, 'flops'):.3g} |")
-    paired = sibling("paired")
+    paired = _siblings(results_dir, testbed, "paired")
     if paired:
         out += ["", "Paired on the same games (same seed): games only the arm won / only the baseline won, exact "
                 "McNemar p.", "", "| arm | algorithm | seed | vs init | vs real_rl |", "|---|---|---|---|---|"]
@@ -198,8 +204,7 @@ def experiment_section(testbed: str, rows: Sequence[dict], results_dir: str, png
                 f"+{r['only_arm']} / -{r['only_baseline']}, p={float(r['p_value']):.3f}"
         for (arm, algo, seed), c in sorted(cells.items(), key=lambda kv: (_arm_order(*kv[0][:2]), kv[0][2])):
             out.append(f"| {arm} | {algo} | {seed} | {c.get('init', '')} | {c.get('real_rl', '')} |")
-    claims = claims_table(testbed, rows, list(pooled.values()), paired,
-                          budget=TESTBEDS[testbed].budget if testbed in TESTBEDS else None)
+    claims = _claims(testbed, rows, list(pooled.values()), paired)
     if claims:
         out += ["", "Against the paper's claims (pooled success; an arm with fewer than 3 seeds is not measured):",
                 "", "| algorithm | claim | needed | measured | verdict |", "|---|---|---|---|---|"]
@@ -302,36 +307,33 @@ README_BEGIN, README_END = "<!-- results:begin (dreamgym results writes this blo
 
 
 def readme_block(results_dir: str = "results") -> str:
-    """The README's summary of every experiment testbed: success pooled over seeds per arm, and the
-    paper's claims with their verdicts (the same numbers as docs/results.md)."""
+    """The README's summary of every experiment testbed scored greedy (the sampled re-scorings stay in
+    docs/results.md): success pooled over seeds per arm, and the paper's claims with their verdicts."""
     out = []
     for name in sorted(os.listdir(results_dir)):
         stem = name.removesuffix(".csv")
-        if not name.endswith(".csv") or stem.rsplit("_", 1)[-1] in ("paired", "pooled"):
+        if not name.endswith(".csv") or stem.rsplit("_", 1)[-1] in ("paired", "pooled", "sampled"):
             continue
         rows = _rows(os.path.join(results_dir, name))
         if not rows or set(rows[0]) != set(ROW_COLUMNS):
             continue
-        sib = {kind: _rows(os.path.join(results_dir, f"{stem}_{kind}.csv"))
-               if os.path.exists(os.path.join(results_dir, f"{stem}_{kind}.csv")) else [] for kind in ("pooled", "paired")}
-        pooled = {(r["arm"], r["algorithm"]): r for r in sib["pooled"]}
-        real, syn = defaultdict(list), defaultdict(list)
+        pooled = _siblings(results_dir, stem, "pooled")
+        by_arm: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
-            real[(r["arm"], r["algorithm"])].append(float(r["real_transitions"]))
-            syn[(r["arm"], r["algorithm"])].append(float(r["synthetic_transitions"]))
-        base = stem.removesuffix("_sampled")
-        how = (f"the `{base}` arms' policies sampled, one episode a game: `python scripts/sampled_scores.py {base}`"
-               if stem.endswith("_sampled") else f"`dreamgym experiment {stem}`, greedy")
-        out += [f"**{stem}** ({how}; {rows[0]['games']} held-out games per seed):", "",
+            by_arm[(r["arm"], r["algorithm"])].append(r)
+
+        def mean(key: tuple, field: str) -> float:
+            return sum(float(r[field]) for r in by_arm[key]) / len(by_arm[key])
+
+        out += [f"**{stem}** (`dreamgym experiment {stem}`, greedy; {rows[0]['games']} held-out games per seed):", "",
                 "| arm | algorithm | seeds | success, pooled [95% CI] | real transitions | synthetic transitions |",
                 "|---|---|---|---|---|---|"]
-        for key in sorted(pooled, key=lambda k: _arm_order(*k)):
-            p = pooled[key]
+        for p in sorted(pooled, key=lambda p: _arm_order(p["arm"], p["algorithm"])):
+            key = (p["arm"], p["algorithm"])
             out.append(f"| {key[0]} | {key[1]} | {p['seeds']} | {float(p['success']):.3f} [{float(p['ci_low']):.2f}, "
-                       f"{float(p['ci_high']):.2f}] | {sum(real[key]) / len(real[key]):,.0f} | "
-                       f"{sum(syn[key]) / len(syn[key]):,.0f} |")
-        claims = claims_table(stem, rows, sib["pooled"], sib["paired"],
-                              budget=TESTBEDS[stem].budget if stem in TESTBEDS else None)
+                       f"{float(p['ci_high']):.2f}] | {mean(key, 'real_transitions'):,.0f} | "
+                       f"{mean(key, 'synthetic_transitions'):,.0f} |")
+        claims = _claims(stem, rows, pooled, _siblings(results_dir, stem, "paired"))
         if claims:
             out += ["", f"The paper's claims on {stem}:", ""]
             out += [f"- {c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f" ({c['measured']})" if c["measured"]

@@ -8,7 +8,7 @@ writes them as their own experiment ``<testbed>_sampled`` (rows, per-game files,
 tables: ``experiment_results.write_results``), with the arms' cost columns unchanged.
 
     python scripts/sampled_scores.py mapreader --arms init,real_rl --seeds 0,1,2 \\
-        --data /work/exp/testbed2/data/experiments --results results
+        --data data/experiments --results results
 """
 
 from __future__ import annotations
