@@ -82,6 +82,14 @@ SETTINGS: dict[str, dict] = {
                               "gamma": 0.95, "progress_reward": 1.0, "lr": 1e-3},
     "fast_gigpo": {"kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 16, "lr": 1e-3,
                    "step_advantage_weight": 1.0, "gamma": 0.95},
+    # PPO (GAE, value head) at gigpo_lr1e-3's sizes: PPO rolls one episode per task, so give it
+    # --tasks = GRPO's tasks x group size for the same episodes per round
+    "ppo_lr1e-3": {"algorithm": "ppo", "kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "gamma": 0.95,
+                   "lr": 1e-3},
+    "ppo_lr3e-4": {"algorithm": "ppo", "kl_coef": 0.0, "ppo_epochs": 1, "minibatch_size": 64, "gamma": 0.95,
+                   "lr": 3e-4},
+    "ppo_2ep_lr1e-3": {"algorithm": "ppo", "kl_coef": 0.0, "ppo_epochs": 2, "minibatch_size": 32, "gamma": 0.95,
+                       "lr": 1e-3},
 }
 
 

@@ -106,6 +106,12 @@ def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
     assert (real.rounds, real.loop.tasks_per_iteration, real.loop.group_size) == \
         (full.rounds, full.loop.tasks_per_iteration, full.loop.group_size) and real.real_budget == tb.budget
     assert plan(tb, "real_rl", "ppo").rl.algorithm == "ppo" and plan(tb, "dreamgym", "ppo").rl.algorithm == "ppo"
+    # PPO rolls one episode per task (loop: group 1 unless GRPO), so it draws group-size times the
+    # tasks: the same episodes per update as GRPO, in real-env RL and in the loop
+    for arm in ("real_rl", "dreamgym"):
+        ppo, grpo = plan(tb, arm, "ppo"), plan(tb, arm, "grpo")
+        assert ppo.loop.tasks_per_iteration == grpo.loop.tasks_per_iteration * grpo.loop.group_size > \
+            grpo.loop.tasks_per_iteration
 
     prompts, iterations = {}, []
     sft_examples, run_iteration = em.sft_examples, loop.run_iteration
