@@ -422,9 +422,11 @@ def code_commit() -> str:
 
 
 def arm_dir(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> str:
-    uses_mexp = plan(tb, arm, algorithm, seed).kind == "dreamgym"
+    p = plan(tb, arm, algorithm, seed)
+    # keyed by the plan too (the configs the arm hands the core): a changed rule in ``plan`` (PPO's
+    # tasks per round) must not find the arm of the old rule finished
     return _stage_dir(work, tb, f"arm-{arm}-{algorithm}-s{seed}",
-                      _key(tb, arm, algorithm, seed, *([MEXP_REVISION] if uses_mexp else [])))
+                      _key(tb, arm, algorithm, seed, p, *([MEXP_REVISION] if p.kind == "dreamgym" else [])))
 
 
 def arm_done(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> bool:

@@ -348,3 +348,18 @@ def test_the_side_channel_rows_render_with_undefined_precision_marked(tmp_path):
     (res / "side_channels.csv").write_text(",".join(cols) + "\ntwx,off,none,300,0.73,0.12,0.77,0.0,nan,0.8,0.07,cmd\n")
     text = open(write_results_doc(str(res), str(tmp_path / "results.md"))).read()
     assert "| twx | off (none) | 300 | 0.73 (0.12) | 0.77 | 0.00 / – | 0.80 | 0.07 | `cmd` |" in text
+
+
+def test_an_arm_directory_changes_with_the_plan_the_arm_hands_the_core(monkeypatch, tmp_path):
+    """A changed rule in ``plan`` (not in the testbed) must not find the arm of the old rule finished."""
+    from dataclasses import replace
+
+    import dreamgym_core.experiment as ex
+
+    tb, work = ex.TESTBEDS["tiny"], str(tmp_path)
+    before = ex.arm_dir(tb, "real_rl", "ppo", 0, work)
+    assert before == ex.arm_dir(tb, "real_rl", "ppo", 0, work) != ex.arm_dir(tb, "real_rl", "grpo", 0, work)
+    real_plan = ex.plan
+    monkeypatch.setattr(ex, "plan", lambda *a, **k: (lambda p: replace(p, loop=replace(
+        p.loop, tasks_per_iteration=p.loop.tasks_per_iteration + 1)))(real_plan(*a, **k)))
+    assert ex.arm_dir(tb, "real_rl", "ppo", 0, work) != before
