@@ -217,7 +217,8 @@ def run_curve(run: LearnerRun, pi0_dir: str, spec, *, log: Log = print) -> list[
     draw = random.Random(run.seed)
     rows, used, started = [], 0, time.perf_counter()
     base = {"testbed": run.testbed, "setting": run.setting, "seed": run.seed, "tasks": run.tasks, "pool": run.pool,
-            "group_size": run.group_size, "lr": rl.lr, "kl_coef": rl.kl_coef, "step_advantage_weight":
+            "group_size": run.group_size if rl.algorithm == "grpo" else 1,  # PPO rolls one episode per task
+            "lr": rl.lr, "kl_coef": rl.kl_coef, "step_advantage_weight":
             rl.step_advantage_weight, "ppo_epochs": rl.ppo_epochs, "minibatch_size": rl.minibatch_size}
     first = {"round": 0, "transitions": 0, "train_success": None, **_dev_success(trainer, make_real, dev, run, 0)}
     rows.append({**base, **first, "wall_s": round(time.perf_counter() - started, 1)})
