@@ -145,7 +145,8 @@ def mexp_retrieval_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> 
 
 ARM_TEXT = {"init": "pi0", "sft": "SFT on all demos", "real_rl": "RL in the real env (B)",
             "dreamgym": "DreamGym (0 real)", "s2r": "DreamGym-S2R (<= 0.1 B real)",
-            "no_replay": "w/o experience replay", "no_cot": "w/o reasoning", "no_curriculum": "w/o task generation"}
+            "no_replay": "w/o experience replay", "no_cot": "w/o reasoning", "no_curriculum": "w/o task generation",
+            "sampled_mexp": "M_exp sampled (not a paper row)"}
 
 
 def _arm_order(arm: str, algorithm: str) -> tuple[int, str]:
@@ -268,8 +269,43 @@ def side_channels_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> s
     return "\n".join(out) + "\n"
 
 
+def sim_real_gap_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
+    """A DreamGym loop's last policy, greedy, on the same test games in M_exp and in the real env
+    (``scripts/sim_real_gap.py``)."""
+    out = ["## The sim-real gap of the DreamGym loops' policies", "",
+           "`python scripts/sim_real_gap.py TESTBED --seed S ...` (greedy; each game played from the same start "
+           "state in M_exp, retrieving from the loop's buffer, and in the real env; pairs by game).", "",
+           "| testbed | seed | policy | games | real | M_exp | won in both | only in M_exp | only real | "
+           "same actions throughout |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['testbed']} | {r['seed']} | {r['policy']} | {r['games']} | "
+                   f"{_fmt(_num(r['real_success']), 3)} | {_fmt(_num(r['sim_success']), 3)} | {r['both_won']} | "
+                   f"{r['sim_only']} | {r['real_only']} | {_fmt(_num(r['same_actions']), 2)} |")
+    return "\n".join(out) + "\n"
+
+
+def lamp_colours_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> str:
+    """Per seed, which lamp colours M_exp lights and how often the loop's policy presses the lit one,
+    in M_exp (sampled rollouts) and in the real game (greedy) (``scripts/lamp_colours.py``)."""
+    out = ["## lamp: the colours M_exp lights and the colours the policy presses", "",
+           "`python scripts/lamp_colours.py --seed S ...`: presses of the lit colour / decisions with it lit "
+           "(share of the position's decisions). sim: the loop's last 5 iterations of rollouts in M_exp "
+           "(sampled); real: its last policy, greedy, on 100 test games. The real game lights a uniform colour "
+           "after a hit; M_exp invents one.", "",
+           "| seed | where | position | blue | green | red | yellow |", "|---|---|---|---|---|---|---|"]
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        cells[(int(r["seed"]), r["where"], r["position"])][r["lit"]] = \
+            f"{r['pressed_lit']}/{r['decisions']} ({_fmt(_num(r['share_lit']), 2)})"
+    for (seed, where, pos), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "sim", kv[0][2])):
+        out.append(f"| {seed} | {where} | {pos} | " + " | ".join(c.get(k, "never lit") for k in
+                                                                 ("blue", "green", "red", "yellow")) + " |")
+    return "\n".join(out) + "\n"
+
+
 SECTIONS = {"learner.csv": learner_section, "mexp_retrieval.csv": mexp_retrieval_section,
-            "side_channels.csv": side_channels_section}
+            "side_channels.csv": side_channels_section, "sim_real_gap.csv": sim_real_gap_section,
+            "lamp_colours.csv": lamp_colours_section}
 
 
 def write_results_doc(results_dir: str = "results", out_path: str = "docs/results.md") -> str:
