@@ -61,6 +61,11 @@ class LoopSettings(dg.ConfigurableResource):
     replay buffer, in SFT (``experience_model``) and in simulation, and each iteration adds its
     informative synthetic transitions to the buffer. False = the paper's "w/o experience replay"
     ablation: no demonstrations anywhere and nothing added."""
+    mexp_sampling: bool = False
+    """M_exp samples its next states (temperature 1) instead of decoding greedily. Greedy keeps the
+    mode of a stochastic env's next state (lamp's hidden next colour) and a policy trained in it never
+    meets the states the mode leaves out; sampling follows Eq. 4's s' ~ M_exp, at more noise per step
+    in a deterministic env (twc). docs/experiments.md has the lamp measurement."""
     replay_max_synthetic_rows: int = 20000
     """Size cap on the buffer's synthetic rows; above it the oldest synthetic trajectories per task go
     (``dreamgym_core.replay.grow_buffer``). Offline real rows are never pruned."""
@@ -170,7 +175,8 @@ def _iteration_inputs(context: dg.AssetExecutionContext, k: int, config: LoopSet
     buffer = open_buffer(replay_seed) if config.replay_buffer else None
     # iteration k simulates with the buffer as it stood at its start (the tag run_iteration writes)
     sims = SimulatorFactory(experience_model, experiment,
-                            retrieve=Retriever(buffer, iteration=k) if buffer is not None else None)
+                            retrieve=Retriever(buffer, iteration=k) if buffer is not None else None,
+                            greedy=not config.mexp_sampling)
     writer = cur.TaskWriter(sims.model, sims.tokenizer, seed=config.seed + k, pointers=sims.prompt.pointers) \
         if config.curriculum else None
     inp = IterationInputs(

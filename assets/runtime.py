@@ -104,10 +104,11 @@ def open_buffer(ref: CheckpointRef):
 class SimulatorFactory:
     """Loads M_exp once; ``__call__(initial_state)`` gives a fresh ExperienceModel BatchEnv."""
 
-    def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 64):
+    def __init__(self, experience_model: CheckpointRef, experiment, retrieve=None, batch_size: int = 64,
+                 greedy: bool = True):
         """``retrieve``: D_k for every step (``experience.retrieval.Retriever``), None (no demos), or
         "seed": the offline replay seed the checkpoint was trained with, at that version (none if it
-        was trained without retrieval)."""
+        was trained without retrieval). ``greedy`` False: M_exp samples its next states (temperature 1)."""
         from dreamgym_core.experience_model import PromptConfig, SimConfig, knowledge_from_meta
         from dreamgym_core.models import load_checkpoint
 
@@ -122,7 +123,7 @@ class SimulatorFactory:
                                      exclude_own_task=True)
         self.knowledge = knowledge_from_meta(meta)
         self.prompt = PromptConfig.from_meta(meta)
-        self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size)
+        self.cfg = SimConfig(prompt=self.prompt, batch_size=batch_size, greedy=greedy)
         self.propose = candidate_rule(experiment)
         self.retrieve = retrieve
         self.stats = []

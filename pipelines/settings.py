@@ -74,7 +74,7 @@ def conversions() -> list[Conversion]:
                    {"rollout_batch": "sized to M_exp's batch (SimConfig.batch_size)",
                     "enabled": "LoopSettings.curriculum", "seeds_per_prompt": fixed, "max_state_chars": fixed,
                     "cluster_size": "PPO's task clusters: fixed"},
-                   asset_only=("curriculum", "replay_buffer")),
+                   asset_only=("curriculum", "replay_buffer", "mexp_sampling")),
         Conversion(PolicyInitAssetConfig, (PolicyInitConfig,)),
         Conversion(FidelityConfig, (FidelityEvalConfig,)),
         Conversion(ExperienceModelConfig, (SFTConfig, PromptConfig, TinyLlamaConfig, SFTDataConfig),

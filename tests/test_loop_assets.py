@@ -148,14 +148,24 @@ def test_s2r_real_rl_and_policy_eval_count_real_transitions(run):
     assert all(r["ci_low"] <= r["success_rate"] <= r["ci_high"] for r in ev.values())
 
 
-def test_replay_buffer_false_puts_no_demos_in_m_exp_prompts(run):
-    """The ablation switch: SFT prompts and the loop's simulated prompts hold no demonstrations.
-    Last in this module: it re-materializes experience_model and iteration 001 with the switch off."""
+def test_replay_buffer_false_puts_no_demos_in_m_exp_prompts(run, monkeypatch):
+    """The ablation switch: SFT prompts and the loop's simulated prompts hold no demonstrations; and
+    mexp_sampling reaches the simulator's decoding. Last in this module: it re-materializes
+    experience_model and iteration 001 with the switches flipped."""
     defs, instance, _ = run
+    import assets.loop as loop_assets
     from assets.loop import LoopSettings
     from pipelines.definitions import ALL_ASSETS, PROFILES
 
-    resources = {**defs.resources, "loop": LoopSettings(**PROFILES["tiny"]["loop"], replay_buffer=False)}
+    made, factory = [], loop_assets.SimulatorFactory
+
+    def spy(*a, **kw):
+        made.append(factory(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(loop_assets, "SimulatorFactory", spy)
+    resources = {**defs.resources, "loop": LoopSettings(**PROFILES["tiny"]["loop"], replay_buffer=False,
+                                                         mexp_sampling=True)}
     res = dg.materialize(ALL_ASSETS, selection=["experience_model"], resources=resources, instance=instance,
                          run_config={"ops": {"experience_model": TINY_OPS["experience_model"]}})
     meta = res.asset_materializations_for_node("experience_model")[0].metadata
@@ -164,3 +174,4 @@ def test_replay_buffer_false_puts_no_demos_in_m_exp_prompts(run):
     assert it.success
     by_key = {m.asset_key.to_user_string(): m.metadata for m in it.asset_materializations_for_node("dreamgym_iteration")}
     assert by_key["iteration_eval"]["replay/demo_share"].value == 0.0
+    assert made and all(f.cfg.decoding.greedy is False for f in made)
