@@ -275,10 +275,10 @@ def sim_real_gap_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> st
     out = ["## The sim-real gap of the DreamGym loops' policies", "",
            "`python scripts/sim_real_gap.py TESTBED --seed S ...` (greedy; each game played from the same start "
            "state in M_exp, retrieving from the loop's buffer, and in the real env; pairs by game).", "",
-           "| testbed | seed | policy | games | real | M_exp | won in both | only in M_exp | only real | "
-           "same actions throughout |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| testbed | arm | seed | policy | games | real | M_exp | won in both | only in M_exp | only real | "
+           "same actions throughout |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['testbed']} | {r['seed']} | {r['policy']} | {r['games']} | "
+        out.append(f"| {r['testbed']} | {r.get('arm', 'dreamgym')} | {r['seed']} | {r['policy']} | {r['games']} | "
                    f"{_fmt(_num(r['real_success']), 3)} | {_fmt(_num(r['sim_success']), 3)} | {r['both_won']} | "
                    f"{r['sim_only']} | {r['real_only']} | {_fmt(_num(r['same_actions']), 2)} |")
     return "\n".join(out) + "\n"
@@ -292,13 +292,13 @@ def lamp_colours_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> st
            "(share of the position's decisions). sim: the loop's last 5 iterations of rollouts in M_exp "
            "(sampled); real: its last policy, greedy, on 100 test games. The real game lights a uniform colour "
            "after a hit; M_exp invents one.", "",
-           "| seed | where | position | blue | green | red | yellow |", "|---|---|---|---|---|---|---|"]
+           "| arm | seed | where | position | blue | green | red | yellow |", "|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict] = defaultdict(dict)
     for r in rows:
-        cells[(int(r["seed"]), r["where"], r["position"])][r["lit"]] = \
+        cells[(r.get("arm", "dreamgym"), int(r["seed"]), r["where"], r["position"])][r["lit"]] = \
             f"{r['pressed_lit']}/{r['decisions']} ({_fmt(_num(r['share_lit']), 2)})"
-    for (seed, where, pos), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "sim", kv[0][2])):
-        out.append(f"| {seed} | {where} | {pos} | " + " | ".join(c.get(k, "never lit") for k in
+    for (arm, seed, where, pos), c in sorted(cells.items(), key=lambda kv: (kv[0][:2], kv[0][2] != "sim", kv[0][3])):
+        out.append(f"| {arm} | {seed} | {where} | {pos} | " + " | ".join(c.get(k, "never lit") for k in
                                                                  ("blue", "green", "red", "yellow")) + " |")
     return "\n".join(out) + "\n"
 

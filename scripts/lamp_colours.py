@@ -9,7 +9,7 @@ colour, and M_exp has to invent one. This reads, per seed:
   pressed the lit colour, per colour and position.
 A colour M_exp never lights after a hit, and that the policy fails on its starts in every episode
 of a group (zero advantage), is never learned: the real game then loses every episode that shows it.
-Rows go to ``results/lamp_colours.csv`` (replaced per seed).
+Rows go to ``results/lamp_colours.csv`` (replaced per arm and seed).
 
     python scripts/lamp_colours.py --work WORK/experiments --seed 1 \
         --loop WORK/experiments/lamp/loop-full-grpo-s1-<hash>
@@ -27,7 +27,7 @@ import os
 import re
 import sys
 
-COLUMNS = ("testbed", "seed", "where", "lit", "position", "decisions", "pressed_lit", "share_lit", "loop")
+COLUMNS = ("testbed", "arm", "seed", "where", "lit", "position", "decisions", "pressed_lit", "share_lit", "loop")
 _LIT, _PANEL = re.compile(r"lamp \((\w+)\)"), re.compile(r"panel \((\d+) of")
 
 
@@ -95,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--loop", required=True,
                    help="the DreamGym loop directory of the lamp arm (NNN/rollouts, NNN/policy)")
+    p.add_argument("--arm", default="dreamgym", help="the arm whose loop this is (a label in the rows)")
     p.add_argument("--last", type=int, default=5, help="read the rollouts of the last N iterations")
     p.add_argument("--games", type=int, default=100)
     p.add_argument("--out", default="results/lamp_colours.csv")
     a = p.parse_args(argv)
     if not os.path.isdir(a.loop):
         raise SystemExit(f"lamp_colours: --loop {a.loop} is not a directory")
-    base = {"testbed": "lamp", "seed": a.seed, "loop": os.path.basename(a.loop.rstrip("/"))}
+    base = {"testbed": "lamp", "arm": a.arm, "seed": a.seed, "loop": os.path.basename(a.loop.rstrip("/"))}
     rows = [{**base, "where": "sim", **r} for r in count(sim_decisions(a.loop, a.last))]
     rows += [{**base, "where": "real", **r} for r in count(real_decisions(a.work, a.loop, a.seed, a.games))]
     for r in rows:
@@ -110,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     old = []
     if os.path.exists(a.out):
         with open(a.out, newline="") as f:
-            old = [r for r in csv.DictReader(f) if r["seed"] != str(a.seed)]
+            old = [{"arm": "dreamgym", **r} for r in csv.DictReader(f)]
+            old = [r for r in old if (r["arm"], r["seed"]) != (a.arm, str(a.seed))]
     tmp = a.out + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows(sorted(old + rows, key=lambda r: (int(r["seed"]), r["where"], r["position"], r["lit"])))
+        w.writerows(sorted(old + rows, key=lambda r: (r["arm"], int(r["seed"]), r["where"], r["position"], r["lit"])))
     os.replace(tmp, a.out)
     return 0
 

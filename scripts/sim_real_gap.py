@@ -5,7 +5,7 @@ twice from the same start states: in the real env and in the loop's M_exp, retri
 loop's replay buffer as it stood at the last iteration (a copy: the loop's buffer is not touched).
 Episodes are paired by game (``evaluation.sim_real_pairs``). A policy that wins in M_exp where it
 loses in the real game was trained on wins the real game does not grant: the gap that RL inside
-M_exp cannot see. One row per seed goes to ``results/sim_real_gap.csv`` (replaced per testbed and
+M_exp cannot see. One row per seed goes to ``results/sim_real_gap.csv`` (replaced per testbed, arm and
 seed), and the first ``--show`` pairs whose outcomes differ are printed step by step.
 
     python scripts/sim_real_gap.py lamp --seed 1 --work WORK/experiments \\
@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 
-COLUMNS = ("testbed", "seed", "policy", "games", "real_success", "sim_success", "both_won", "sim_only",
+COLUMNS = ("testbed", "arm", "seed", "policy", "games", "real_success", "sim_success", "both_won", "sim_only",
            "real_only", "neither", "same_actions", "mean_agree_steps", "mexp", "loop")
 
 
@@ -46,7 +46,7 @@ def _step(st) -> str:
     return f"{st.action!r} -> {' | '.join(lines)[:110]}{' WON' if st.won else ''}"
 
 
-def measure(tb, work: str, mexp: str, loop: str, seed: int, games: int, show: int) -> dict:
+def measure(tb, work: str, mexp: str, loop: str, seed: int, games: int, show: int, arm: str = "dreamgym") -> dict:
     from dreamgym_core.buffer import BufferConfig, ReplayBuffer
     from dreamgym_core.embed import make_embedder
     from dreamgym_core.envs import make_env
@@ -101,7 +101,7 @@ def measure(tb, work: str, mexp: str, loop: str, seed: int, games: int, show: in
             b = r.steps[i] if i < len(r.steps) else None
             print(f"  step {i + 1}: M_exp {_step(a)}\n          real  {_step(b)}")
     n = max(pairs.pairs, 1)
-    return {"testbed": tb.name, "seed": seed, "policy": f"loop@{k}", "games": pairs.pairs,
+    return {"testbed": tb.name, "arm": arm, "seed": seed, "policy": f"loop@{k}", "games": pairs.pairs,
             "real_success": round((pairs.both + pairs.real_only) / n, 4),
             "sim_success": round((pairs.both + pairs.sim_only) / n, 4), "both_won": pairs.both,
             "sim_only": pairs.sim_only, "real_only": pairs.real_only, "neither": pairs.neither,
@@ -110,13 +110,15 @@ def measure(tb, work: str, mexp: str, loop: str, seed: int, games: int, show: in
 
 
 def write_row(path: str, row: dict) -> None:
-    """Replace the (testbed, seed) row of ``path`` (atomic: a temp file moved into place)."""
+    """Replace the (testbed, arm, seed) row of ``path`` (atomic: a temp file moved into place)."""
     rows = []
     if os.path.exists(path):
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if (r["testbed"], r["seed"]) != (row["testbed"], str(row["seed"]))]
+            rows = [{"arm": "dreamgym", **r} for r in csv.DictReader(f)]
+            rows = [r for r in rows if (r["testbed"], r["arm"], r["seed"]) !=
+                    (row["testbed"], row["arm"], str(row["seed"]))]
     rows.append(row)
-    rows.sort(key=lambda r: (r["testbed"], int(r["seed"])))
+    rows.sort(key=lambda r: (r["testbed"], r["arm"], int(r["seed"])))
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the experiment work dir (the --data of `dreamgym experiment`, then /experiments)")
     p.add_argument("--mexp", required=True, help="the M_exp directory the loop used (holds final/)")
     p.add_argument("--loop", required=True, help="the loop directory (holds NNN/policy and lancedb/)")
+    p.add_argument("--arm", default="dreamgym", help="the arm whose loop this is (a label in the rows)")
     p.add_argument("--games", type=int, default=100, help="the first N test games")
     p.add_argument("--show", type=int, default=2, help="print this many pairs whose outcomes differ")
     p.add_argument("--out", default="results/sim_real_gap.csv")
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"sim_real_gap: --{name} {getattr(a, name)} is not a directory")
     if not os.path.isdir(os.path.join(a.mexp, "final")):
         raise SystemExit(f"sim_real_gap: --mexp {a.mexp} has no final/ checkpoint")
-    row = measure(get_testbed(a.testbed), a.work, a.mexp, a.loop, a.seed, a.games, a.show)
+    row = measure(get_testbed(a.testbed), a.work, a.mexp, a.loop, a.seed, a.games, a.show, a.arm)
     print(f"\n{row['testbed']} seed {row['seed']} ({row['policy']}, {row['games']} test games, greedy): "
           f"real {row['real_success']:.3f}, M_exp {row['sim_success']:.3f}; won in both {row['both_won']}, "
           f"only in M_exp {row['sim_only']}, only real {row['real_only']}; same actions throughout "

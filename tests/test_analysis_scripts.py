@@ -42,12 +42,13 @@ def test_sim_real_gap_replaces_the_row_of_its_testbed_and_seed(tmp_path):
     mod = _script("sim_real_gap")
     out = str(tmp_path / "gap.csv")
     row = {c: 0 for c in mod.COLUMNS}
-    mod.write_row(out, {**row, "testbed": "lamp", "seed": 1, "real_success": 0.5})
-    mod.write_row(out, {**row, "testbed": "lamp", "seed": 0, "real_success": 0.9})
-    mod.write_row(out, {**row, "testbed": "lamp", "seed": 1, "real_success": 0.6})
+    mod.write_row(out, {**row, "testbed": "lamp", "arm": "dreamgym", "seed": 1, "real_success": 0.5})
+    mod.write_row(out, {**row, "testbed": "lamp", "arm": "dreamgym", "seed": 0, "real_success": 0.9})
+    mod.write_row(out, {**row, "testbed": "lamp", "arm": "dreamgym_ppo", "seed": 1, "real_success": 0.7})
+    mod.write_row(out, {**row, "testbed": "lamp", "arm": "dreamgym", "seed": 1, "real_success": 0.6})
     with open(out) as f:
         got = [(r["seed"], r["real_success"]) for r in csv.DictReader(f)]
-    assert got == [("0", "0.9"), ("1", "0.6")] and not os.path.exists(out + ".tmp")
+    assert got == [("0", "0.9"), ("1", "0.6"), ("1", "0.7")] and not os.path.exists(out + ".tmp")
 
 
 def test_the_results_page_renders_the_gap_and_colour_rows(tmp_path):
@@ -56,14 +57,14 @@ def test_the_results_page_renders_the_gap_and_colour_rows(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
     gap, colours = _script("sim_real_gap"), _script("lamp_colours")
-    gap.write_row(str(res / "sim_real_gap.csv"), {**{c: 0 for c in gap.COLUMNS}, "testbed": "lamp", "seed": 1,
-                                                  "real_success": 0.51, "sim_success": 0.81, "sim_only": 30})
+    gap.write_row(str(res / "sim_real_gap.csv"), {**{c: 0 for c in gap.COLUMNS}, "testbed": "lamp", "arm": "dreamgym",
+                                                  "seed": 1, "real_success": 0.51, "sim_success": 0.81, "sim_only": 30})
     with open(res / "lamp_colours.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=colours.COLUMNS)
         w.writeheader()
         for r in colours.count([(_state("red", 1), "press red"), (_state("green", 0), "press blue")]):
-            w.writerow({"testbed": "lamp", "seed": 1, "where": "sim", "loop": "x", **r})
+            w.writerow({"testbed": "lamp", "arm": "dreamgym", "seed": 1, "where": "sim", "loop": "x", **r})
     text = open(write_results_doc(str(res), str(tmp_path / "docs" / "results.md"))).read()
-    assert "| lamp | 1 | 0 | 0 | 0.510 | 0.810 | 0 | 30 | 0 |" in text
-    assert "| 1 | sim | after a hit | never lit | never lit | 1/1 (1.00) | never lit |" in text
-    assert "| 1 | sim | start | never lit | 0/1 (1.00) | never lit | never lit |" in text
+    assert "| lamp | dreamgym | 1 | 0 | 0 | 0.510 | 0.810 | 0 | 30 | 0 |" in text
+    assert "| dreamgym | 1 | sim | after a hit | never lit | never lit | 1/1 (1.00) | never lit |" in text
+    assert "| dreamgym | 1 | sim | start | never lit | 0/1 (1.00) | never lit | never lit |" in text
