@@ -245,7 +245,11 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     if algorithm == "ppo":
         overrides.pop("step_advantage_weight", None)  # GiGPO's step-level credit is a GRPO term
     rl = RLConfig(**{**overrides, "algorithm": algorithm, "seed": seed})
-    loop = LoopConfig(tasks_per_iteration=tb.tasks_per_round, group_size=tb.group_size, max_steps=tb.sim_max_steps,
+    # PPO rolls one episode per task (no group): it draws tasks x group size tasks, so that PPO and
+    # GRPO train on the same number of episodes per update (with tasks alone PPO saw a quarter of
+    # GRPO's data, and on lamp stayed at init within 25 rounds where it reaches 1.0 with as many)
+    tasks = tb.tasks_per_round * (tb.group_size if algorithm == "ppo" else 1)
+    loop = LoopConfig(tasks_per_iteration=tasks, group_size=tb.group_size, max_steps=tb.sim_max_steps,
                       eval_max_steps=tb.max_steps, eval_tasks=tb.loop_dev_games,
                       sim_eval_tasks=min(tb.loop_dev_games, 25),
                       seed=seed)
