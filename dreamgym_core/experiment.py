@@ -398,9 +398,12 @@ def code_commit() -> str:
 
 
 def arm_dir(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> str:
-    uses_mexp = plan(tb, arm, algorithm, seed).kind == "dreamgym"
+    p = plan(tb, arm, algorithm, seed)
+    uses_mexp = p.kind == "dreamgym"
+    # PPO's episodes per update changed with its tasks per round: its arms are keyed by them
     return _stage_dir(work, tb, f"arm-{arm}-{algorithm}-s{seed}",
-                      _key(tb, arm, algorithm, seed, *([MEXP_REVISION] if uses_mexp else [])))
+                      _key(tb, arm, algorithm, seed, *([MEXP_REVISION] if uses_mexp else []),
+                           *([p.loop.tasks_per_iteration] if algorithm == "ppo" else [])))
 
 
 def arm_done(tb: Testbed, arm: str, algorithm: str, seed: int, work: str) -> bool:
