@@ -53,7 +53,7 @@ from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopC
 Log = Callable[[str], None]
 
 ARMS = ("init", "sft", "real_rl", "dreamgym", "s2r", "no_replay", "no_cot", "no_curriculum", "real_rl_ppo",
-        "dreamgym_ppo")
+        "dreamgym_ppo", "sampled_mexp")
 ROW_COLUMNS = ("testbed", "arm", "algorithm", "seed", "games", "success", "ci_low", "ci_high", "real_transitions",
                "synthetic_transitions", "wall_s", "flops", "commit")
 GAME_SCHEMA = pa.schema([("game", pa.string()), ("won", pa.bool_()), ("steps", pa.int32()), ("ret", pa.float64())])
@@ -224,6 +224,9 @@ class ArmPlan:
     """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``)."""
     replay: bool = False
     """The loop grows a replay buffer and M_exp retrieves from it."""
+    sim_decoding: tuple = ()
+    """M_exp decoding knobs of the loop (``DecodeConfig`` fields) other than its defaults (greedy):
+    ``sampled_mexp`` samples M_exp's next states at temperature 1."""
     real_budget: int = 0
     rounds: int = 0
 
@@ -259,7 +262,7 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     variant = arm if arm in MEXP_VARIANTS else "full"
     return ArmPlan(arm, algorithm, "dreamgym", rl=rl, loop=loop, curriculum=cur, mexp_variant=variant,
                    replay=arm != "no_replay", real_budget=int(tb.s2r_share * tb.budget) if arm == "s2r" else 0,
-                   rounds=tb.rounds)
+                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +352,8 @@ def dreamgym_loop(tb: Testbed, work: str, p: ArmPlan, mexp_dir: str, pi0_dir: st
 
         def make_sim(initial_state, retrieve=retrieve):
             return ExperienceModel(model, tok, initial_state=initial_state, propose_candidates=propose,
-                                   retrieve=retrieve, cfg=SimConfig(prompt=prompt), knowledge=knowledge)
+                                   retrieve=retrieve, cfg=SimConfig(prompt=prompt, **dict(p.sim_decoding)),
+                                   knowledge=knowledge)
 
         writer = TaskWriter(model, tok, seed=p.loop.seed * 1000 + k, pointers=prompt.pointers) \
             if p.curriculum.enabled else None
@@ -457,7 +461,7 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
             # the loop is shared by the arms that configure it alike (dreamgym and s2r)
             root = _stage_dir(work, tb, f"loop-{p.mexp_variant}-{algorithm}-s{seed}",
                               _key(tb, p.rl, p.loop, p.curriculum, p.mexp_variant, p.replay, seed,
-                                   MEXP_REVISION))
+                                   MEXP_REVISION, *([p.sim_decoding] if p.sim_decoding else [])))
             with locked(root):  # one process at a time grows a loop's stages and buffer
                 policy_dir, loop = dreamgym_loop(tb, work, p, mexp, pi0_dir, root, train, dev, log)
             costs.append(loop)
