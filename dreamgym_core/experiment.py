@@ -182,6 +182,16 @@ TESTBEDS = {
                     hidden=64, vocab_size=500), sft=PolicyRecipe(bc_steps=500, hidden=64, vocab_size=500),
                     mexp=MexpRecipe(steps=4000, hidden=128, layers=2, heads=4, vocab_size=800),
                     budget=8000, max_steps=10, sim_max_steps=10, rl={**_GIGPO, "lr": 1e-3}),
+    # lamp8: a harder lamp, fixed before any run (not tuned): 8 colours, 4 presses, 2 spare steps (a
+    # uniform policy wins 0.0007), so M_exp must invent 3 hidden colours of 8 per episode; the rest is
+    # lamp's recipe, with B sized to 25 rounds x 64 episodes of at most 6 steps. Not a second domain:
+    # a second point on lamp's difficulty axis, where greedy decoding has more colours to drop
+    "lamp8": Testbed("lamp8", "lamp", "lamp", params="colours=8,length=4,slack=2", eval_split="test", dev_start=0,
+                     test_start=50, offline=OfflineMix(train_tasks=200, max_steps=10),
+                     pi0=PolicyRecipe(bc_steps=10, demo_share=0.25, hidden=64, vocab_size=500),
+                     sft=PolicyRecipe(bc_steps=500, hidden=64, vocab_size=500),
+                     mexp=MexpRecipe(steps=4000, hidden=128, layers=2, heads=4, vocab_size=800),
+                     budget=10000, max_steps=10, sim_max_steps=10, rl={**_GIGPO, "lr": 1e-3}),
     # mapreader: TextWorldExpress "mapreader" (take the coin from the room the task names, put it in the
     # box of the room it names; a map is in the inventory), 5 rooms at most 2 apart, no doors. Held-out
     # games are TWX's test fold (dev seeds 0-99, test 100-299); pi0 clones 100 steps on a quarter of
