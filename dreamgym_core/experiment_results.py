@@ -188,6 +188,8 @@ def claims_table(testbed: str, rows: Sequence[dict], pooled: Sequence[dict], pai
         dg, rl = ("dreamgym", algo), ("real_rl", algo)
 
         def claim(name: str, arm: tuple, base: tuple, needed: str, check) -> None:
+            if algo != "grpo" and not seeds[arm] and arm[0] != "dreamgym":
+                return  # another algorithm's claims are the ones its arms were run for (PPO: real_rl, dreamgym)
             row = {"testbed": testbed, "algorithm": algo, "claim": name, "arm": arm[0], "baseline": base[0],
                    "needed": needed}
             few = [f"{a[0]} {seeds[a]} seed(s)" for a in (arm, base) if seeds[a] < min_seeds or a not in success]

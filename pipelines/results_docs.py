@@ -361,6 +361,15 @@ def readme_block(results_dir: str = "results") -> str:
         def mean(key: tuple, field: str) -> float:
             return sum(float(r[field]) for r in by_arm[key]) / len(by_arm[key])
 
+        if not any(r["arm"] not in ("init", "sft", "real_rl") for r in rows):
+            # a testbed measured only for headroom (no DreamGym arm): one line, its tables in docs/results.md
+            cells = [f"{p['arm']}" + (f" ({p['algorithm']})" if p["algorithm"] not in ("none", "grpo") else "") +
+                     f" {float(p['success']):.3f} [{float(p['ci_low']):.2f}, {float(p['ci_high']):.2f}]"
+                     for p in sorted(pooled, key=lambda p: _arm_order(p["arm"], p["algorithm"]))]
+            out += [f"**{stem}** (`dreamgym experiment {stem}`, greedy, {rows[0]['games']} held-out games per seed; "
+                    f"no DreamGym arm run): " + ", ".join(cells) + f" pooled over {max(int(p['seeds']) for p in pooled)} "
+                    "seeds; tables in [docs/results.md](docs/results.md).", ""]
+            continue
         out += [f"**{stem}** (`dreamgym experiment {stem}`, greedy; {rows[0]['games']} held-out games per seed):", "",
                 "| arm | algorithm | seeds | success, pooled [95% CI] | real transitions | synthetic transitions |",
                 "|---|---|---|---|---|---|"]

@@ -212,7 +212,14 @@ def test_dreamgym_results_renders_an_experiment_with_its_tables(tmp_path):
     assert update_readme(str(readme), str(tmp_path / "results"))
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith(f"{README_END}\noutro\n") and "stale" not in new
+    # a testbed with no DreamGym arm (measured for headroom only) is one line
+    assert "no DreamGym arm run): init 0.500 [" in new and ", real_rl 1.000 [" in new and "| init |" not in new
+    dg_ = _games({"g1": False, "g2": True})
+    write_results(str(tmp_path / "results"), "t", [(_row("dreamgym", "grpo", 0, dg_), dg_)])
+    assert update_readme(str(readme), str(tmp_path / "results"))
+    new = readme.read_text()
     assert "| init | none | 1 | 0.500 [" in new and "| real_rl | grpo | 1 | 1.000 [" in new
+    assert "| dreamgym | grpo | 1 | 0.500 [" in new and "no DreamGym arm run" not in new
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no block\n")
     assert not update_readme(str(plain), str(tmp_path / "results")) and plain.read_text() == "no block\n"
@@ -251,7 +258,7 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
 
 
 def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
-    assert set(TESTBEDS) == {"twc", "lamp", "lamp_demo", "mapreader", "tiny"}
+    assert set(TESTBEDS) == {"twc", "lamp", "lamp_demo", "lamp8", "lamp8b", "mapreader", "tiny"}
     mr = TESTBEDS["mapreader"]  # a real game's held-out fold: dev and test seeds disjoint, >= 200 test games
     assert (mr.env, mr.game, mr.eval_split) == ("twx", "mapreader", "test") and mr.test_games >= 200
     assert mr.dev_start + mr.dev_games <= mr.test_start and not mr.smoke
@@ -319,6 +326,12 @@ def test_claims_table_checks_each_claim_by_hand():
     paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
     got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
     assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
+    # PPO run for real_rl and dreamgym only: its claims are those two arms', not "not measured" ablations
+    ppo = claims_table("t", all_rows + rows("real_rl", "ppo", 8000) + rows("dreamgym", "ppo"),
+                       pooled + [pool("real_rl", "ppo", 0.9), pool("dreamgym", "ppo", 0.5)], paired, budget=8000)
+    assert [(c["claim"], c["verdict"]) for c in ppo if c["algorithm"] == "ppo"] == [
+        ("dreamgym (0 real) >= init + 10 points", "not met"), ("dreamgym within 5 points of real_rl", "not met")]
+    assert len([c for c in ppo if c["algorithm"] == "grpo"]) == 6
 
 
 def test_the_demo_prints_init_and_dreamgym_of_a_testbed_paired(tmp_path, monkeypatch, capsys):
