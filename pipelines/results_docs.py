@@ -89,8 +89,12 @@ def _learner_plot(curves: dict) -> bytes | None:
     except ImportError:
         return None
     testbeds = sorted({k[0] for k in curves})
-    fig, axes = plt.subplots(1, len(testbeds), figsize=(5 * len(testbeds), 3.5), squeeze=False)
-    for ax, tb in zip(axes[0], testbeds):
+    cols = min(3, len(testbeds))
+    rows_ = -(-len(testbeds) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(testbeds):]:
+        ax.axis("off")
+    for ax, tb in zip(axes.flat, testbeds):
         for (t, setting, seed), rs in sorted(curves.items()):
             if t != tb:
                 continue
@@ -105,7 +109,7 @@ def _learner_plot(curves: dict) -> bytes | None:
         ax.set_xlabel("real transitions")
         ax.set_ylabel("success")
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     import io
 
