@@ -326,6 +326,13 @@ def test_claims_table_checks_each_claim_by_hand():
     paired[2] = pair("dreamgym", 2, 30, 3, 1e-5)
     got = {c["claim"]: c["verdict"] for c in claims_table("t", all_rows, pooled, paired, budget=12000)}
     assert got["dreamgym (0 real) >= init + 10 points"] == "met" and got["s2r (<= 10% of B real) >= real_rl"] == "met"
+    # an ablation's verdict is on pooled success; the measured column says how the seeds split (plain count)
+    seeded = [{**r, "success": {"dreamgym": [1.0, 0.4, 1.0], "no_replay": [0.1, 1.0, 1.0]}[r["arm"]][r["seed"]]}
+              for r in rows("dreamgym", "grpo") + rows("no_replay", "grpo")]
+    got = {c["claim"]: (c["measured"], c["verdict"]) for c in claims_table(
+        "t", [r for r in all_rows if r["arm"] not in ("dreamgym", "no_replay")] + seeded,
+        [p for p in pooled if p["arm"] != "no_replay"] + [pool("no_replay", "grpo", 0.7)], paired, budget=8000)}
+    assert got["no_replay below dreamgym"] == ("-0.160; per seed lower 1, equal 1, higher 1", "met")
     # PPO run for real_rl and dreamgym only: its claims are those two arms', not "not measured" ablations
     ppo = claims_table("t", all_rows + rows("real_rl", "ppo", 8000) + rows("dreamgym", "ppo"),
                        pooled + [pool("real_rl", "ppo", 0.9), pool("dreamgym", "ppo", 0.5)], paired, budget=8000)
