@@ -18,6 +18,7 @@ Arms (``ARMS``; ``*_ppo`` = the same arm with algorithm ppo):
   no_replay     dreamgym with an M_exp trained and run without retrieved demonstrations and no buffer;
   no_cot        dreamgym with an M_exp trained without reasoning traces in its targets;
   no_curriculum dreamgym with the curriculum off (no M_task, no synthetic task);
+  s2r_explore   s2r whose real rounds act at temperature 2 (not a paper row; the loop is dreamgym's);
   sampled_mexp  dreamgym with M_exp sampling its next states (temperature 1) instead of greedy
                 decoding: not a paper row; the paper's M_exp draws s', r ~ M_exp (Eq. 4), and
                 greedy decoding keeps only the mode of a stochastic env's next state.
@@ -57,7 +58,7 @@ from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopC
 Log = Callable[[str], None]
 
 ARMS = ("init", "sft", "real_rl", "dreamgym", "s2r", "no_replay", "no_cot", "no_curriculum", "real_rl_ppo",
-        "dreamgym_ppo", "sampled_mexp")
+        "dreamgym_ppo", "sampled_mexp", "s2r_explore")
 ROW_COLUMNS = ("testbed", "arm", "algorithm", "seed", "games", "success", "ci_low", "ci_high", "real_transitions",
                "synthetic_transitions", "wall_s", "flops", "commit")
 GAME_SCHEMA = pa.schema([("game", pa.string()), ("won", pa.bool_()), ("steps", pa.int32()), ("ret", pa.float64())])
@@ -265,6 +266,9 @@ class ArmPlan:
     """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``; its no_side_channels is for measurements)."""
     replay: bool = False
     """The loop grows a replay buffer and M_exp retrieves from it."""
+    real_temperature: float = 0.0
+    """Acting temperature of s2r's real rounds (0: the RL config's). ``s2r_explore`` 2.0: a policy that
+    leaves M_exp nearly deterministic makes groups of real episodes that end alike (no advantage)."""
     sim_decoding: tuple = ()
     """(field, value) pairs of M_exp's ``DecodeConfig`` in the loop that differ from its default
     (greedy): ``sampled_mexp`` samples M_exp's next states at temperature 1. Greedy decoding turns a
@@ -304,8 +308,10 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     cur = CurriculumConfig(**{**tb.curriculum, "enabled": arm != "no_curriculum", "seed": seed})
     variant = arm if arm in MEXP_VARIANTS else "full"
     return ArmPlan(arm, algorithm, "dreamgym", rl=rl, loop=loop, curriculum=cur, mexp_variant=variant,
-                   replay=arm != "no_replay", real_budget=int(tb.s2r_share * tb.budget) if arm == "s2r" else 0,
-                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else ())
+                   replay=arm != "no_replay",
+                   real_budget=int(tb.s2r_share * tb.budget) if arm in ("s2r", "s2r_explore") else 0,
+                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else (),
+                   real_temperature=2.0 if arm == "s2r_explore" else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,6 +515,8 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
             costs.append(loop)
             synthetic = loop["synthetic"]
             if p.real_budget:
+                if p.real_temperature:  # the loop above kept the RL config's; only the real rounds change
+                    p = replace(p, rl=replace(p.rl, temperature=p.real_temperature))
                 rec = real_rl(tb, work, p, policy_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train,
                               log)
                 policy_dir, real = os.path.join(out, "policy"), rec["real_transitions"]

@@ -150,7 +150,8 @@ def mexp_retrieval_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> 
 ARM_TEXT = {"init": "pi0", "sft": "SFT on all demos", "real_rl": "RL in the real env (B)",
             "dreamgym": "DreamGym (0 real)", "s2r": "DreamGym-S2R (<= 0.1 B real)",
             "no_replay": "w/o experience replay", "no_cot": "w/o reasoning", "no_curriculum": "w/o task generation",
-            "sampled_mexp": "M_exp sampled (not a paper row)"}
+            "sampled_mexp": "M_exp sampled (not a paper row)",
+            "s2r_explore": "S2R, real rounds at temperature 2 (not a paper row)"}
 
 
 def _arm_order(arm: str, algorithm: str) -> tuple[int, str]:

@@ -385,3 +385,23 @@ def test_an_arm_directory_changes_with_the_plan_the_arm_hands_the_core(monkeypat
     monkeypatch.setattr(ex, "plan", lambda *a, **k: (lambda p: replace(p, loop=replace(
         p.loop, tasks_per_iteration=p.loop.tasks_per_iteration + 1)))(real_plan(*a, **k)))
     assert ex.arm_dir(tb, "real_rl", "ppo", 0, work) != before
+
+
+def test_s2r_explore_runs_dreamgym_s_loop_and_only_its_real_rounds_hotter(tmp_path, monkeypatch):
+    import dreamgym_core.experiment as ex
+
+    tb = ex.TESTBEDS["tiny"]
+    s2r, hot = ex.plan(tb, "s2r", "grpo"), ex.plan(tb, "s2r_explore", "grpo")
+    assert (hot.rl, hot.loop, hot.curriculum, hot.real_budget) == (s2r.rl, s2r.loop, s2r.curriculum, s2r.real_budget)
+    seen, real_rl = [], ex.real_rl
+
+    def spy(tb_, work, p, *a, **kw):
+        seen.append((p.arm, p.rl.temperature))
+        return real_rl(tb_, work, p, *a, **kw)
+
+    monkeypatch.setattr(ex, "real_rl", spy)
+    for arm in ("s2r", "s2r_explore"):
+        ex.run_arm(tb, arm, "grpo", 0, str(tmp_path), log=lambda _: None)
+    assert seen == [("s2r", s2r.rl.temperature), ("s2r_explore", 2.0)] and s2r.rl.temperature != 2.0
+    loops = [d for d in os.listdir(os.path.join(str(tmp_path), "tiny")) if d.startswith("loop-") and "." not in d]
+    assert len(loops) == 1  # one loop, shared
