@@ -53,7 +53,7 @@ from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopC
 Log = Callable[[str], None]
 
 ARMS = ("init", "sft", "real_rl", "dreamgym", "s2r", "no_replay", "no_cot", "no_curriculum", "real_rl_ppo",
-        "dreamgym_ppo", "sampled_mexp")
+        "dreamgym_ppo", "sampled_mexp", "s2r_explore")
 ROW_COLUMNS = ("testbed", "arm", "algorithm", "seed", "games", "success", "ci_low", "ci_high", "real_transitions",
                "synthetic_transitions", "wall_s", "flops", "commit")
 GAME_SCHEMA = pa.schema([("game", pa.string()), ("won", pa.bool_()), ("steps", pa.int32()), ("ret", pa.float64())])
@@ -224,6 +224,8 @@ class ArmPlan:
     """full | no_replay | no_cot: which M_exp (``MEXP_VARIANTS``)."""
     replay: bool = False
     """The loop grows a replay buffer and M_exp retrieves from it."""
+    real_temperature: float = 0.0
+    """Acting temperature of the real rounds after the loop (0: the RL config's): ``s2r_explore`` 2.0."""
     sim_decoding: tuple = ()
     """M_exp decoding knobs of the loop (``DecodeConfig`` fields) other than its defaults (greedy):
     ``sampled_mexp`` samples M_exp's next states at temperature 1."""
@@ -261,8 +263,9 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     cur = CurriculumConfig(**{**tb.curriculum, "enabled": arm != "no_curriculum", "seed": seed})
     variant = arm if arm in MEXP_VARIANTS else "full"
     return ArmPlan(arm, algorithm, "dreamgym", rl=rl, loop=loop, curriculum=cur, mexp_variant=variant,
-                   replay=arm != "no_replay", real_budget=int(tb.s2r_share * tb.budget) if arm == "s2r" else 0,
-                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else ())
+                   replay=arm != "no_replay", real_budget=int(tb.s2r_share * tb.budget) if arm in ("s2r", "s2r_explore") else 0,
+                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else (),
+                   real_temperature=2.0 if arm == "s2r_explore" else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +470,9 @@ def run_arm(tb: Testbed, arm: str, algorithm: str, seed: int, work: str,
             costs.append(loop)
             synthetic = loop["synthetic"]
             if p.real_budget:
+                if p.real_temperature:
+                    from dataclasses import replace as _replace
+                    p = _replace(p, rl=_replace(p.rl, temperature=p.real_temperature))
                 rec = real_rl(tb, work, p, policy_dir, pi0_dir, os.path.join(out, "policy"), p.real_budget, train,
                               log)
                 policy_dir, real = os.path.join(out, "policy"), rec["real_transitions"]
