@@ -154,6 +154,10 @@ ARM_TEXT = {"init": "pi0", "sft": "SFT on all demos", "real_rl": "RL in the real
             "s2r_explore": "S2R, real rounds at temperature 2 (not a paper row)"}
 
 
+POST_HOC = ("sampled_mexp", "s2r_explore")
+"""Arms that are not paper rows, added after a diagnosis on test games (marked in the README)."""
+
+
 def _arm_order(arm: str, algorithm: str) -> tuple[int, str]:
     order = list(ARM_TEXT)
     return (order.index(arm) if arm in order else len(order), algorithm)
@@ -380,9 +384,12 @@ def readme_block(results_dir: str = "results") -> str:
                 "|---|---|---|---|---|---|"]
         for p in sorted(pooled, key=lambda p: _arm_order(p["arm"], p["algorithm"])):
             key = (p["arm"], p["algorithm"])
-            out.append(f"| {key[0]} | {key[1]} | {p['seeds']} | {float(p['success']):.3f} [{float(p['ci_low']):.2f}, "
+            out.append(f"| {key[0]}{' *' if key[0] in POST_HOC else ''} | {key[1]} | {p['seeds']} | {float(p['success']):.3f} [{float(p['ci_low']):.2f}, "
                        f"{float(p['ci_high']):.2f}] | {mean(key, 'real_transitions'):,.0f} | "
                        f"{mean(key, 'synthetic_transitions'):,.0f} |")
+        if any(p["arm"] in POST_HOC for p in pooled):
+            out += ["", "\\* not a paper row: a variant added after reading the test results "
+                    "([docs/experiments.md](docs/experiments.md))."]
         claims = _claims(stem, rows, pooled, _siblings(results_dir, stem, "paired"))
         if claims:
             out += ["", f"The paper's claims on {stem}:", ""]
