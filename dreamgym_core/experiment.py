@@ -230,6 +230,10 @@ TESTBEDS = {
 # lamp8b: lamp8 with 3 presses and 4 spare steps (a uniform policy wins about 0.04); measured on dev
 # games with `dreamgym learner lamp8b`: real RL did not learn it either (docs/experiments.md)
 TESTBEDS["lamp8b"] = replace(TESTBEDS["lamp8"], name="lamp8b", params="colours=8,length=3,slack=4")
+# lamp_redraw: lamp whose colours behind the first are drawn afresh at every reset, as M_exp invents
+# them: real-env RL on it tests whether a GRPO group that does not share its task's sequence learns
+# lamp as reliably (docs/experiments.md); a learner-check testbed, dev games only
+TESTBEDS["lamp_redraw"] = replace(TESTBEDS["lamp"], name="lamp_redraw", params="colours=4,length=3,slack=2,redraw=1")
 TESTBEDS["lamp_demo"] = replace(TESTBEDS["lamp"], name="lamp_demo", mexp=replace(TESTBEDS["lamp"].mexp, steps=1500))
 
 

@@ -58,3 +58,19 @@ def test_splits_are_disjoint_and_params_are_checked():
         parse_params("colours=1")
     with pytest.raises(ValueError, match="lamp params"):
         parse_params("size=3")
+
+
+def test_redraw_keeps_the_task_s_first_colour_and_draws_the_rest_per_episode():
+    fixed, fresh = LampEnv("colours=4,length=4,slack=2"), LampEnv("colours=4,length=4,slack=2,redraw=1")
+    task = fixed.tasks("train", 1, start=7)[0]
+    seqs = {}
+    for name, env in (("fixed", fixed), ("fresh", fresh)):
+        seqs[name] = []
+        for _ in range(12):
+            env.reset(task)
+            seqs[name].append(tuple(env.expert_actions()))
+    assert len(set(seqs["fixed"])) == 1                      # the task fixes its whole sequence
+    assert {s[0] for s in seqs["fresh"]} == {seqs["fixed"][0][0]}  # redraw: the first colour is the task's
+    assert len(set(seqs["fresh"])) > 1                       # ... and the rest differs between episodes
+    with pytest.raises(ValueError, match="redraw"):
+        parse_params("redraw=2")

@@ -12,7 +12,9 @@ same sparse, delayed signal as in the text games, and the policy must read its s
 what a learner needs to show before any DreamGym comparison means anything (EXPERIMENTS.md).
 
 Game parameters (``EnvSpec.params``, "k=v,..."): ``colours`` (2-8), ``length`` (>= 1),
-``slack`` (>= 0). Tasks are seeds; train / dev / test use disjoint seed ranges.
+``slack`` (>= 0), ``redraw`` (0 or 1: with 1, only the first colour is the task's; the colours
+behind it are drawn afresh at every reset, so two episodes of one task face different sequences, as
+they do in an M_exp that invents them). Tasks are seeds; train / dev / test use disjoint seed ranges.
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ INSTRUCTION = "Press the button of the colour the lamp shows, until the panel op
 
 def parse_params(params: str) -> dict[str, int]:
     """'colours=3,length=3,slack=2' -> dict; unknown keys and bad values give a one-line error."""
-    out = {"colours": 3, "length": 3, "slack": 2}
+    out = {"colours": 3, "length": 3, "slack": 2, "redraw": 0}
     for part in filter(None, (p.strip() for p in (params or "").split(","))):
         key, sep, value = part.partition("=")
         if not sep or key not in out:
-            raise ValueError(f"lamp params: expected colours=N, length=N or slack=N, got {part!r}")
+            raise ValueError(f"lamp params: expected colours=N, length=N, slack=N or redraw=0|1, got {part!r}")
         try:
             out[key] = int(value)
         except ValueError:
             raise ValueError(f"lamp params: {key} must be an integer, got {value!r}") from None
-    if not 2 <= out["colours"] <= len(COLOURS) or out["length"] < 1 or out["slack"] < 0:
-        raise ValueError(f"lamp params: need 2 <= colours <= {len(COLOURS)}, length >= 1, slack >= 0; got {out}")
+    if not 2 <= out["colours"] <= len(COLOURS) or out["length"] < 1 or out["slack"] < 0 or out["redraw"] not in (0, 1):
+        raise ValueError(f"lamp params: need 2 <= colours <= {len(COLOURS)}, length >= 1, slack >= 0, redraw 0 or 1; "
+                         f"got {out}")
     return out
 
 
@@ -72,6 +75,8 @@ class LampEnv:
         p = parse_params(params)
         self.params = params
         self.colours, self.length, self.slack = COLOURS[:p["colours"]], p["length"], p["slack"]
+        self.redraw = bool(p["redraw"])
+        self._resets = 0
         self._seq: list[str] = []
         self._t = self._hits = 0
         self._rng = random.Random(0)
@@ -95,6 +100,10 @@ class LampEnv:
     def reset(self, task: Task) -> Observation:
         rng = random.Random(task.seed)
         self._seq = [rng.choice(self.colours) for _ in range(self.length)]
+        if self.redraw:  # the task fixes the first colour only; the rest is this episode's draw
+            fresh = random.Random(f"{task.seed}|{self._resets}")
+            self._seq[1:] = [fresh.choice(self.colours) for _ in range(self.length - 1)]
+        self._resets += 1
         self._rng = random.Random(task.seed + 7)
         self._t = self._hits = 0
         self._over = False
