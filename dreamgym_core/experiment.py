@@ -19,6 +19,8 @@ Arms (``ARMS``; ``*_ppo`` = the same arm with algorithm ppo):
   no_cot        dreamgym with an M_exp trained without reasoning traces in its targets;
   no_curriculum dreamgym with the curriculum off (no M_task, no synthetic task);
   s2r_explore   s2r whose real rounds act at temperature 2 (not a paper row; the loop is dreamgym's);
+  shared_mexp   sampled_mexp with the sampling noise shared per task and step (``DecodeConfig.shared_noise``):
+                a GRPO group meets one world, as a real task's hidden draws are fixed (not a paper row);
   sampled_mexp  dreamgym with M_exp sampling its next states (temperature 1) instead of greedy
                 decoding: not a paper row; the paper's M_exp draws s', r ~ M_exp (Eq. 4), and
                 greedy decoding keeps only the mode of a stochastic env's next state.
@@ -58,7 +60,7 @@ from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopC
 Log = Callable[[str], None]
 
 ARMS = ("init", "sft", "real_rl", "dreamgym", "s2r", "no_replay", "no_cot", "no_curriculum", "real_rl_ppo",
-        "dreamgym_ppo", "sampled_mexp", "s2r_explore")
+        "dreamgym_ppo", "sampled_mexp", "s2r_explore", "shared_mexp")
 ROW_COLUMNS = ("testbed", "arm", "algorithm", "seed", "games", "success", "ci_low", "ci_high", "real_transitions",
                "synthetic_transitions", "wall_s", "flops", "commit")
 GAME_SCHEMA = pa.schema([("game", pa.string()), ("won", pa.bool_()), ("steps", pa.int32()), ("ret", pa.float64())])
@@ -314,7 +316,8 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     return ArmPlan(arm, algorithm, "dreamgym", rl=rl, loop=loop, curriculum=cur, mexp_variant=variant,
                    replay=arm != "no_replay",
                    real_budget=int(tb.s2r_share * tb.budget) if arm in ("s2r", "s2r_explore") else 0,
-                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else (),
+                   rounds=tb.rounds, sim_decoding={"sampled_mexp": (("greedy", False),),
+                                 "shared_mexp": (("greedy", False), ("shared_noise", True))}.get(arm, ()),
                    real_temperature=2.0 if arm == "s2r_explore" else 0.0)
 
 

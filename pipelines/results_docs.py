@@ -151,10 +151,11 @@ ARM_TEXT = {"init": "pi0", "sft": "SFT on all demos", "real_rl": "RL in the real
             "dreamgym": "DreamGym (0 real)", "s2r": "DreamGym-S2R (<= 0.1 B real)",
             "no_replay": "w/o experience replay", "no_cot": "w/o reasoning", "no_curriculum": "w/o task generation",
             "sampled_mexp": "M_exp sampled (not a paper row)",
-            "s2r_explore": "S2R, real rounds at temperature 2 (not a paper row)"}
+            "s2r_explore": "S2R, real rounds at temperature 2 (not a paper row)",
+            "shared_mexp": "M_exp sampled, noise shared per task and step (not a paper row)"}
 
 
-POST_HOC = ("sampled_mexp", "s2r_explore")
+POST_HOC = ("sampled_mexp", "s2r_explore", "shared_mexp")
 """Arms that are not paper rows, added after a diagnosis on test games (marked in the README)."""
 
 

@@ -126,24 +126,25 @@ def test_ablation_arms_pass_other_configs_to_the_core(tmp_path, monkeypatch):
         iterations.append({"buffer": inp.buffer is not None, "curriculum": cur_cfg.enabled,
                            "writer": inp.task_writer is not None, "retrieve": sim.retrieve is not None,
                            "cot": sim.cfg.prompt.use_cot, "demos": sim.cfg.prompt.num_demos,
-                           "greedy": sim.cfg.decoding.greedy, "k": inp.k})
+                           "greedy": sim.cfg.decoding.greedy, "shared": sim.cfg.decoding.shared_noise, "k": inp.k})
         return run_iteration(inp, cfg, rl_cfg, cur_cfg, store, log)
 
     monkeypatch.setattr(em, "sft_examples", spy_sft)
     monkeypatch.setattr(loop, "run_iteration", spy_iteration)
     seen = {}
-    for arm in ("dreamgym", "no_replay", "no_cot", "no_curriculum", "sampled_mexp"):
+    for arm in ("dreamgym", "no_replay", "no_cot", "no_curriculum", "sampled_mexp", "shared_mexp"):
         iterations.clear()
         run_arm(tb, arm, "grpo", 0, str(tmp_path), log=lambda _: None)
         assert [i["k"] for i in iterations] == list(range(1, tb.rounds + 1))
         seen[arm] = {k: v for k, v in iterations[0].items() if k != "k"}
     base = {"buffer": True, "curriculum": True, "writer": True, "retrieve": True, "cot": True,
-            "demos": tb.mexp.num_demos, "greedy": True}
+            "demos": tb.mexp.num_demos, "greedy": True, "shared": False}
     assert seen["dreamgym"] == base
     assert seen["no_replay"] == {**base, "buffer": False, "retrieve": False, "demos": 0}
     assert seen["no_cot"] == {**base, "cot": False}
     assert seen["no_curriculum"] == {**base, "curriculum": False, "writer": False}
     assert seen["sampled_mexp"] == {**base, "greedy": False}  # its own loop, the full M_exp
+    assert seen["shared_mexp"] == {**base, "greedy": False, "shared": True}
     # three M_exp variants trained (no_curriculum reuses the full one): with and without traces / demos
     # (trained with demonstrations where it simulates with them: a retriever that filters every row out
     # once trained M_exp without D_k, which then met demonstrations only in simulation)
