@@ -53,7 +53,7 @@ from dreamgym_core.experiment_stages import (MEXP_REVISION, MEXP_VARIANTS, FlopC
 Log = Callable[[str], None]
 
 ARMS = ("init", "sft", "real_rl", "dreamgym", "s2r", "no_replay", "no_cot", "no_curriculum", "real_rl_ppo",
-        "dreamgym_ppo", "sampled_mexp", "s2r_explore")
+        "dreamgym_ppo", "sampled_mexp", "s2r_explore", "shared_mexp")
 ROW_COLUMNS = ("testbed", "arm", "algorithm", "seed", "games", "success", "ci_low", "ci_high", "real_transitions",
                "synthetic_transitions", "wall_s", "flops", "commit")
 GAME_SCHEMA = pa.schema([("game", pa.string()), ("won", pa.bool_()), ("steps", pa.int32()), ("ret", pa.float64())])
@@ -264,7 +264,8 @@ def plan(tb: Testbed, arm: str, algorithm: str, seed: int = 0) -> ArmPlan:
     variant = arm if arm in MEXP_VARIANTS else "full"
     return ArmPlan(arm, algorithm, "dreamgym", rl=rl, loop=loop, curriculum=cur, mexp_variant=variant,
                    replay=arm != "no_replay", real_budget=int(tb.s2r_share * tb.budget) if arm in ("s2r", "s2r_explore") else 0,
-                   rounds=tb.rounds, sim_decoding=(("greedy", False),) if arm == "sampled_mexp" else (),
+                   rounds=tb.rounds, sim_decoding={"sampled_mexp": (("greedy", False),),
+                                 "shared_mexp": (("greedy", False), ("shared_noise", True))}.get(arm, ()),
                    real_temperature=2.0 if arm == "s2r_explore" else 0.0)
 
 

@@ -204,6 +204,12 @@ class DecodeConfig:
     the end are forced, the reasoning and the values stay the model's. False = free decoding."""
     greedy: bool = True
     temperature: float = 1.0
+    shared_noise: bool = False
+    """Sampling only: each row's sampling noise comes from a seed the caller gives per row (the
+    simulator: task and step), by the Gumbel-max trick, instead of the batch's random stream. Rows with
+    the same seed and prompt then produce the same text, rows with the same seed and different prompts
+    correlated ones: the episodes of a GRPO group face one world, as a real task's hidden draws are
+    fixed, and the comparison within the group is of the actions, not of the draws."""
     max_prompt_tokens: int = 448
     batch_size: int = 64
     """Prompts per decoding batch (``predict`` chunks longer lists). On 2 CPU cores steps/s still
@@ -252,8 +258,15 @@ class Decoder:
         self._calls = 0
         self._lean_cached, self._lean_version = None, -1  # LeanLlama of the weights at that version
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        """One batch of prompts -> one text per prompt (the prefix included, the EOS not)."""
+    def generate(self, prompts: Sequence[str], row_seeds: Sequence[int] | None = None) -> list[str]:
+        """One batch of prompts -> one text per prompt (the prefix included, the EOS not). ``row_seeds``
+        (sampling with ``drop_finished`` only): one seed per prompt for its sampling noise
+        (``DecodeConfig.shared_noise``)."""
+        if row_seeds is not None:
+            if self.cfg.greedy or not self.cfg.drop_finished:
+                raise ValueError("Decoder.generate: row_seeds need sampling (greedy=False) and drop_finished=True")
+            if len(row_seeds) != len(prompts):
+                raise ValueError(f"Decoder.generate: {len(row_seeds)} row_seeds for {len(prompts)} prompts")
         tok, model = self.tokenizer, self.model
         t0 = time.perf_counter()
         ids = [_ids(tok, p + "\n")[-self.cfg.max_prompt_tokens:] for p in prompts]
@@ -278,7 +291,8 @@ class Decoder:
                 tok, P, prefix=self.prefix)])
         with torch.no_grad():
             if self.cfg.drop_finished:
-                rows = self.decode(inp.to(device), attn.to(device), P, processors[0] if processors else None)
+                rows = self.decode(inp.to(device), attn.to(device), P, processors[0] if processors else None,
+                                   row_seeds)
             else:
                 gen = model.generate(input_ids=inp.to(device), attention_mask=attn.to(device),
                                      max_new_tokens=self.cfg.max_new_tokens, do_sample=not self.cfg.greedy,
@@ -299,7 +313,8 @@ class Decoder:
             self.stats.seconds += time.perf_counter() - t0
         return texts
 
-    def decode(self, inp: torch.Tensor, attn: torch.Tensor, P: int, constraint: "FormatConstraint | None") -> list[list[int]]:
+    def decode(self, inp: torch.Tensor, attn: torch.Tensor, P: int, constraint: "FormatConstraint | None",
+               row_seeds: Sequence[int] | None = None) -> list[list[int]]:
         """Greedy or sampled KV-cache decoding of a left-padded batch; a row leaves the batch (and
         its KV cache) at its end-of-sequence token, so later steps only run the live rows.
         Returns each row's generated ids (the EOS included when reached)."""
@@ -341,6 +356,11 @@ class Decoder:
                 scores = constraint.constrain(ids, scores, rows=live)
             if cfg.greedy:
                 nxt = scores.argmax(-1)
+            elif row_seeds is not None:  # Gumbel-max with each row's own stream: a sample of softmax(scores / T)
+                if t == 0:
+                    gens = [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in row_seeds]
+                u = torch.stack([torch.rand(scores.shape[-1], generator=gens[b]) for b in live]).to(scores.device)
+                nxt = (scores / cfg.temperature - torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))).argmax(-1)
             else:
                 nxt = torch.multinomial(torch.softmax(scores / cfg.temperature, dim=-1), 1).squeeze(1)
             for b, tok in zip(live, nxt.tolist()):  # one device-to-host copy per step

@@ -21,6 +21,8 @@ Departures from the paper (and why):
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
@@ -103,23 +105,33 @@ class ExperienceModel:
 
     # -- one batched generation: prompts -> parsed predictions --------------------------------
     def predict(self, prompts: Sequence[str],
-                contexts: Sequence[tuple[str, Sequence[str] | None]] | None = None) -> list[Prediction]:
+                contexts: Sequence[tuple[str, Sequence[str] | None]] | None = None,
+                row_seeds: Sequence[int] | None = None) -> list[Prediction]:
         """Generate and parse. ``contexts`` (one (state, refs) per prompt, from ``refs_for``) makes
-        pointer-form outputs parse into real deltas for that state; without it outputs are literal."""
+        pointer-form outputs parse into real deltas for that state; without it outputs are literal.
+        ``row_seeds``: per-prompt sampling seeds (``DecodeConfig.shared_noise``)."""
         if contexts is not None and len(contexts) != len(prompts):
             raise ValueError("predict: contexts needs one (state, refs) per prompt")
         out: list[Prediction] = []
         for i in range(0, len(prompts), self.cfg.batch_size):
-            texts = self._generate_chunk(prompts[i:i + self.cfg.batch_size])
+            chunk = prompts[i:i + self.cfg.batch_size]
+            texts = self._generate_chunk(chunk) if row_seeds is None else \
+                self._generate_chunk(chunk, row_seeds=row_seeds[i:i + len(chunk)])
             ctx = contexts[i:i + len(texts)] if contexts is not None else [("", None)] * len(texts)
             preds = [parse_for(t, st, refs) for t, (st, refs) in zip(texts, ctx)]
             self.stats.parse_failures += sum(not p.ok for p in preds)
             out.extend(preds)
         return out
 
-    def _generate_chunk(self, prompts: Sequence[str]) -> list[str]:
+    def _generate_chunk(self, prompts: Sequence[str], row_seeds: Sequence[int] | None = None) -> list[str]:
         """One decoding batch (a test can script M_exp by overriding this)."""
-        return self.decoder.generate(prompts)
+        return self.decoder.generate(prompts) if row_seeds is None else self.decoder.generate(prompts, row_seeds)
+
+    def _row_seed(self, i: int) -> int:
+        """Row i's sampling seed under ``shared_noise``: its task and step (and the decoding seed), so
+        every episode of a task meets the same draws at the same step, in every iteration."""
+        key = f"{self.cfg.decoding.seed}|{self._tasks[i].task_id}|{len(self._history[i])}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
     # -- BatchEnv -----------------------------------------------------------------------------
@@ -150,7 +162,9 @@ class ExperienceModel:
         self.last_prompts = prompts
         self.stats.prompts += len(prompts)
         self.stats.prompts_with_demos += sum(bool(d) for d in demos)
-        preds = self.predict(prompts, contexts) if prompts else []
+        shared = self.cfg.decoding.shared_noise and not self.cfg.decoding.greedy
+        preds = (self.predict(prompts, contexts, [self._row_seed(i) for i in live] if shared else None)
+                 if prompts else [])
         out: list[StepResult | None] = [None] * len(actions)
         for i, pred in zip(live, preds):
             delta = pred.effective_delta()
