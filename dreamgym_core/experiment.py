@@ -232,6 +232,12 @@ TESTBEDS = {
 # lamp8b: lamp8 with 3 presses and 4 spare steps (a uniform policy wins about 0.04); measured on dev
 # games with `dreamgym learner lamp8b`: real RL did not learn it either (docs/experiments.md)
 TESTBEDS["lamp8b"] = replace(TESTBEDS["lamp8"], name="lamp8b", params="colours=8,length=3,slack=4")
+# twc1: twc with one room and two items, pi0 100 BC steps on a quarter of the demos (dev 0.33); on dev
+# games (`dreamgym learner twc1 --settings testbed,gigpo_lr3e-4 --pool 300`) real RL did not lift it
+# (0.33 -> 0.32 at lr 1e-4, -> 0.14 at lr 3e-4): not a headroom testbed
+TESTBEDS["twc1"] = Testbed("twc1", "twx", "twc", params="numLocations=1,numItemsToPutAway=2,includeDoors=0",
+                           dev_games=100, max_steps=15, sim_max_steps=15,
+                           pi0=PolicyRecipe(bc_steps=100, demo_share=0.25), budget=20000, rl=dict(_GIGPO))
 # lamp_redraw: lamp whose colours behind the first are drawn afresh at every reset, as M_exp invents
 # them: real-env RL on it tests whether a GRPO group that does not share its task's sequence learns
 # lamp as reliably (docs/experiments.md); a learner-check testbed, dev games only
