@@ -232,6 +232,11 @@ TESTBEDS = {
 # lamp8b: lamp8 with 3 presses and 4 spare steps (a uniform policy wins about 0.04); measured on dev
 # games with `dreamgym learner lamp8b`: real RL did not learn it either (docs/experiments.md)
 TESTBEDS["lamp8b"] = replace(TESTBEDS["lamp8"], name="lamp8b", params="colours=8,length=3,slack=4")
+# lamp_long: lamp with 50 updates instead of 25 (twice the synthetic experience; real_rl's budget B
+# is spent by round 25 either way): does a longer DreamGym loop learn the colour the short one missed?
+# Its stage dirs are lamp's (the same offline data, M_exp and pi0 keys) when linked, as in
+# docs/experiments.md
+TESTBEDS["lamp_long"] = replace(TESTBEDS["lamp"], name="lamp_long", rounds=50)
 # twc1: twc with one room and two items, pi0 100 BC steps on a quarter of the demos (dev 0.33); on dev
 # games (`dreamgym learner twc1 --settings testbed,gigpo_lr3e-4 --pool 300`) real RL did not lift it
 # (0.33 -> 0.32 at lr 1e-4, -> 0.14 at lr 3e-4): not a headroom testbed

@@ -259,8 +259,8 @@ def test_bad_rows_and_names_give_one_line_errors(tmp_path, capsys):
 
 
 def test_every_arm_has_a_plan_and_the_registry_holds_the_testbeds():
-    assert set(TESTBEDS) == {"twc", "twc1", "lamp", "lamp_demo", "lamp8", "lamp8b", "lamp_redraw",
-                             "mapreader", "tiny"}
+    assert set(TESTBEDS) == {"twc", "twc1", "lamp", "lamp_demo", "lamp_long", "lamp8", "lamp8b",
+                             "lamp_redraw", "mapreader", "tiny"}
     mr = TESTBEDS["mapreader"]  # a real game's held-out fold: dev and test seeds disjoint, >= 200 test games
     assert (mr.env, mr.game, mr.eval_split) == ("twx", "mapreader", "test") and mr.test_games >= 200
     assert mr.dev_start + mr.dev_games <= mr.test_start and not mr.smoke
