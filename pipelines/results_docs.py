@@ -394,7 +394,8 @@ def readme_block(results_dir: str = "results") -> str:
         claims = _claims(stem, rows, pooled, _siblings(results_dir, stem, "paired"))
         if claims:
             out += ["", f"The paper's claims on {stem}:", ""]
-            claims = [c for c in claims if not c["verdict"].endswith(" 0 seed(s))")]  # arms never run: docs only
+            ran = {(r["arm"], r["algorithm"]) for r in rows}
+            claims = [c for c in claims if (c["arm"], c["algorithm"]) in ran]  # arms never run: docs only
             out += [f"- {c['claim']} ({c['algorithm']}): **{c['verdict']}**" + (f" ({c['measured']})" if c["measured"]
                                                                                  else "") for c in claims]
             out.append("")

@@ -221,6 +221,8 @@ def test_dreamgym_results_renders_an_experiment_with_its_tables(tmp_path):
     new = readme.read_text()
     assert "| init | none | 1 | 0.500 [" in new and "| real_rl | grpo | 1 | 1.000 [" in new
     assert "| dreamgym | grpo | 1 | 0.500 [" in new and "no DreamGym arm run" not in new
+    # claims of arms never run stay in docs/results.md; the README lists those of the arms run
+    assert "- dreamgym within 5 points of real_rl (grpo): **not measured" in new and "s2r (" not in new
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no block\n")
     assert not update_readme(str(plain), str(tmp_path / "results")) and plain.read_text() == "no block\n"
