@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow as pa
@@ -189,6 +189,10 @@ TESTBEDS = {
                     sim_max_steps=3, rl={"lr": 1e-3, "kl_coef": 0.0, "minibatch_size": 16},
                     curriculum={"variants_per_seed": 1, "n_feasibility_rollouts": 2}, smoke=True),
 }
+
+
+# lamp_long: lamp with 50 updates (DreamGym iterations) instead of 25: twice the synthetic experience
+TESTBEDS["lamp_long"] = replace(TESTBEDS["lamp"], name="lamp_long", rounds=50)
 
 
 def get_testbed(name: str) -> Testbed:
