@@ -227,8 +227,6 @@ TESTBEDS = {
 }
 
 
-# lamp_demo: lamp with a shorter M_exp SFT, the evidence row of `make demo` (init and dreamgym, one
-# seed, in a few minutes); its numbers are a demo's, the lamp rows are the measurement
 # lamp8b: lamp8 with 3 presses and 4 spare steps (a uniform policy wins about 0.04); measured on dev
 # games with `dreamgym learner lamp8b`: real RL did not learn it either (docs/experiments.md)
 TESTBEDS["lamp8b"] = replace(TESTBEDS["lamp8"], name="lamp8b", params="colours=8,length=3,slack=4")
@@ -247,6 +245,8 @@ TESTBEDS["twc1"] = Testbed("twc1", "twx", "twc", params="numLocations=1,numItems
 # them: real-env RL on it tests whether a GRPO group that does not share its task's sequence learns
 # lamp as reliably (docs/experiments.md); a learner-check testbed, dev games only
 TESTBEDS["lamp_redraw"] = replace(TESTBEDS["lamp"], name="lamp_redraw", params="colours=4,length=3,slack=2,redraw=1")
+# lamp_demo: lamp with a shorter M_exp SFT, the evidence row of `make demo` (init and dreamgym, one
+# seed, in a few minutes); its numbers are a demo's, the lamp rows are the measurement
 TESTBEDS["lamp_demo"] = replace(TESTBEDS["lamp"], name="lamp_demo", mexp=replace(TESTBEDS["lamp"].mexp, steps=1500))
 
 

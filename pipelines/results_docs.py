@@ -288,7 +288,7 @@ def sim_real_gap_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> st
            "| testbed | arm | seed | policy | games | real | M_exp | won in both | only in M_exp | only real | "
            "same actions throughout |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['testbed']} | {r.get('arm', 'dreamgym')} | {r['seed']} | {r['policy']} | {r['games']} | "
+        out.append(f"| {r['testbed']} | {r['arm']} | {r['seed']} | {r['policy']} | {r['games']} | "
                    f"{_fmt(_num(r['real_success']), 3)} | {_fmt(_num(r['sim_success']), 3)} | {r['both_won']} | "
                    f"{r['sim_only']} | {r['real_only']} | {_fmt(_num(r['same_actions']), 2)} |")
     return "\n".join(out) + "\n"
@@ -305,7 +305,7 @@ def lamp_colours_section(rows: Sequence[dict], png_dir: str, rel_dir: str) -> st
            "| arm | seed | where | position | blue | green | red | yellow |", "|---|---|---|---|---|---|---|---|"]
     cells: dict[tuple, dict] = defaultdict(dict)
     for r in rows:
-        cells[(r.get("arm", "dreamgym"), int(r["seed"]), r["where"], r["position"])][r["lit"]] = \
+        cells[(r["arm"], int(r["seed"]), r["where"], r["position"])][r["lit"]] = \
             f"{r['pressed_lit']}/{r['decisions']} ({_fmt(_num(r['share_lit']), 2)})"
     for (arm, seed, where, pos), c in sorted(cells.items(), key=lambda kv: (kv[0][:2], kv[0][2] != "sim", kv[0][3])):
         out.append(f"| {arm} | {seed} | {where} | {pos} | " + " | ".join(c.get(k, "never lit") for k in

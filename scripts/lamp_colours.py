@@ -90,6 +90,8 @@ def real_decisions(work: str, loop: str, seed: int, games: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dreamgym_core.experiment_results import write_csv
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--seed", type=int, required=True)
@@ -111,14 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     old = []
     if os.path.exists(a.out):
         with open(a.out, newline="") as f:
-            old = [{"arm": "dreamgym", **r} for r in csv.DictReader(f)]
-            old = [r for r in old if (r["arm"], r["seed"]) != (a.arm, str(a.seed))]
-    tmp = a.out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(sorted(old + rows, key=lambda r: (r["arm"], int(r["seed"]), r["where"], r["position"], r["lit"])))
-    os.replace(tmp, a.out)
+            old = [r for r in csv.DictReader(f) if (r["arm"], r["seed"]) != (a.arm, str(a.seed))]
+    write_csv(a.out, COLUMNS, sorted(old + rows, key=lambda r: (r["arm"], int(r["seed"]), r["where"], r["position"],
+                                                                r["lit"])))
     return 0
 
 

@@ -111,20 +111,14 @@ def measure(tb, work: str, mexp: str, loop: str, seed: int, games: int, show: in
 
 def write_row(path: str, row: dict) -> None:
     """Replace the (testbed, arm, seed) row of ``path`` (atomic: a temp file moved into place)."""
+    from dreamgym_core.experiment_results import write_csv
+
+    key = ("testbed", "arm", "seed")
     rows = []
     if os.path.exists(path):
         with open(path, newline="") as f:
-            rows = [{"arm": "dreamgym", **r} for r in csv.DictReader(f)]
-            rows = [r for r in rows if (r["testbed"], r["arm"], r["seed"]) !=
-                    (row["testbed"], row["arm"], str(row["seed"]))]
-    rows.append(row)
-    rows.sort(key=lambda r: (r["testbed"], r["arm"], int(r["seed"])))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+            rows = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) != tuple(str(row[k]) for k in key)]
+    write_csv(path, COLUMNS, sorted(rows + [row], key=lambda r: (r["testbed"], r["arm"], int(r["seed"]))))
 
 
 def main(argv: list[str] | None = None) -> int:

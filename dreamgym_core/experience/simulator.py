@@ -27,7 +27,6 @@ Departures from the paper (and why):
 from __future__ import annotations
 
 import hashlib
-
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
@@ -130,7 +129,7 @@ class ExperienceModel:
 
     def _generate_chunk(self, prompts: Sequence[str], row_seeds: Sequence[int] | None = None) -> list[str]:
         """One decoding batch (a test can script M_exp by overriding this)."""
-        return self.decoder.generate(prompts) if row_seeds is None else self.decoder.generate(prompts, row_seeds)
+        return self.decoder.generate(prompts, row_seeds)
 
     def _row_seed(self, i: int) -> int:
         """Row i's sampling seed under ``shared_noise``: its task and step (and the decoding seed), so
